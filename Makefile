@@ -1,0 +1,33 @@
+# `make train` and `make test` work on a fresh clone with only Python >= 3.11 and pip.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/quickstart.yaml
+ARGS ?=
+
+.PHONY: train test test-fast bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# One stamp per install flavour; reinstalled when pyproject.toml changes.
+$(VENV)/.installed-base: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@ $(VENV)/.installed-base
+
+train: $(VENV)/.installed-base
+	$(PY) -m train --config $(CONFIG) $(ARGS)
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -q $(ARGS)
+
+bench: $(VENV)/.installed-base
+	$(PY) experiments/bench/train_step.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs
