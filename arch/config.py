@@ -1,0 +1,80 @@
+"""Model configuration: the per-layer pattern and the shapes, with analytic parameter and FLOP
+counts (tests hold them against the built model and XLA's cost analysis)."""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+DType = Literal["float32", "bfloat16"]
+
+
+class StrictConfig(BaseModel):
+    """Unknown keys and wrong types are errors; configs are immutable once built."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ModelConfig(StrictConfig):
+    vocab_size: int = 259
+    d_model: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int | None = None     # None: same as num_heads (multi-head attention)
+    head_dim: int | None = None         # None: d_model // num_heads
+    mlp_hidden: int | None = None       # None: 8/3 d_model rounded up to a multiple of 64
+    mixers: list[str] = ["attention"]   # repeated cyclically over the layers
+    ffns: list[str] = ["swiglu"]
+    tie_embeddings: bool = True
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    attention_implementation: str | None = None
+    dtype: DType = "float32"
+    param_dtype: DType = "float32"
+    remat: bool = False                 # recompute each block's activations in the backward pass
+
+    @model_validator(mode="after")
+    def _check_shapes(self):
+        for key in ("vocab_size", "d_model", "num_layers", "num_heads"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"model.{key}={getattr(self, key)} must be >= 1")
+        if self.d_model % self.num_heads and self.head_dim is None:
+            raise ValueError(f"model.num_heads={self.num_heads} does not divide model.d_model={self.d_model}")
+        if self.num_heads % self.kv_heads:
+            raise ValueError(f"model.num_kv_heads={self.kv_heads} does not divide model.num_heads={self.num_heads}")
+        if self.head_size % 2:
+            raise ValueError(f"model.head_dim={self.head_size} must be even for rotary embeddings")
+        if not self.mixers or not self.ffns:
+            raise ValueError("model.mixers and model.ffns need at least one name each")
+        return self
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def mlp_size(self) -> int:
+        return self.mlp_hidden or -(-8 * self.d_model // 3 // 64) * 64
+
+    def layer_pattern(self) -> list[tuple[str, str]]:
+        """(mixer name, ffn name) for each layer."""
+        return [(self.mixers[i % len(self.mixers)], self.ffns[i % len(self.ffns)]) for i in range(self.num_layers)]
+
+    def layer_configs(self) -> list[tuple[object, object]]:
+        from arch.registry import FFNS, MIXERS  # the registry imports this module
+        return [(MIXERS.config_for(m, self), FFNS.config_for(f, self)) for m, f in self.layer_pattern()]
+
+    def num_params(self) -> int:
+        norms = (2 * self.num_layers + 1) * self.d_model
+        embed = self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
+        layers = sum(m.num_params() + f.num_params() for m, f in self.layer_configs())
+        return norms + embed + layers
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Forward-pass FLOPs per token (matmuls, 2 per multiply-add). Training is 3x this."""
+        layers = sum(m.flops_per_token(seq_len) + f.flops_per_token(seq_len) for m, f in self.layer_configs())
+        return layers + 2 * self.d_model * self.vocab_size

@@ -1,0 +1,88 @@
+"""Causal softmax attention with grouped-query heads (Ainslie et al., 2023) and rotary positions.
+
+    q = x W_q, k = x W_k, v = x W_v  (rotary applied to q and k at `positions`)
+    o = softmax(q k^T / sqrt(D) + causal/segment mask) v,  y = o W_o
+
+Shapes: x [B, T, d_model]; q [B, T, H, D]; k, v [B, T, Hkv, D] with H a multiple of Hkv.
+Decoding keeps a KV cache of fixed length (`init_cache`); each call appends its keys and values.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from layers.embeddings import apply_rotary
+from layers.parameters import logical_param, normal
+from pallas_kernels.dot_product_attention import dot_product_attention
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """Parameter budget: d_model * D * (2 H + 2 Hkv)."""
+
+    d_model: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10_000.0
+    init_std: float = 0.02
+    implementation: str | None = None
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def num_params(self) -> int:
+        return self.d_model * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Forward FLOPs per token: projections plus q.k and weights.v over all `seq_len` keys (the
+        dense kernels compute every score and mask afterwards, so the full square is counted)."""
+        return 2 * self.num_params() + 4 * seq_len * self.num_heads * self.head_dim
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: AttentionConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        init = normal(c.init_std)
+        self.w_q = logical_param(rngs, init, (c.d_model, c.num_heads, c.head_dim), c.param_dtype,
+                                 ("embed", "heads", "head_dim"))
+        self.w_k = logical_param(rngs, init, (c.d_model, c.num_kv_heads, c.head_dim), c.param_dtype,
+                                 ("embed", "kv_heads", "head_dim"))
+        self.w_v = logical_param(rngs, init, (c.d_model, c.num_kv_heads, c.head_dim), c.param_dtype,
+                                 ("embed", "kv_heads", "head_dim"))
+        self.w_o = logical_param(rngs, init, (c.num_heads, c.head_dim, c.d_model), c.param_dtype,
+                                 ("heads", "head_dim", "embed"))
+
+    def init_cache(self, batch: int, max_len: int) -> dict:
+        c = self.config
+        shape = (batch, max_len, c.num_kv_heads, c.head_dim)
+        return {"k": jnp.zeros(shape, c.dtype), "v": jnp.zeros(shape, c.dtype), "end": jnp.zeros((), jnp.int32)}
+
+    def __call__(self, x_BxTxD, *, segment_ids=None, positions=None, cache=None):
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        B, T, _ = x_BxTxD.shape
+        x = x_BxTxD.astype(dtype)
+        if positions is None:
+            start = 0 if cache is None else cache["end"]
+            positions = jnp.broadcast_to(start + jnp.arange(T), (B, T))
+        q_BxTxHxK = apply_rotary(jnp.einsum("btd,dhk->bthk", x, self.w_q[...].astype(dtype)), positions, c.rope_theta)
+        k_BxTxGxK = apply_rotary(jnp.einsum("btd,dhk->bthk", x, self.w_k[...].astype(dtype)), positions, c.rope_theta)
+        v_BxTxGxK = jnp.einsum("btd,dhk->bthk", x, self.w_v[...].astype(dtype))
+        if cache is None:
+            o_BxTxHxK = dot_product_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, causal=True, segment_ids=segment_ids,
+                                              implementation=c.implementation)
+            return jnp.einsum("bthk,hkd->btd", o_BxTxHxK, self.w_o[...].astype(dtype))
+        if segment_ids is not None:
+            raise ValueError("segment_ids are not supported while decoding with a KV cache; decode one sequence per row")
+        end = cache["end"]
+        k_cache = jax.lax.dynamic_update_slice(cache["k"], k_BxTxGxK.astype(cache["k"].dtype), (0, end, 0, 0))
+        v_cache = jax.lax.dynamic_update_slice(cache["v"], v_BxTxGxK.astype(cache["v"].dtype), (0, end, 0, 0))
+        key_index_S = jnp.arange(k_cache.shape[1])
+        visible_TxS = key_index_S[None, :] <= (end + jnp.arange(T))[:, None]  # causal within the filled cache
+        o_BxTxHxK = dot_product_attention(q_BxTxHxK, k_cache, v_cache, causal=False, mask=visible_TxS,
+                                          implementation=c.implementation)
+        y = jnp.einsum("bthk,hkd->btd", o_BxTxHxK, self.w_o[...].astype(dtype))
+        return y, {"k": k_cache, "v": v_cache, "end": end + T}

@@ -1,0 +1,45 @@
+"""Gated feed-forward block, SwiGLU (Shazeer, 2020): y = W_down(silu(x W_gate) * (x W_up))."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from layers.parameters import logical_param, normal
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPConfig:
+    """SwiGLU shape. Parameter budget: 3 * d_model * hidden."""
+
+    d_model: int
+    hidden: int
+    init_std: float = 0.02
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def num_params(self) -> int:
+        return 3 * self.d_model * self.hidden
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Forward matmul FLOPs per token (2 per multiply-add); independent of seq_len."""
+        del seq_len
+        return 2 * self.num_params()
+
+
+class SwiGLU(nnx.Module):
+    def __init__(self, config: MLPConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        init = normal(c.init_std)
+        self.w_gate = logical_param(rngs, init, (c.d_model, c.hidden), c.param_dtype, ("embed", "mlp"))
+        self.w_up = logical_param(rngs, init, (c.d_model, c.hidden), c.param_dtype, ("embed", "mlp"))
+        self.w_down = logical_param(rngs, init, (c.hidden, c.d_model), c.param_dtype, ("mlp", "embed"))
+
+    def __call__(self, x_BxTxD: jnp.ndarray) -> jnp.ndarray:
+        dtype = jnp.dtype(self.config.dtype)
+        x = x_BxTxD.astype(dtype)
+        gate_BxTxF = jnp.einsum("btd,df->btf", x, self.w_gate[...].astype(dtype))
+        up_BxTxF = jnp.einsum("btd,df->btf", x, self.w_up[...].astype(dtype))
+        return jnp.einsum("btf,fd->btd", jax.nn.silu(gate_BxTxF) * up_BxTxF, self.w_down[...].astype(dtype))

@@ -1,0 +1,27 @@
+"""python -m train --config configs/quickstart.yaml [--run-dir DIR] [key=value ...]"""
+
+import argparse
+import pathlib
+import sys
+
+from train.config import ConfigError, load_config
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train", description="Train a hybrax model from a YAML preset.")
+    p.add_argument("--config", required=True, help="YAML preset, e.g. configs/quickstart.yaml")
+    p.add_argument("--run-dir", default=None, help="run directory (default: runs/<config name>)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.num_layers=6 optim.lr=1e-3")
+    args = p.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        run_dir = pathlib.Path(args.run_dir or pathlib.Path("runs") / pathlib.Path(args.config).stem)
+        from train.loop import train  # after validation: importing jax is the slow part
+        return train(config, run_dir)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Typed run configuration: a YAML preset plus dotted `key=value` overrides, validated by pydantic.
+
+    config = load_config("configs/quickstart.yaml", ["model.num_layers=6", "optim.lr=1e-3"])
+
+Every problem found here is a `ConfigError` with a one-line message naming the key, raised before
+any compute: unknown keys (with the closest valid key), wrong types, impossible shapes, missing
+data files. `check_devices` adds the checks that need the device count (mesh, batch split).
+"""
+
+import difflib
+import math
+import pathlib
+from typing import Literal
+
+import pydantic
+import yaml
+from pydantic import model_validator
+
+from arch.config import ModelConfig, StrictConfig
+
+MESH_AXES = ("data", "fsdp", "tensor", "seq", "expert")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, one line, naming the key."""
+
+
+class DataConfig(StrictConfig):
+    source: Literal["shakespeare", "files", "synthetic"] = "shakespeare"
+    path: str | None = None                 # file or folder of .txt / .jsonl / .parquet (source=files)
+    text_field: str = "text"                # the text column of .jsonl / .parquet
+    val_plays: list[str] = ["hamlet", "the-tempest", "twelfth-night"]  # held out whole (shakespeare)
+    val_fraction: float = 0.05              # documents held out (files, synthetic)
+    seq_len: int = 256
+    batch_size: int = 32                    # global rows per optimizer step (over all devices)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.source == "files":
+            if not self.path:
+                raise ValueError("data.path is required when data.source='files'")
+            if not pathlib.Path(self.path).expanduser().exists():
+                raise ValueError(f"data.path={self.path!r} does not exist")
+        if self.seq_len < 1 or self.batch_size < 1:
+            raise ValueError(f"data.seq_len={self.seq_len} and data.batch_size={self.batch_size} must be >= 1")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
+        return self
+
+
+class OptimConfig(StrictConfig):
+    lr: float = 3e-3                        # peak learning rate (AdamW)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1               # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0                  # global-norm clipping; 0 disables
+
+
+class TrainConfig(StrictConfig):
+    steps: int = 1000
+    seed: int = 0
+    grad_accum: int = 1                     # microbatches per step; batch_size splits evenly
+    eval_every: int = 250
+    eval_batches: int | None = None         # None: the whole validation set
+    log_every: int = 10
+
+    @model_validator(mode="after")
+    def _check(self):
+        for key in ("steps", "grad_accum", "eval_every", "log_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key}={getattr(self, key)} must be >= 1")
+        return self
+
+
+class MeshConfig(StrictConfig):
+    """Device counts per mesh axis; one axis may be -1 to take the remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    seq: int = 1
+    expert: int = 1
+
+    def shape(self, num_devices: int) -> dict[str, int]:
+        sizes = {axis: getattr(self, axis) for axis in MESH_AXES}
+        fill = [a for a, s in sizes.items() if s == -1]
+        bad = [a for a, s in sizes.items() if s < 1 and s != -1]
+        if bad or len(fill) > 1:
+            raise ConfigError(f"mesh.{(bad or fill)[0]}={sizes[(bad or fill)[0]]}: axes are >= 1, and at most one is -1")
+        fixed = math.prod(s for s in sizes.values() if s != -1)
+        if fill:
+            if num_devices % fixed:
+                raise ConfigError(f"mesh.{fill[0]}=-1 cannot fill {num_devices} devices: the other axes multiply to {fixed}")
+            sizes[fill[0]] = num_devices // fixed
+        if math.prod(sizes.values()) != num_devices:
+            raise ConfigError(f"mesh {sizes} has {math.prod(sizes.values())} devices, but {num_devices} are available")
+        return sizes
+
+
+class CheckpointConfig(StrictConfig):
+    every: int = 250                        # steps between saves (and one at the end)
+    keep: int = 2                           # most recent checkpoints kept
+    async_save: bool = True
+
+
+class LogConfig(StrictConfig):
+    tensorboard: bool = True
+    progress_bar: bool = True
+    sample_prompt: str = "ROMEO:"           # a sample is written at the end of the run
+    sample_tokens: int = 200
+
+
+class Config(StrictConfig):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log: LogConfig = LogConfig()
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.data.batch_size % self.train.grad_accum:
+            raise ValueError(f"train.grad_accum={self.train.grad_accum} does not divide "
+                             f"data.batch_size={self.data.batch_size}")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _known_keys(cls: type[pydantic.BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in cls.model_fields.items():
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, pydantic.BaseModel):
+            keys += _known_keys(sub, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _set_dotted(tree: dict, key: str, value) -> None:
+    *parents, leaf = key.split(".")
+    node = tree
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {'.'.join(parents[:i + 1])} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`["model.num_layers=6", "model.mixers=[gla, attention]"]` -> nested dict (YAML values)."""
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. model.num_layers=6)")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return tree
+
+
+def _merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _one_line(error: pydantic.ValidationError) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(key, _known_keys(Config), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"unknown config key {key!r}{hint}"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "value_error":  # our own validators already name their keys
+        return message
+    return f"config key {key!r}: {message} (got {first.get('input')!r})"
+
+
+def build_config(tree: dict) -> Config:
+    try:
+        return Config.model_validate(tree)
+    except pydantic.ValidationError as e:
+        raise ConfigError(_one_line(e)) from None
+
+
+def load_config(path: str | pathlib.Path, overrides: list[str] = ()) -> Config:
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(tree).__name__}")
+    return build_config(_merge(tree, parse_overrides(list(overrides))))
+
+
+def check_devices(config: Config, num_devices: int) -> dict[str, int]:
+    """Checks that need the device count; returns the resolved mesh shape."""
+    shape = config.mesh.shape(num_devices)
+    shards = shape["data"] * shape["fsdp"]
+    micro = config.data.batch_size // config.train.grad_accum
+    if micro % shards:
+        raise ConfigError(f"data.batch_size={config.data.batch_size} (per microbatch {micro}) is not divisible "
+                          f"by the {shards} data shards (mesh.data * mesh.fsdp)")
+    return shape

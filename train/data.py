@@ -1,0 +1,48 @@
+"""From `DataConfig` to batches: pick the source, encode bytes, pack rows.
+
+Sources (train.corpus): the embedded Shakespeare plays (whole plays held out for validation),
+local .txt/.jsonl/.parquet files, or synthetic text. Training batches come from a deterministic,
+resumable `PackedBatches`; validation walks every held-out row once.
+"""
+
+import dataclasses
+import itertools
+from collections.abc import Iterator
+
+import numpy as np
+
+from train import corpus
+from train.config import DataConfig
+from train.packing import PackedBatches, evaluation_batches
+from train.tokenizer import ByteTokenizer
+
+
+@dataclasses.dataclass
+class Datasets:
+    train: PackedBatches
+    val_documents: list[np.ndarray]
+    train_bytes: int
+    val_bytes: int
+
+
+def documents(config: DataConfig, seed: int) -> tuple[list[str], list[str]]:
+    if config.source == "shakespeare":
+        return corpus.shakespeare(config.val_plays)
+    if config.source == "files":
+        return corpus.local_files(config.path, text_field=config.text_field, val_fraction=config.val_fraction,
+                                  seed=seed)
+    return corpus.synthetic(seed=seed)
+
+
+def build_datasets(config: DataConfig, seed: int) -> Datasets:
+    tokenizer = ByteTokenizer()
+    train_text, val_text = documents(config, seed)
+    train_docs = [tokenizer.encode(t) for t in train_text]
+    val_docs = [tokenizer.encode(t) for t in val_text]
+    train = PackedBatches(train_docs, batch_size=config.batch_size, seq_len=config.seq_len, seed=seed)
+    return Datasets(train, val_docs, sum(map(len, train_docs)), sum(map(len, val_docs)))
+
+
+def validation_batches(datasets: Datasets, config: DataConfig, limit: int | None = None) -> Iterator[dict]:
+    batches = evaluation_batches(datasets.val_documents, batch_size=config.batch_size, seq_len=config.seq_len)
+    return batches if limit is None else itertools.islice(batches, limit)

@@ -1,0 +1,102 @@
+"""Generate text from a run's latest checkpoint with a KV cache.
+
+    python -m train.sample --run runs/quickstart --prompt "ROMEO:" --max-new-tokens 200
+"""
+
+import argparse
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from arch import CausalLM
+from train.tokenizer import BOS, EOS, ByteTokenizer
+
+
+def generate(model: CausalLM, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.8,
+             top_k: int | None = 40, seed: int = 0) -> str:
+    """Sample `max_new_tokens` bytes after `prompt`; stops early at EOS. Temperature 0 is greedy."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if top_k is not None and not 1 <= top_k <= model.config.vocab_size:
+        raise ValueError(f"top_k={top_k} must be in [1, {model.config.vocab_size}]")
+    tokenizer = ByteTokenizer()
+    prompt_ids = np.concatenate([[BOS], tokenizer.encode(prompt)]).astype(np.int32)[None, :]
+    graphdef, params = nnx.split(model)
+    cache = model.init_cache(1, prompt_ids.shape[1] + max_new_tokens)
+
+    @jax.jit
+    def forward(params, cache, tokens_1xT):
+        logits, cache = nnx.merge(graphdef, params)(tokens_1xT, cache=cache)
+        return logits[:, -1], cache
+
+    @jax.jit
+    def choose(logits_1xV, key):
+        if temperature == 0:
+            return jnp.argmax(logits_1xV, axis=-1)
+        logits_1xV = logits_1xV / temperature
+        if top_k is not None:
+            kth = jax.lax.top_k(logits_1xV, top_k)[0][:, -1:]
+            logits_1xV = jnp.where(logits_1xV < kth, -jnp.inf, logits_1xV)
+        return jax.random.categorical(key, logits_1xV, axis=-1)
+
+    logits, cache = forward(params, cache, jnp.asarray(prompt_ids))
+    key = jax.random.key(seed)
+    out = []
+    for _ in range(max_new_tokens):
+        key, sub = jax.random.split(key)
+        token = choose(logits, sub)
+        if int(token[0]) == EOS:
+            break
+        out.append(int(token[0]))
+        logits, cache = forward(params, cache, token[:, None].astype(jnp.int32))
+    return prompt + tokenizer.decode(np.array(out))
+
+
+def load_latest(run_dir: pathlib.Path) -> CausalLM:
+    """The model of the latest checkpoint in `run_dir`, built from its saved config.yaml."""
+    from train.checkpoint import Checkpointer
+    from train.config import load_config
+    from train.optim import make_optimizer
+    from train.step import abstract_state
+
+    config = load_config(run_dir / "config.yaml")
+    checkpointer = Checkpointer(run_dir, config.checkpoint)
+    step = checkpointer.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {str(run_dir / 'checkpoints')!r}; train first (python -m train)")
+    graphdef, target = abstract_state(config.model, make_optimizer(config.optim, config.train.steps))
+    state, _ = checkpointer.restore(step, target)
+    checkpointer.close()
+    return nnx.merge(graphdef, state.params)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.sample", description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True, help="run directory holding config.yaml and checkpoints/")
+    p.add_argument("--prompt", default="ROMEO:")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    run_dir = pathlib.Path(args.run)
+    if not (run_dir / "config.yaml").is_file():
+        print(f"error: --run {args.run!r} has no config.yaml; expected a run directory of python -m train",
+              file=sys.stderr)
+        return 2
+    try:
+        model = load_latest(run_dir)
+        print(generate(model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k, seed=args.seed))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
