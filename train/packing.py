@@ -1,0 +1,201 @@
+"""Packs tokenized documents into fixed-length rows with segment ids, deterministically.
+
+The stream of an epoch is `BOS d EOS BOS d EOS ...` over all documents. Row r is the window
+`stream[r*T : r*T + T + 1]` (T = seq_len): consecutive rows overlap by one token, so the rows'
+targets tile `stream[1:]` and every next-token prediction in the stream appears exactly once.
+
+- Training (`PackedBatches`): per epoch e, `rng = np.random.default_rng([seed, e])` permutes the
+  documents, then the rows. The last partial row is dropped, and so are the rows left over after
+  the last full batch (a batch never mixes epochs); with shuffling a different tail is dropped
+  each epoch.
+- Evaluation (`evaluation_batches`): documents in order, no shuffling, the last partial row and
+  the last batch are filled with PAD, whose loss_mask is 0, so every batch has one shape.
+  Padding has segment id 0 and position 0; PAD is never a target.
+
+A batch is a dict of `[B, T]` arrays:
+
+- `tokens`, `targets` (int32): `row[:-1]`, `row[1:]`.
+- `segment_ids` (int32): 1 at the row start, +1 at every BOS, 0 on padding; attention and
+  recurrent state must not cross a change of id.
+- `positions` (int32): index within the segment, 0 at each segment start and at the row start.
+- `loss_mask` (float32): 1 where the target is the next token of the same document (including
+  the EOS that ends it); 0 where the target is the BOS of the next document, and on padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from train.tokenizer import BOS, EOS, PAD
+
+Batch = dict[str, np.ndarray]
+
+
+def _framed(documents: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """`BOS d EOS` for every document, in one dtype (uint16 when all inputs are uint16)."""
+    if len(documents) == 0:
+        raise ValueError("documents is empty; need at least one tokenized document")
+    dtype = np.uint16 if all(np.asarray(d).dtype == np.uint16 for d in documents) else np.int32
+    framed = []
+    for index, document in enumerate(documents):
+        document = np.asarray(document)
+        if document.ndim != 1 or not np.issubdtype(document.dtype, np.integer):
+            raise ValueError(
+                f"documents[{index}] has shape {document.shape} dtype {document.dtype}; "
+                "expected a 1-D integer array of token ids"
+            )
+        bos, eos = np.array([BOS], dtype), np.array([EOS], dtype)
+        framed.append(np.concatenate([bos, document.astype(dtype), eos]))
+    return framed
+
+
+def batch_from_rows(rows: np.ndarray) -> Batch:
+    """Builds a batch from token rows `[B, T+1]` (PAD marks padding); arrays are `[B, T]`."""
+    rows = rows.astype(np.int32, copy=False)
+    tokens, targets = rows[:, :-1], rows[:, 1:]
+    real = tokens != PAD
+    is_start = tokens == BOS
+    is_start[:, 0] = True
+    segment_ids = np.cumsum(is_start, axis=1, dtype=np.int32) * real
+    index = np.arange(tokens.shape[1], dtype=np.int32)
+    last_start = np.maximum.accumulate(np.where(is_start, index, 0), axis=1)
+    positions = (index - last_start) * real
+    loss_mask = real & (targets != BOS) & (targets != PAD)
+    return {
+        "tokens": np.ascontiguousarray(tokens),
+        "targets": np.ascontiguousarray(targets),
+        "segment_ids": segment_ids.astype(np.int32),
+        "positions": positions.astype(np.int32),
+        "loss_mask": loss_mask.astype(np.float32),
+    }
+
+
+def _check_sizes(batch_size: int, seq_len: int) -> None:
+    if batch_size < 1 or seq_len < 1:
+        raise ValueError(f"batch_size={batch_size} and seq_len={seq_len} must both be >= 1")
+
+
+class PackedBatches:
+    """Infinite, deterministic, resumable iterator of packed training batches.
+
+    Args:
+      documents: token ids of each document `[n_i]`, without BOS/EOS (they are added here).
+      batch_size: rows per batch, B.
+      seq_len: tokens per row, T (each row holds T + 1 stream tokens).
+      seed: with the epoch number, seeds the document and row permutations.
+      shuffle: permute documents and rows each epoch; if False, epochs repeat the same order.
+
+    The stream and row order are built once per epoch; a batch is one gather of `[B, T+1]`.
+    `state()` / `restore(state)` checkpoint the position as JSON-serialisable ints.
+    """
+
+    def __init__(
+        self,
+        documents: Sequence[np.ndarray],
+        *,
+        batch_size: int,
+        seq_len: int,
+        seed: int,
+        shuffle: bool = True,
+    ) -> None:
+        _check_sizes(batch_size, seq_len)
+        if seed < 0:
+            raise ValueError(f"seed={seed} must be >= 0 (it seeds default_rng([seed, epoch]))")
+        self._documents = _framed(documents)
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.seed, self.shuffle = int(seed), shuffle
+        stream_length = sum(len(d) for d in self._documents)
+        self.rows_per_epoch = (stream_length - 1) // seq_len
+        self.batches_per_epoch = self.rows_per_epoch // batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"one epoch has {self.rows_per_epoch} rows of seq_len={seq_len} ({stream_length} "
+                f"tokens), fewer than batch_size={batch_size}; lower batch_size or seq_len"
+            )
+        self._epoch, self._batch = 0, 0
+        self._cached: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def _epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's stream `[L]` and row order `[rows_per_epoch]`, built once per epoch."""
+        if self._cached is None or self._cached[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            n = len(self._documents)
+            order = rng.permutation(n) if self.shuffle else range(n)
+            stream = np.concatenate([self._documents[i] for i in order])
+            rows = np.arange(self.rows_per_epoch)
+            if self.shuffle:
+                rows = rng.permutation(rows)
+            self._cached = (epoch, stream, rows)
+        return self._cached[1], self._cached[2]
+
+    def __iter__(self) -> PackedBatches:
+        return self
+
+    def __next__(self) -> Batch:
+        stream, row_order = self._epoch_plan(self._epoch)
+        rows = row_order[self._batch * self.batch_size : (self._batch + 1) * self.batch_size]
+        window = rows[:, None] * self.seq_len + np.arange(self.seq_len + 1)
+        batch = batch_from_rows(stream[window])
+        self._batch += 1
+        if self._batch == self.batches_per_epoch:
+            self._epoch, self._batch = self._epoch + 1, 0
+        return batch
+
+    def state(self) -> dict[str, int]:
+        """The position of the next batch, plus the settings it is only valid for (all ints)."""
+        return {
+            "epoch": self._epoch,
+            "batch": self._batch,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "rows_per_epoch": self.rows_per_epoch,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continues from `state()`; only `epoch` and `batch` are required, the rest is checked."""
+        for key in ("seed", "batch_size", "seq_len", "rows_per_epoch"):
+            if key in state and int(state[key]) != getattr(self, key):
+                mine = getattr(self, key)
+                raise ValueError(
+                    f"data state has {key}={state[key]} but this iterator has {key}={mine}; "
+                    "resume with the same documents and data settings"
+                )
+        if "epoch" not in state or "batch" not in state:
+            raise ValueError(f"data state {state} lacks 'epoch' or 'batch'")
+        epoch, batch = int(state["epoch"]), int(state["batch"])
+        if epoch < 0 or not 0 <= batch < self.batches_per_epoch:
+            raise ValueError(
+                f"data state epoch={epoch} batch={batch} is out of range; "
+                f"valid: epoch >= 0 and 0 <= batch < {self.batches_per_epoch}"
+            )
+        self._epoch, self._batch = epoch, batch
+
+
+def evaluation_batches(
+    documents: Sequence[np.ndarray], *, batch_size: int, seq_len: int
+) -> Iterator[Batch]:
+    """Every row of the validation stream once, in order; PAD fills the last row and batch.
+
+    Yields `ceil(ceil((L - 1) / T) / B)` batches of `[B, T]` arrays for a stream of L tokens.
+    Over all batches the non-PAD `tokens` are exactly `stream[:-1]` (the final EOS predicts
+    nothing, so it is padded) and the non-PAD `targets` exactly `stream[1:]`: summing
+    `loss * loss_mask` scores every next-token prediction inside each document exactly once.
+    """
+    _check_sizes(batch_size, seq_len)
+    stream = np.concatenate(_framed(documents))
+    num_rows = -(-(len(stream) - 1) // seq_len)
+    num_batches = -(-num_rows // batch_size)
+    padded = np.full(num_rows * seq_len + 1, PAD, dtype=stream.dtype)
+    padded[: len(stream)] = stream
+    offsets = np.arange(seq_len + 1)
+    for k in range(num_batches):
+        rows = np.arange(k * batch_size, (k + 1) * batch_size)
+        window = np.minimum(rows, num_rows - 1)[:, None] * seq_len + offsets
+        batch = batch_from_rows(np.where((rows < num_rows)[:, None], padded[window], PAD))
+        final = (batch["targets"] == PAD) & (batch["tokens"] != PAD)  # the stream's last EOS
+        batch["tokens"][final], batch["segment_ids"][final], batch["positions"][final] = PAD, 0, 0
+        yield batch
