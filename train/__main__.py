@@ -15,10 +15,16 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
-        run_dir = pathlib.Path(args.run_dir or pathlib.Path("runs") / pathlib.Path(args.config).stem)
-        from train.loop import train  # after validation: importing jax is the slow part
+    except ConfigError as e:  # reported before jax is even imported
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from train.checkpoint import CheckpointMismatch
+    from train.loop import train
+
+    run_dir = pathlib.Path(args.run_dir or pathlib.Path("runs") / pathlib.Path(args.config).stem)
+    try:
         return train(config, run_dir)
-    except ConfigError as e:
+    except (ConfigError, CheckpointMismatch) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

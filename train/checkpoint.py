@@ -13,6 +13,10 @@ import orbax.checkpoint as ocp
 from train.config import CheckpointConfig
 
 
+class CheckpointMismatch(ValueError):
+    """A checkpoint whose tree does not match the state the config builds."""
+
+
 class Checkpointer:
     def __init__(self, run_dir: pathlib.Path, config: CheckpointConfig):
         options = ocp.CheckpointManagerOptions(max_to_keep=config.keep, create=True,
@@ -32,8 +36,12 @@ class Checkpointer:
     def restore(self, step: int, abstract_state):
         """(state shaped like `abstract_state`, data iterator state) of checkpoint `step`."""
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                                      data=ocp.args.JsonRestore()))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                                          data=ocp.args.JsonRestore()))
+        except ValueError as e:
+            raise CheckpointMismatch(f"checkpoint {self.directory / str(step)} does not fit this config (model or "
+                                     f"optimizer changed since it was saved): {str(e).splitlines()[0][:200]}") from None
         return restored["state"], restored["data"]
 
     def close(self) -> None:

@@ -124,6 +124,11 @@ class Config(StrictConfig):
 
     @model_validator(mode="after")
     def _check(self):
+        from arch.registry import FFNS, MIXERS
+        for key, registry in (("mixers", MIXERS), ("ffns", FFNS)):
+            for name in getattr(self.model, key):
+                if name not in registry.names():
+                    raise ValueError(f"model.{key}: unknown {registry.kind} {name!r}; registered: {registry.names()}")
         if self.data.batch_size % self.train.grad_accum:
             raise ValueError(f"train.grad_accum={self.train.grad_accum} does not divide "
                              f"data.batch_size={self.data.batch_size}")
@@ -155,6 +160,17 @@ def _set_dotted(tree: dict, key: str, value) -> None:
     node[leaf] = value
 
 
+def _parse_value(raw: str):
+    """YAML scalars and lists (`6`, `1e-3`, `null`, `[a, b]`); other text stays a string (`ROMEO:`)."""
+    if not raw.strip():
+        return None
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    return raw if isinstance(value, dict) and not raw.lstrip().startswith("{") else value
+
+
 def parse_overrides(overrides: list[str]) -> dict:
     """`["model.num_layers=6", "model.mixers=[gla, attention]"]` -> nested dict (YAML values)."""
     tree: dict = {}
@@ -162,7 +178,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. model.num_layers=6)")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        _set_dotted(tree, key.strip(), _parse_value(raw))
     return tree
 
 

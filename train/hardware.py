@@ -29,7 +29,7 @@ def _table_peak(kind: str) -> float | None:
 def measure_matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 10) -> float:
     """FLOP/s of an n x n matmul on the default device, best of `repeats`."""
     a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x: x @ x)
+    f = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
     f(a).block_until_ready()
     best = float("inf")
     for _ in range(repeats):
@@ -39,23 +39,24 @@ def measure_matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 10) -> 
     return 2 * n**3 / best
 
 
-def peak_flops_per_device() -> tuple[float, str]:
-    """(peak FLOP/s, how it was obtained) for jax.devices()[0]."""
+def peak_flops_per_device(dtype: str = "bfloat16") -> tuple[float, str]:
+    """(peak FLOP/s, how it was obtained) for jax.devices()[0] computing in `dtype`. Accelerators
+    use their dense bf16 data-sheet figure; CPUs are measured in `dtype`."""
     device = jax.devices()[0]
     kind = getattr(device, "device_kind", device.platform)
     peak = _table_peak(kind)
     if peak is not None:
         return peak, f"{kind}: bf16 data-sheet peak"
-    key = f"{platform.node()}|{kind}|{jax.device_count()}|{os.cpu_count()}"
+    key = f"{platform.node()}|{kind}|{jax.device_count()}|{os.cpu_count()}|{dtype}"
     try:
         cached = json.loads(CACHE.read_text())
     except (OSError, ValueError):
         cached = {}
     if key not in cached:
-        cached[key] = measure_matmul_peak() / max(jax.local_device_count(), 1)
+        cached[key] = measure_matmul_peak(dtype=jnp.dtype(dtype)) / max(jax.local_device_count(), 1)
         try:
             CACHE.parent.mkdir(parents=True, exist_ok=True)
             CACHE.write_text(json.dumps(cached))
         except OSError:
             pass
-    return cached[key], f"{kind}: measured fp32 2048^3 matmul peak"
+    return cached[key], f"{kind}: measured {dtype} 2048^3 matmul peak"

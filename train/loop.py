@@ -83,7 +83,7 @@ def train(config: Config, run_dir: str | pathlib.Path, *, log=print) -> int:
 
     num_params = config.model.num_params()
     train_flops_per_token = 3 * config.model.flops_per_token(T)
-    peak, peak_source = peak_flops_per_device()
+    peak, peak_source = peak_flops_per_device(config.model.dtype)
     peak *= jax.device_count()
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
     log(f"model: {num_params:,} parameters, {train_flops_per_token / 1e6:.1f} MFLOP/token (train), "
@@ -117,8 +117,8 @@ def train(config: Config, run_dir: str | pathlib.Path, *, log=print) -> int:
                 bar.write(console_line(step, steps, record))
                 window_tokens, window_time = 0, 0.0
             if step % config.train.eval_every == 0 or step == steps:
-                limit = None if step == steps else config.train.eval_batches
-                record = evaluate(eval_step, state.params, validation_batches(data, config.data, limit))
+                batches = validation_batches(data, config.data, config.train.eval_batches)
+                record = evaluate(eval_step, state.params, batches)
                 writer.write(step, record)
                 bar.write(console_line(step, steps, {"loss": loss, **record}))
             if step % config.checkpoint.every == 0 or step == steps or termination.requested:

@@ -21,6 +21,6 @@ def _decay_mask(params):
 def make_optimizer(config: OptimConfig, total_steps: int) -> optax.GradientTransformation:
     adamw = optax.adamw(learning_rate_schedule(config, total_steps), b1=config.beta1, b2=config.beta2,
                         eps=config.eps, weight_decay=config.weight_decay, mask=_decay_mask)
-    if config.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw)
-    return adamw
+    # The chain keeps one state structure with or without clipping, so either resumes the other.
+    clip = optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity()
+    return optax.chain(clip, adamw)

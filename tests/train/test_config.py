@@ -1,0 +1,83 @@
+"""Config loading: every preset loads, overrides apply, and every bad input fails before any
+compute with one line naming the key."""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from train.config import ConfigError, MESH_AXES, check_devices, load_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_there_are_presets():
+    assert any(p.name == "quickstart.yaml" for p in PRESETS)
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+def test_every_preset_loads_and_names_the_required_keys(preset):
+    import yaml
+    raw = yaml.safe_load(preset.read_text())
+    assert "steps" in raw["train"] and "seed" in raw["train"], preset
+    assert set(MESH_AXES) <= set(raw["mesh"]), preset
+    config = load_config(preset)
+    assert config.train.steps == raw["train"]["steps"]
+    check_devices(config, 1)
+
+
+def test_overrides_apply_with_yaml_types():
+    config = load_config(ROOT / "configs/quickstart.yaml",
+                         ["model.num_layers=6", "optim.lr=1e-3", "model.mixers=[attention, attention]",
+                          "model.num_kv_heads=null", "log.sample_prompt=HAMLET:"])
+    assert config.model.num_layers == 6 and config.optim.lr == 1e-3
+    assert config.model.mixers == ["attention", "attention"] and config.model.num_kv_heads is None
+    assert config.log.sample_prompt == "HAMLET:"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.num_layerz=3", "unknown config key 'model.num_layerz' (did you mean 'model.num_layers'?)"),
+    ("optim.learning_rate=1", "unknown config key 'optim.learning_rate'"),
+    ("model.num_layers=six", "config key 'model.num_layers': Input should be a valid integer"),
+    ("model.num_heads=6", "model.num_heads=6 does not divide model.d_model="),
+    ("data.path=/does/not/exist", "data.path='/does/not/exist' does not exist"),
+    ("model.mixers=[attention, gla]", "model.mixers: unknown mixer 'gla'"),
+    ("train.grad_accum=3", "train.grad_accum=3 does not divide data.batch_size="),
+    ("model.num_layers", "override 'model.num_layers' is not of the form key=value"),
+])
+def test_bad_overrides_fail_with_one_line(override, message):
+    extra = ["data.source=files"] if override.startswith("data.path") else []
+    with pytest.raises(ConfigError) as info:
+        load_config(ROOT / "configs/quickstart.yaml", extra + [override])
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="config file 'nope.yaml' does not exist"):
+        load_config("nope.yaml")
+
+
+@pytest.mark.parametrize("devices,overrides,message", [
+    (4, ["data.batch_size=30"], "data.batch_size=30 (per microbatch 30) is not divisible by the 4 data shards"),
+    (2, ["mesh.data=1", "mesh.tensor=4"], "has 4 devices, but 2 are available"),
+    (6, ["mesh.tensor=4"], "mesh.data=-1 cannot fill 6 devices"),
+])
+def test_device_dependent_checks(devices, overrides, message):
+    config = load_config(ROOT / "configs/quickstart.yaml", overrides)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_devices(config, devices)
+
+
+def test_cli_reports_bad_input_before_any_compute(tmp_path):
+    """The command exits 2 with one line on stderr and creates no run directory."""
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "train", "--config", "configs/quickstart.yaml", "--run-dir", str(run_dir),
+         "model.d_model=100", "model.num_heads=3"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: model.num_heads=3 does not divide model.d_model=100"
+    assert not run_dir.exists()
+    assert "jax" not in result.stdout

@@ -1,0 +1,131 @@
+"""End to end through the command line, on a tiny model and the real corpus: a run writes its
+config, metrics, checkpoints and a sample; SIGKILL + rerun resumes bit-exactly; SIGTERM saves and
+exits 0; a non-finite loss stops without touching the last good checkpoint."""
+
+import hashlib
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+TINY = ["model.d_model=64", "model.num_layers=2", "model.num_heads=2", "data.seq_len=64", "data.batch_size=8",
+        "train.log_every=1", "train.eval_every=20", "train.eval_batches=2", "checkpoint.every=4",
+        "log.progress_bar=false", "log.sample_tokens=16"]
+
+pytestmark = pytest.mark.slow
+
+
+def command(run_dir, *overrides):
+    return [sys.executable, "-m", "train", "--config", "configs/quickstart.yaml", "--run-dir", str(run_dir),
+            *TINY, *overrides]
+
+
+def run(run_dir, *overrides, timeout=300):
+    return subprocess.run(command(run_dir, *overrides), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def metrics(run_dir) -> list[dict]:
+    path = pathlib.Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def train_losses(records) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in records if "tokens_per_s" in r}
+
+
+def finished_checkpoints(run_dir) -> list[int]:
+    folder = pathlib.Path(run_dir) / "checkpoints"
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
+
+
+def tree_digest(folder) -> str:
+    h = hashlib.sha256()
+    for p in sorted(pathlib.Path(folder).rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(folder)).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def wait_for_step(proc, run_dir, step, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if any(r["step"] >= step for r in metrics(run_dir)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.stdout.read()}")
+        time.sleep(0.005)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def test_run_writes_everything_and_sample_cli_reads_it(tmp_path):
+    result = run(tmp_path, "train.steps=20")
+    assert result.returncode == 0, result.stdout + result.stderr
+    records = metrics(tmp_path)
+    assert sorted(train_losses(records)) == list(range(1, 21))
+    final = [r for r in records if "val_bpb" in r][-1]
+    assert final["step"] == 20 and 0 < final["val_bpb"] < 8.1  # below uniform over 259 ids
+    for key in ("loss", "tokens_per_s", "tflops", "mfu", "lr", "grad_norm"):
+        assert key in records[0]
+    assert "model:" in result.stdout and "parameters" in result.stdout and "MFU" in result.stdout
+    assert (tmp_path / "config.yaml").read_text().startswith("model:")
+    assert finished_checkpoints(tmp_path)[-1] == 20
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "samples.txt").read_text().startswith("ROMEO:")
+    sample = subprocess.run([sys.executable, "-m", "train.sample", "--run", str(tmp_path), "--prompt", "KING:",
+                             "--max-new-tokens", "30"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert sample.returncode == 0, sample.stderr
+    assert sample.stdout.startswith("KING:") and len(sample.stdout) > len("KING:")
+
+
+def test_sigkill_then_rerun_resumes_bit_exactly(tmp_path):
+    steps = "train.steps=60"
+    reference = run(tmp_path / "reference", steps)
+    assert reference.returncode == 0, reference.stderr
+    expected = train_losses(metrics(tmp_path / "reference"))
+
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(command(run_dir, steps), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    wait_for_step(proc, run_dir, 10)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    before = len(metrics(run_dir))
+    resumed = run(run_dir, steps)
+    assert resumed.returncode == 0, resumed.stderr
+    start = int(resumed.stdout.split("resumed from checkpoint at step ")[1].split()[0])
+    assert 4 <= start < 60
+    after = train_losses(metrics(run_dir)[before:])
+    assert sorted(after) == list(range(start + 1, 61))
+    assert after == {s: expected[s] for s in after}  # equal to the last bit
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path):
+    proc = subprocess.Popen(command(tmp_path, "train.steps=400", "checkpoint.every=1000"), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_step(proc, tmp_path, 6)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    saved = int(out.split("SIGTERM: saved checkpoint at step ")[1].split()[0])
+    assert saved >= 6 and finished_checkpoints(tmp_path) == [saved]
+    resumed = run(tmp_path, "train.steps=400", "checkpoint.every=1000", "train.steps=" + str(saved + 3))
+    assert f"resumed from checkpoint at step {saved}" in resumed.stdout
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    assert run(tmp_path, "train.steps=8").returncode == 0
+    assert finished_checkpoints(tmp_path) == [4, 8]
+    digest = tree_digest(tmp_path / "checkpoints")
+    diverged = run(tmp_path, "train.steps=30", "optim.lr=1e30", "optim.grad_clip=0", "checkpoint.every=1000")
+    assert diverged.returncode == 1, diverged.stdout + diverged.stderr
+    line = [ln for ln in diverged.stdout.splitlines() if ln.startswith("error: loss is")]
+    assert line and "stopped without saving, the last good checkpoint is step 8" in line[0]
+    assert finished_checkpoints(tmp_path) == [4, 8]
+    assert tree_digest(tmp_path / "checkpoints") == digest
