@@ -5,7 +5,6 @@ Logits are float32 `[B, T, vocab]`. With a `cache` (from `init_cache`) the call 
 new cache, for decoding.
 """
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 

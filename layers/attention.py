@@ -15,6 +15,7 @@ from flax import nnx
 
 from layers.embeddings import apply_rotary
 from layers.parameters import logical_param, normal
+from layers.projection import project
 from pallas_kernels.dot_product_attention import dot_product_attention
 
 
@@ -62,19 +63,17 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BxTxD, *, segment_ids=None, positions=None, cache=None):
         c = self.config
-        dtype = jnp.dtype(c.dtype)
         B, T, _ = x_BxTxD.shape
-        x = x_BxTxD.astype(dtype)
         if positions is None:
             start = 0 if cache is None else cache["end"]
             positions = jnp.broadcast_to(start + jnp.arange(T), (B, T))
-        q_BxTxHxK = apply_rotary(jnp.einsum("btd,dhk->bthk", x, self.w_q[...].astype(dtype)), positions, c.rope_theta)
-        k_BxTxGxK = apply_rotary(jnp.einsum("btd,dhk->bthk", x, self.w_k[...].astype(dtype)), positions, c.rope_theta)
-        v_BxTxGxK = jnp.einsum("btd,dhk->bthk", x, self.w_v[...].astype(dtype))
+        q_BxTxHxK = apply_rotary(project("btd,dhk->bthk", x_BxTxD, self.w_q, c.dtype), positions, c.rope_theta)
+        k_BxTxGxK = apply_rotary(project("btd,dhk->bthk", x_BxTxD, self.w_k, c.dtype), positions, c.rope_theta)
+        v_BxTxGxK = project("btd,dhk->bthk", x_BxTxD, self.w_v, c.dtype)
         if cache is None:
             o_BxTxHxK = dot_product_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, causal=True, segment_ids=segment_ids,
                                               implementation=c.implementation)
-            return jnp.einsum("bthk,hkd->btd", o_BxTxHxK, self.w_o[...].astype(dtype))
+            return project("bthk,hkd->btd", o_BxTxHxK, self.w_o, c.dtype)
         if segment_ids is not None:
             raise ValueError("segment_ids are not supported while decoding with a KV cache; decode one sequence per row")
         end = cache["end"]
@@ -84,5 +83,5 @@ class Attention(nnx.Module):
         visible_TxS = key_index_S[None, :] <= (end + jnp.arange(T))[:, None]  # causal within the filled cache
         o_BxTxHxK = dot_product_attention(q_BxTxHxK, k_cache, v_cache, causal=False, mask=visible_TxS,
                                           implementation=c.implementation)
-        y = jnp.einsum("bthk,hkd->btd", o_BxTxHxK, self.w_o[...].astype(dtype))
+        y = project("bthk,hkd->btd", o_BxTxHxK, self.w_o, c.dtype)
         return y, {"k": k_cache, "v": v_cache, "end": end + T}

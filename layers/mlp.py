@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers.parameters import logical_param, normal
+from layers.projection import project
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,8 +39,7 @@ class SwiGLU(nnx.Module):
         self.w_down = logical_param(rngs, init, (c.hidden, c.d_model), c.param_dtype, ("mlp", "embed"))
 
     def __call__(self, x_BxTxD: jnp.ndarray) -> jnp.ndarray:
-        dtype = jnp.dtype(self.config.dtype)
-        x = x_BxTxD.astype(dtype)
-        gate_BxTxF = jnp.einsum("btd,df->btf", x, self.w_gate[...].astype(dtype))
-        up_BxTxF = jnp.einsum("btd,df->btf", x, self.w_up[...].astype(dtype))
-        return jnp.einsum("btf,fd->btd", jax.nn.silu(gate_BxTxF) * up_BxTxF, self.w_down[...].astype(dtype))
+        dtype = self.config.dtype
+        gate_BxTxF = project("btd,df->btf", x_BxTxD, self.w_gate, dtype)
+        up_BxTxF = project("btd,df->btf", x_BxTxD, self.w_up, dtype)
+        return project("btf,fd->btd", jax.nn.silu(gate_BxTxF) * up_BxTxF, self.w_down, dtype)

@@ -57,8 +57,7 @@ def train(config: Config, run_dir: str | pathlib.Path, *, log=print) -> int:
     run_dir = pathlib.Path(run_dir)
     mesh_shape = check_devices(config, jax.device_count())
     run_dir.mkdir(parents=True, exist_ok=True)
-    log(f"resolved config ({run_dir / 'config.yaml'}):\n{config.to_yaml()}")
-    _write_atomically(run_dir / "config.yaml", config.to_yaml())
+    log(f"resolved config:\n{config.to_yaml()}")
 
     data = build_datasets(config.data, config.train.seed)
     steps, seed = config.train.steps, config.train.seed
@@ -73,6 +72,7 @@ def train(config: Config, run_dir: str | pathlib.Path, *, log=print) -> int:
         log(f"resumed from checkpoint at step {start} ({checkpointer.directory})")
     else:
         graphdef, state = init_state(create_model(config.model, seed), optimizer)
+    _write_atomically(run_dir / "config.yaml", config.to_yaml())  # only once the checkpoint fits it
 
     B, T = config.data.batch_size, config.data.seq_len
     batch_spec = {k: jax.ShapeDtypeStruct((B, T), np.float32 if k == "loss_mask" else np.int32) for k in BATCH_KEYS}

@@ -4,7 +4,6 @@ exits 0; a non-finite loss stops without touching the last good checkpoint."""
 
 import hashlib
 import json
-import os
 import pathlib
 import signal
 import subprocess

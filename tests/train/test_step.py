@@ -4,7 +4,6 @@ validation bits per byte follow from the per-byte cross-entropy."""
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from arch import ModelConfig
