@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from train.checkpoint import Checkpointer
+from train.checkpoint import CheckpointMismatch, Checkpointer
 from train.config import Config, check_devices
 from train.data import build_datasets, validation_batches
 from train.hardware import peak_flops_per_device
@@ -67,7 +67,11 @@ def train(config: Config, run_dir: str | pathlib.Path, *, log=print) -> int:
     start = checkpointer.latest_step() or 0
     if start:
         graphdef, target = abstract_train_state(config.model, optimizer)
-        state, data_state = checkpointer.restore(start, target)
+        try:
+            state, data_state = checkpointer.restore(start, target)
+        except CheckpointMismatch:
+            checkpointer.close()
+            raise
         data.train.restore(data_state)
         log(f"resumed from checkpoint at step {start} ({checkpointer.directory})")
     else:

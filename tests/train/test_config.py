@@ -71,13 +71,30 @@ def test_device_dependent_checks(devices, overrides, message):
         check_devices(config, devices)
 
 
+def cli(run_dir, *overrides):
+    return subprocess.run([sys.executable, "-m", "train", "--config", "configs/quickstart.yaml", "--run-dir",
+                           str(run_dir), *overrides], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
 def test_cli_reports_bad_input_before_any_compute(tmp_path):
     """The command exits 2 with one line on stderr and creates no run directory."""
     run_dir = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "train", "--config", "configs/quickstart.yaml", "--run-dir", str(run_dir),
-         "model.d_model=100", "model.num_heads=3"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = cli(run_dir, "model.d_model=100", "model.num_heads=3")
     assert result.returncode == 2
     assert result.stderr.strip() == "error: model.num_heads=3 does not divide model.d_model=100"
-    assert not run_dir.exists()
-    assert "jax" not in result.stdout
+    assert not run_dir.exists() and result.stdout == ""
+
+
+def test_bad_input_leaves_an_existing_run_untouched(tmp_path):
+    """A finished run, then reruns with a bad key and with a model its checkpoint does not fit."""
+    tiny = ["model.d_model=32", "model.num_layers=1", "model.num_heads=2", "data.seq_len=16", "data.batch_size=2",
+            "train.steps=2", "train.eval_batches=1", "log.progress_bar=false", "log.sample_tokens=0"]
+    assert cli(tmp_path, *tiny).returncode == 0
+    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    bad_key = cli(tmp_path, *tiny, "optim.lrr=1")
+    assert bad_key.returncode == 2 and "did you mean 'optim.lr'" in bad_key.stderr
+    mismatch = cli(tmp_path, *tiny, "model.d_model=64")
+    assert mismatch.returncode == 2 and "does not fit this config" in mismatch.stderr
+    assert len(mismatch.stderr.strip().splitlines()) == 1
+    after = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    assert after == before
