@@ -1,0 +1,118 @@
+"""Linear attention with decay behind the implementation switch.
+
+`linear_attention(q [B, T, H, K], k [B, T, H, K], v [B, T, H, V], log_decay=None, *, scale=None,
+initial_state=None [B, H, K, V], segment_ids=None [B, T], return_final_state=False, chunk_size=64,
+implementation=None) -> (o [B, T, H, V], final_state [B, H, K, V] float32 or None)`
+
+    S_0 = initial_state or 0
+    S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t,      o_t = scale * q_t S_t,      scale = K ** -0.5
+
+`log_decay` g is None (plain linear attention, Katharopoulos et al. 2020), `[B, T, H]` (a scalar
+per head and step: RetNet, Lightning Attention, Mamba-2 SSD) or `[B, T, H, K]` (a gate per key
+channel: GLA, Yang et al. 2023); its values must be <= 0. With `segment_ids`, the state is reset
+to zero where a new segment starts (segment_ids[:, t] != segment_ids[:, t-1]): the initial state
+belongs to the first segment, the final state is the state after the last step.
+
+Implementations: `reference` (lax.scan of the definition), `xla` (chunked jnp), `pallas_tpu`,
+`pallas_gpu` (Pallas kernels; interpret mode when forced on a CPU) and `pallas` (pallas_tpu on TPU,
+pallas_gpu on GPU). Default order: TPU (pallas_tpu, xla); GPU (pallas_gpu, xla); CPU (xla,).
+
+Validation raises a one-line ValueError before any compute. The check that log_decay <= 0 needs
+the values, so it runs only on concrete arrays (eager calls); under `jax.jit`, `grad` or `vmap` the
+values are tracers and go unchecked.
+"""
+
+import importlib
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.implementation import dispatch
+from pallas_kernels.linear_attention import reference
+
+
+def _lazy(module: str):
+    """Call `<module>.linear_attention`, importing the module only when first used, so this file
+    works before the kernel modules exist."""
+    def call(*args, **kwargs):
+        full_name = f"pallas_kernels.linear_attention.{module}"
+        try:
+            backend = importlib.import_module(full_name)
+        except ModuleNotFoundError as e:
+            if e.name != full_name:
+                raise
+            raise NotImplementedError(f"module {full_name} does not exist") from e
+        return backend.linear_attention(*args, **kwargs)
+    return call
+
+
+_pallas_tpu = _lazy("tpu")
+_pallas_gpu = _lazy("gpu")
+
+
+def _pallas(*args, **kwargs):
+    backend = jax.default_backend()
+    if backend == "tpu":
+        return _pallas_tpu(*args, **kwargs)
+    if backend == "gpu":
+        return _pallas_gpu(*args, **kwargs)
+    raise NotImplementedError(f"implementation='pallas' needs a TPU or GPU backend; got {backend!r} "
+                              "(force 'pallas_tpu' or 'pallas_gpu' for interpret mode)")
+
+
+IMPLEMENTATIONS = {
+    "reference": reference.linear_attention,
+    "xla": _lazy("xla"),
+    "pallas_tpu": _pallas_tpu,
+    "pallas_gpu": _pallas_gpu,
+    "pallas": _pallas,
+}
+DEFAULTS = {"tpu": ("pallas_tpu", "xla"), "gpu": ("pallas_gpu", "xla"), "default": ("xla",)}
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_inputs(q, k, v, log_decay, initial_state, segment_ids, chunk_size) -> None:
+    """Raise a one-line ValueError for inputs the op does not accept."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"q, k, v must be [batch, time, heads, dim]; got shapes {q.shape}, {k.shape}, {v.shape}")
+    if q.shape != k.shape:
+        raise ValueError(f"q {q.shape} and k {k.shape} must have the same shape [B, T, H, K]")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v {v.shape} must match q {q.shape} in batch, time and heads")
+    B, T, H, K = q.shape
+    V = v.shape[3]
+    if log_decay is not None:
+        if log_decay.shape not in ((B, T, H), (B, T, H, K)):
+            raise ValueError(f"log_decay shape {log_decay.shape} must be [B, T, H] = {(B, T, H)} "
+                             f"or [B, T, H, K] = {(B, T, H, K)}")
+        if _is_concrete(log_decay) and log_decay.size:
+            largest = float(np.max(np.asarray(log_decay, np.float32)))
+            if largest > 0:
+                raise ValueError(f"log_decay must be <= 0 (decay factors exp(g) <= 1); got max {largest}")
+    if initial_state is not None and initial_state.shape != (B, H, K, V):
+        raise ValueError(f"initial_state shape {initial_state.shape} must be [B, H, K, V] = {(B, H, K, V)}")
+    if segment_ids is not None:
+        if segment_ids.shape != (B, T):
+            raise ValueError(f"segment_ids shape {segment_ids.shape} must be [B, T] = {(B, T)}")
+        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+            raise ValueError(f"segment_ids dtype {segment_ids.dtype} must be an integer dtype")
+    if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r} must be an integer >= 1")
+
+
+def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, log_decay: jax.Array | None = None, *,
+                     scale: float | None = None, initial_state: jax.Array | None = None,
+                     segment_ids: jax.Array | None = None, return_final_state: bool = False,
+                     chunk_size: int = 64, implementation: str | Sequence[str] | None = None,
+                     ) -> tuple[jax.Array, jax.Array | None]:
+    """Causal linear attention with optional decay; see the module docstring for the contract."""
+    check_inputs(q, k, v, log_decay, initial_state, segment_ids, chunk_size)
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    return dispatch("linear_attention", IMPLEMENTATIONS, DEFAULTS, implementation, q, k, v, log_decay,
+                    scale=scale, initial_state=initial_state, segment_ids=segment_ids,
+                    return_final_state=return_final_state, chunk_size=int(chunk_size))
