@@ -5,6 +5,7 @@ mid-save leaves the previous checkpoint as the latest readable one. `latest_step
 reports finished checkpoints.
 """
 
+import collections
 import pathlib
 
 import jax
@@ -22,7 +23,9 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=config.keep, create=True,
                                                enable_async_checkpointing=config.async_save)
         self.directory = (pathlib.Path(run_dir) / "checkpoints").absolute()
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+        handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"),
+                                             item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -36,6 +39,7 @@ class Checkpointer:
     def restore(self, step: int, abstract_state):
         """(state shaped like `abstract_state`, data iterator state) of checkpoint `step`."""
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+        self._check_fits(step, target)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                           data=ocp.args.JsonRestore()))
@@ -43,6 +47,19 @@ class Checkpointer:
             raise CheckpointMismatch(f"checkpoint {self.directory / str(step)} does not fit this config (model or "
                                      f"optimizer changed since it was saved): {str(e).splitlines()[0][:200]}") from None
         return restored["state"], restored["data"]
+
+    def _check_fits(self, step: int, target) -> None:
+        """Compare the stored array shapes with the target's before orbax starts reading."""
+        stored = self.manager.item_metadata(step)["state"]
+        shape_of = lambda x: (tuple(x.shape), str(x.dtype))  # noqa: E731
+        have = collections.Counter(shape_of(x) for x in jax.tree.leaves(stored))
+        want = collections.Counter(shape_of(x) for x in jax.tree.leaves(target))
+        if have != want:
+            extra, missing = sorted(have - want), sorted(want - have)
+            raise CheckpointMismatch(
+                f"checkpoint {self.directory / str(step)} does not fit this config (model or optimizer changed since "
+                f"it was saved): it stores {extra[:1] or 'no'} arrays (shape, dtype) that the config does not build, "
+                f"and lacks {missing[:1] or 'none'}")
 
     def close(self) -> None:
         self.manager.wait_until_finished()
