@@ -90,8 +90,8 @@ def test_every_parameter_has_logical_axes():
 
 
 def test_unknown_mixer_is_named():
-    with pytest.raises(ValueError, match="unknown mixer 'gla'"):
-        CausalLM(ModelConfig(d_model=32, num_heads=2, mixers=["gla"]), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="unknown mixer 'hyena9'"):
+        CausalLM(ModelConfig(d_model=32, num_heads=2, mixers=["hyena9"]), rngs=nnx.Rngs(0))
     assert "attention" in MIXERS.names()
 
 

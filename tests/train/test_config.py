@@ -43,7 +43,7 @@ def test_overrides_apply_with_yaml_types():
     ("model.num_layers=six", "config key 'model.num_layers': Input should be a valid integer"),
     ("model.num_heads=6", "model.num_heads=6 does not divide model.d_model="),
     ("data.path=/does/not/exist", "data.path='/does/not/exist' does not exist"),
-    ("model.mixers=[attention, gla]", "model.mixers: unknown mixer 'gla'"),
+    ("model.mixers=[attention, hyena9]", "model.mixers: unknown mixer 'hyena9'"),
     ("train.grad_accum=3", "train.grad_accum=3 does not divide data.batch_size="),
     ("model.num_layers", "override 'model.num_layers' is not of the form key=value"),
 ])
