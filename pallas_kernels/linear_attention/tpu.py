@@ -1,0 +1,218 @@
+"""Chunked linear attention as Pallas Mosaic TPU kernels, forward and backward (custom_vjp).
+
+Linear attention with decay (Katharopoulos et al. 2020; RetNet, Sun et al. 2023; Lightning
+Attention, Qin et al. 2024; GLA, Yang et al. 2024; Mamba-2 SSD, Dao & Gu 2024):
+
+    S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t,    o_t = scale * q_t S_t
+
+q, k [B, T, H, K], v [B, T, H, V], g = log_decay None / [B, T, H] / [B, T, H, K] (<= 0),
+state [B, H, K, V] float32. Chunked form (chunk of C tokens, b = within-chunk cumsum of g, b_C its
+last row, P the intra-chunk decayed scores of tpu_chunk.py, S the state entering the chunk):
+
+    o     = scale * (P v + (q * exp(b)) S)
+    S_new = diag(exp(b_C)) S + (k * exp(b_C - b))^T v
+
+Grid (B, H, chunks); the chunk axis is sequential ("arbitrary") and carries the state, stored
+transposed ([V, K], so the per-channel decay is a lane broadcast) in a VMEM scratch. The forward
+also writes the state entering every chunk ([B, H, NC, V, K]) as the residual for the backward
+(tpu_backward.py), which walks the chunks in reverse carrying dS. Matmuls run in float32 with
+float32 accumulation whatever the input dtype. Segment resets: the carried state reaches only
+tokens still in the chunk's first segment (`in` flag), and only tokens of the chunk's last segment
+enter it (`out` flag); the state survives the chunk only if no segment starts in it.
+
+Off TPU the kernels run in Pallas interpret mode.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.linear_attention import chunking
+from pallas_kernels.linear_attention.tpu_chunk import (F32, NT, TN, dot, pair_keep,
+                                                        per_channel_scores, scalar_decay_weights)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    layout: chunking.Layout
+    scale: float
+    has_initial_state: bool
+    interpret: object  # False, True or pltpu.InterpretParams()
+
+
+def block_specs(config: Config, reverse: bool = False):
+    """BlockSpec factories for the arrays the kernels read, on grid (B, H, chunks)."""
+    lay = config.layout
+    nc, c = lay.num_chunks, lay.chunk
+    chunk_of = (lambda i: nc - 1 - i) if reverse else (lambda i: i)
+    return dict(
+        head=lambda d: pl.BlockSpec((None, None, c, d), lambda b, h, i: (b, h, chunk_of(i), 0)),
+        head_row=pl.BlockSpec((None, None, None, 1, c), lambda b, h, i: (b, h, chunk_of(i), 0, 0)),
+        batch=pl.BlockSpec((None, None, c, 1), lambda b, h, i: (b, 0, chunk_of(i), 0)),
+        batch_row=pl.BlockSpec((None, None, None, 1, c), lambda b, h, i: (b, 0, chunk_of(i), 0, 0)),
+        state=pl.BlockSpec((None, None, lay.value_dim, lay.key_dim), lambda b, h, i: (b, h, 0, 0)),
+        chunk_state=pl.BlockSpec((None, None, None, lay.value_dim, lay.key_dim),
+                                 lambda b, h, i: (b, h, chunk_of(i), 0, 0)),
+    )
+
+
+def compiler_params():
+    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
+
+
+def _forward_kernel(config: Config, *refs):
+    lay = config.layout
+    c = lay.chunk
+    refs = list(refs)
+    q_ref, k_ref, v_ref, b_ref = refs[:4]
+    del refs[:4]
+    b_row_ref = None if lay.per_channel else refs.pop(0)
+    s0_ref = refs.pop(0) if config.has_initial_state else None
+    count_ref = count_row_ref = in_ref = out_ref = None
+    if lay.has_segments:
+        count_ref, count_row_ref, in_ref, out_ref = refs[:4]
+        del refs[:4]
+    o_ref, final_ref, states_ref, state_ref = refs[:4]
+    q32_ref, p_ref = refs[4:] if lay.per_channel else (None, None)
+    i = pl.program_id(2)
+
+    @pl.when(i == 0)
+    def _init():
+        state_ref[...] = s0_ref[...] if s0_ref is not None else jnp.zeros(state_ref.shape, F32)
+
+    state_VxK = state_ref[...]
+    states_ref[...] = state_VxK
+    q_CxK = q_ref[...].astype(F32)
+    k_CxK = k_ref[...].astype(F32)
+    v_CxV = v_ref[...].astype(F32)
+    b_CxG = b_ref[...]
+    b_last_1xG = b_CxG[c - 1:c, :]
+    q_decayed = q_CxK * jnp.exp(b_CxG)
+    k_decayed = k_CxK * jnp.exp(b_last_1xG - b_CxG)
+    count_col = None
+    if lay.has_segments:
+        count_col = count_ref[...]
+        q_decayed = q_decayed * in_ref[...]
+        k_decayed = k_decayed * out_ref[...]
+    if lay.per_channel:
+        q32_ref[...] = q_CxK
+        per_channel_scores(q32_ref, b_ref, k_CxK, b_CxG, count_ref, count_col, p_ref, c)
+        p_CxC = p_ref[...]
+    else:
+        keep = pair_keep(c, count_col, None if count_row_ref is None else count_row_ref[...])
+        p_CxC = dot(q_CxK, k_CxK, NT) * scalar_decay_weights(b_CxG, b_row_ref[...], keep)
+    o_ref[...] = (config.scale * (dot(p_CxC, v_CxV) + dot(q_decayed, state_VxK, NT))).astype(o_ref.dtype)
+    carried = state_VxK * jnp.exp(b_last_1xG)
+    if lay.has_segments:
+        carried = carried * in_ref[c - 1:c, :]
+    new_state = carried + dot(v_CxV, k_decayed, TN)
+    state_ref[...] = new_state
+
+    @pl.when(i == lay.num_chunks - 1)
+    def _final():
+        final_ref[...] = new_state
+
+
+def segment_inputs(segment_ids, layout: chunking.Layout):
+    """(count, count_row, in_flag, out_flag) for the kernels, or () without segments."""
+    if segment_ids is None:
+        return ()
+    count, in_flag, out_flag = chunking.segment_flags(segment_ids, layout)
+    return count, chunking.row_form(count, layout), in_flag, out_flag
+
+
+def _inputs_and_specs(config: Config, q, k, v, b, s0, seg, reverse=False):
+    lay = config.layout
+    spec = block_specs(config, reverse)
+    args = [q, k, v, b]
+    specs = [spec["head"](lay.key_dim), spec["head"](lay.key_dim), spec["head"](lay.value_dim),
+             spec["head"](lay.decay_dim)]
+    if not lay.per_channel:
+        args.append(chunking.row_form(b, lay))
+        specs.append(spec["head_row"])
+    if config.has_initial_state and not reverse:
+        args.append(s0)
+        specs.append(spec["state"])
+    if lay.has_segments:
+        args += list(seg)
+        specs += [spec["batch"], spec["batch_row"], spec["batch"], spec["batch"]]
+    return args, specs
+
+
+def forward(config: Config, q, k, v, b, s0, seg):
+    """Kernel-level forward on [B, H, Tp, *] inputs -> (o, final state^T, states^T per chunk)."""
+    lay = config.layout
+    spec = block_specs(config)
+    args, in_specs = _inputs_and_specs(config, q, k, v, b, s0, seg)
+    scratch = [pltpu.VMEM((lay.value_dim, lay.key_dim), F32)]
+    if lay.per_channel:
+        scratch += [pltpu.VMEM((lay.chunk, lay.key_dim), F32), pltpu.VMEM((lay.chunk, lay.chunk), F32)]
+    out_shape = [
+        jax.ShapeDtypeStruct((lay.batch, lay.heads, lay.padded_len, lay.value_dim), v.dtype),
+        jax.ShapeDtypeStruct((lay.batch, lay.heads, lay.value_dim, lay.key_dim), F32),
+        jax.ShapeDtypeStruct((lay.batch, lay.heads, lay.num_chunks, lay.value_dim, lay.key_dim), F32),
+    ]
+    return pl.pallas_call(
+        functools.partial(_forward_kernel, config),
+        grid=(lay.batch, lay.heads, lay.num_chunks),
+        in_specs=in_specs,
+        out_specs=[spec["head"](lay.value_dim), spec["state"], spec["chunk_state"]],
+        out_shape=out_shape,
+        scratch_shapes=scratch,
+        compiler_params=compiler_params(),
+        interpret=config.interpret,
+        name="linear_attention_fwd",
+    )(*args)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _chunked(config: Config, q, k, v, b, s0, seg):
+    o, final, _ = forward(config, q, k, v, b, s0, seg)
+    return o, final
+
+
+def _chunked_fwd(config, q, k, v, b, s0, seg):
+    o, final, states = forward(config, q, k, v, b, s0, seg)
+    return (o, final), (q, k, v, b, s0, seg, states)
+
+
+def _chunked_bwd(config, residuals, cotangents):
+    from pallas_kernels.linear_attention.tpu_backward import backward
+
+    q, k, v, b, s0, seg, states = residuals
+    d_o, d_final = cotangents
+    dq, dk, dv, db, ds0 = backward(config, q, k, v, b, seg, states, d_o, d_final)
+    return dq, dk, dv, db, (ds0 if s0 is not None else None), tuple(None for _ in seg)
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+def linear_attention_kernel(q, k, v, log_decay, *, scale: float, initial_state, segment_ids,
+                            return_final_state: bool, chunk_size: int, interpret=None):
+    """The contract's signature plus `interpret` (None: interpret mode off TPU)."""
+    if chunk_size % 8:
+        raise NotImplementedError(f"pallas_tpu: chunk_size={chunk_size} is not a multiple of 8")
+    if interpret is None:
+        interpret = jax.default_backend() != "tpu"
+    layout = chunking.make_layout(q, v, log_decay, segment_ids, chunk_size)
+    config = Config(layout, float(scale), initial_state is not None, interpret)
+    s0 = None if initial_state is None else jnp.swapaxes(initial_state.astype(F32), 2, 3)
+    seg = segment_inputs(segment_ids, layout)
+    o, final = _chunked(config, chunking.to_heads(q, layout), chunking.to_heads(k, layout),
+                        chunking.to_heads(v, layout), chunking.chunk_cumulative_decay(log_decay, layout),
+                        s0, seg)
+    return chunking.from_heads(o, layout), (jnp.swapaxes(final, 2, 3) if return_final_state else None)
+
+
+def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, log_decay: jax.Array | None, *,
+                     scale: float, initial_state: jax.Array | None, segment_ids: jax.Array | None,
+                     return_final_state: bool, chunk_size: int) -> tuple[jax.Array, jax.Array | None]:
+    """Pallas TPU linear attention: o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32."""
+    return linear_attention_kernel(q, k, v, log_decay, scale=scale, initial_state=initial_state,
+                                   segment_ids=segment_ids, return_final_state=return_final_state,
+                                   chunk_size=chunk_size)

@@ -1,0 +1,144 @@
+"""Backward Pallas TPU kernel of chunked linear attention (see tpu.py for the forward).
+
+Walks the chunks in reverse (the grid's chunk axis is sequential; index maps read chunk NC-1-i),
+carrying dS^T [V, K] (the gradient of the state leaving the chunk) in VMEM scratch. With S the
+state entering the chunk (saved by the forward), qd = q * exp(b) * in, kd = k * exp(b_C - b) * out,
+dP = scale * do v^T masked like P, and E the decay weights of P:
+
+    dv    = scale * P^T do + kd dS_new
+    dq    = dP-part + scale * (do S^T) * exp(b) * in            (dP-part: sum_s dP[t,s] k_s E_ts)
+    dk    = dP-part + (v dS_new^T) * exp(b_C - b) * out       (dP-part: sum_t dP[t,s] q_t E_ts)
+    db    = q dq_P - k dk_P + dqd * qd - dkd * kd,   db_C += sum_t dkd * kd + exp(b_C) rowsum(S dS_new)
+    dS    = scale * qd^T do + carry * diag(exp(b_C)) dS_new
+
+db is the gradient of the within-chunk cumulative decay; JAX maps it back to log_decay through the
+cumsum in chunking.py. For scalar decay the per-channel terms are summed over K.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.linear_attention.tpu import (Config, _inputs_and_specs, block_specs,
+                                                 compiler_params)
+from pallas_kernels.linear_attention.tpu_chunk import (F32, NT, TN, dot, pair_keep,
+                                                        per_channel_score_grads, scalar_decay_weights,
+                                                        sum_to)
+
+
+def _backward_kernel(config: Config, *refs):
+    lay = config.layout
+    c, scale = lay.chunk, config.scale
+    refs = list(refs)
+    q_ref, k_ref, v_ref, b_ref = refs[:4]
+    del refs[:4]
+    b_row_ref = None if lay.per_channel else refs.pop(0)
+    count_ref = count_row_ref = in_ref = out_ref = None
+    if lay.has_segments:
+        count_ref, count_row_ref, in_ref, out_ref = refs[:4]
+        del refs[:4]
+    states_ref, do_ref, dfinal_ref = refs[:3]
+    dq_ref, dk_ref, dv_ref, db_ref, ds0_ref, dstate_ref = refs[3:9]
+    i = pl.program_id(2)
+
+    @pl.when(i == 0)
+    def _init():
+        dstate_ref[...] = dfinal_ref[...]
+
+    dstate_VxK = dstate_ref[...]
+    state_VxK = states_ref[...]
+    q_CxK = q_ref[...].astype(F32)
+    k_CxK = k_ref[...].astype(F32)
+    v_CxV = v_ref[...].astype(F32)
+    do_CxV = do_ref[...].astype(F32)
+    b_CxG = b_ref[...]
+    b_last_1xG = b_CxG[c - 1:c, :]
+    q_weight = jnp.exp(b_CxG)
+    k_weight = jnp.exp(b_last_1xG - b_CxG)
+    count_col = None
+    if lay.has_segments:
+        count_col = count_ref[...]
+        q_weight = q_weight * in_ref[...]
+        k_weight = k_weight * out_ref[...]
+    q_decayed = q_CxK * q_weight
+    k_decayed = k_CxK * k_weight
+
+    if lay.per_channel:
+        q32_ref, do32_ref, p_ref, dqp_ref = refs[9:]
+        q32_ref[...] = q_CxK
+        do32_ref[...] = do_CxV
+        dk_p = per_channel_score_grads(q32_ref, b_ref, do32_ref, k_CxK, v_CxV, b_CxG, count_ref,
+                                       count_col, p_ref, dqp_ref, scale, c)
+        p_CxC = p_ref[...]
+        dq_p = dqp_ref[...]
+    else:
+        keep = pair_keep(c, count_col, None if count_row_ref is None else count_row_ref[...])
+        weights = scalar_decay_weights(b_CxG, b_row_ref[...], keep)
+        p_CxC = dot(q_CxK, k_CxK, NT) * weights
+        dp_weighted = scale * dot(do_CxV, v_CxV, NT) * weights
+        dq_p = dot(dp_weighted, k_CxK)
+        dk_p = dot(dp_weighted, q_CxK, TN)
+
+    dq_decayed = scale * dot(do_CxV, state_VxK)
+    dk_decayed = dot(v_CxV, dstate_VxK)
+    dq_ref[...] = (dq_p + dq_decayed * q_weight).astype(dq_ref.dtype)
+    dk_ref[...] = (dk_p + dk_decayed * k_weight).astype(dk_ref.dtype)
+    dv_ref[...] = (scale * dot(p_CxC, do_CxV, TN) + dot(k_decayed, dstate_VxK, NT)).astype(dv_ref.dtype)
+
+    k_term = dk_decayed * k_decayed
+    decay_last = jnp.exp(b_last_1xG)
+    carry_term = decay_last * jnp.sum(state_VxK * dstate_VxK, axis=0, keepdims=True)  # [1, K]
+    d_last = sum_to(jnp.sum(k_term, axis=0, keepdims=True) + carry_term_gate(carry_term, in_ref, c),
+                    lay.decay_dim)
+    db = sum_to(q_CxK * dq_p - k_CxK * dk_p + dq_decayed * q_decayed - k_term, lay.decay_dim)
+    row = jax.lax.broadcasted_iota(jnp.int32, db.shape, 0)
+    db_ref[...] = db + jnp.where(row == c - 1, d_last, 0.0)
+
+    carried = dstate_VxK * decay_last
+    if lay.has_segments:
+        carried = carried * in_ref[c - 1:c, :]
+    new_dstate = scale * dot(do_CxV, q_decayed, TN) + carried
+    dstate_ref[...] = new_dstate
+
+    @pl.when(i == lay.num_chunks - 1)
+    def _first_chunk():
+        ds0_ref[...] = new_dstate
+
+
+def carry_term_gate(term, in_ref, c):
+    """The carried state's decay only matters when the state survives the chunk."""
+    return term if in_ref is None else term * in_ref[c - 1:c, :]
+
+
+def backward(config: Config, q, k, v, b, seg, states, d_o, d_final):
+    """Kernel-level backward on [B, H, Tp, *] arrays -> (dq, dk, dv, db, d initial state^T)."""
+    lay = config.layout
+    spec = block_specs(config, reverse=True)
+    args, in_specs = _inputs_and_specs(config, q, k, v, b, None, seg, reverse=True)
+    args += [states, d_o, d_final]
+    in_specs += [spec["chunk_state"], spec["head"](lay.value_dim), spec["state"]]
+    scratch = [pltpu.VMEM((lay.value_dim, lay.key_dim), F32)]
+    if lay.per_channel:
+        scratch += [pltpu.VMEM((lay.chunk, lay.key_dim), F32), pltpu.VMEM((lay.chunk, lay.value_dim), F32),
+                    pltpu.VMEM((lay.chunk, lay.chunk), F32), pltpu.VMEM((lay.chunk, lay.key_dim), F32)]
+    head = lambda d, dtype: jax.ShapeDtypeStruct((lay.batch, lay.heads, lay.padded_len, d), dtype)
+    out_shape = [head(lay.key_dim, q.dtype), head(lay.key_dim, k.dtype), head(lay.value_dim, v.dtype),
+                 head(lay.decay_dim, F32),
+                 jax.ShapeDtypeStruct((lay.batch, lay.heads, lay.value_dim, lay.key_dim), F32)]
+    out_specs = [spec["head"](lay.key_dim), spec["head"](lay.key_dim), spec["head"](lay.value_dim),
+                 spec["head"](lay.decay_dim), spec["state"]]
+    dq, dk, dv, db, ds0 = pl.pallas_call(
+        functools.partial(_backward_kernel, config),
+        grid=(lay.batch, lay.heads, lay.num_chunks),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        scratch_shapes=scratch,
+        compiler_params=compiler_params(),
+        interpret=config.interpret,
+        name="linear_attention_bwd",
+    )(*args)
+    return dq, dk, dv, db, ds0
