@@ -30,12 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.implementation import dispatch
-from pallas_kernels.linear_attention import reference
+from pallas_kernels.linear_attention import reference, xla
 
 
 def _lazy(module: str):
-    """Call `<module>.linear_attention`, importing the module only when first used, so this file
-    works before the kernel modules exist."""
+    """Call `<module>.linear_attention`, importing the module only when first used: the kernel
+    modules import Pallas, which the reference and xla paths do not need."""
     def call(*args, **kwargs):
         full_name = f"pallas_kernels.linear_attention.{module}"
         try:
@@ -64,7 +64,7 @@ def _pallas(*args, **kwargs):
 
 IMPLEMENTATIONS = {
     "reference": reference.linear_attention,
-    "xla": _lazy("xla"),
+    "xla": xla.linear_attention,
     "pallas_tpu": _pallas_tpu,
     "pallas_gpu": _pallas_gpu,
     "pallas": _pallas,

@@ -1,0 +1,169 @@
+"""Chunked linear attention with decay in jnp: the CPU path and the fallback everywhere.
+
+    S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t,      o_t = scale * q_t S_t
+
+q, k [B, T, H, K], v [B, T, H, V], g = log_decay None / [B, T, H] / [B, T, H, K] (<= 0), state
+[B, H, K, V]. The chunked form (GLA, Yang et al. 2023, "Gated Linear Attention Transformers with
+Hardware-Efficient Training", section 4; Mamba-2 SSD, Dao & Gu 2024) cuts time into chunks of C
+tokens. With S the state entering a chunk, for tokens i, j of the chunk:
+
+    o_i   = scale * (sum_{j <= i} (q_i * exp(g_{j+1} + .. + g_i)) . k_j  v_j  +  (q_i * exp(g_1 + .. + g_i)) S)
+    S_new = diag(exp(g_1 + .. + g_C)) S + sum_j (k_j * exp(g_{j+1} + .. + g_C))^T v_j
+
+The intra-chunk sums run as batched matmuls over all chunks at once; the state is passed between
+chunks by a `lax.scan` that carries [B, H, K, V] and keeps the state entering each chunk
+([T / C, B, H, K, V], linear in T), so the cost per token is flat in T.
+
+Stability: every exponent is a sum of log-decays over a range of steps, so it is <= 0 and exp never
+overflows. Sums over (j, i] are formed as direct sums (a masked cumulative sum, the "segsum" of
+Mamba-2), never as differences of long prefix sums, so strong gates (g = -20 per step) lose no
+precision. Per-channel gates make the intra-chunk decay depend on the channel, so the chunk is cut
+again into sub-chunks of c <= 16 tokens (GLA's secondary chunking): pairs within a sub-chunk use
+the full [c, c, K] decay tensor; pairs across sub-chunks factor through the sub-chunk boundaries,
+each factor an exp of a sum <= 0.
+
+Segments: a token sees only earlier tokens of its own segment, the carried state reaches a token
+only while no segment has started in the chunk up to it, a token enters the outgoing state only if
+no segment starts after it in the chunk, and the state survives a chunk only if no segment starts
+in it. These are 0/1 multipliers, so no -inf arithmetic. Time is padded to a multiple of C with
+q = k = v = 0, g = 0 and no segment start, which leaves the final state unchanged. Gradients come
+from autodiff of this code.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+PRECISION = jax.lax.Precision.HIGHEST  # float32 matmuls; TPU/GPU defaults would round to bf16/tf32
+SUB_CHUNK = 16
+
+
+def _einsum(spec, *operands):
+    return jnp.einsum(spec, *operands, precision=PRECISION)
+
+
+def segsum(g):
+    """[..., L] -> [..., L, L] with out[i, j] = g_{j+1} + .. + g_i for j <= i (0 on and above the
+    diagonal's upper side), summed directly so no two large prefix sums are subtracted."""
+    L = g.shape[-1]
+    strictly_below = jnp.arange(L)[:, None] > jnp.arange(L)[None, :]  # [m, j]: m > j
+    terms = jnp.where(strictly_below, g[..., :, None], 0.0)  # [..., m, j] = g_m [m > j]
+    return jnp.cumsum(terms, axis=-2)  # [..., i, j] = sum_{m <= i} g_m [m > j]
+
+
+def _suffix_sum(g, axis):
+    """out_j = g_{j+1} + .. + g_last along `axis` (exclusive reverse cumulative sum)."""
+    rev = jnp.flip(jnp.cumsum(jnp.flip(g, axis), axis=axis), axis)  # sum_{m >= j}
+    rev = jnp.moveaxis(rev, axis, -1)
+    out = jnp.concatenate([rev[..., 1:], jnp.zeros_like(rev[..., :1])], axis=-1)
+    return jnp.moveaxis(out, -1, axis)
+
+
+def _sub_chunk(C: int) -> int:
+    """Largest divisor of C that is <= SUB_CHUNK."""
+    return max(d for d in range(1, min(C, SUB_CHUNK) + 1) if C % d == 0)
+
+
+def _to_chunks(x, N, C):
+    """[B, T, H, ...] -> [B, H, N, C, ...], zero-padding time to N * C."""
+    B, T = x.shape[:2]
+    x = jnp.pad(x, [(0, 0), (0, N * C - T)] + [(0, 0)] * (x.ndim - 2))
+    x = x.reshape((B, N, C) + x.shape[2:])
+    return jnp.moveaxis(x, 3, 1)
+
+
+def _per_channel_scores(q, k, g, c):
+    """Decay-weighted causal scores [B, H, N, C, C] for per-channel gates, by secondary chunking:
+    score[i, j] = sum_k q_ik k_jk exp(g_{j+1,k} + .. + g_{i,k}) for j <= i, else 0."""
+    B, H, N, C, K = q.shape
+    S = C // c
+    q_s, k_s, g_s = (x.reshape(B, H, N, S, c, K) for x in (q, k, g))
+    # Within a sub-chunk: the full pairwise decay tensor [c, c, K].
+    causal_cxc = jnp.tril(jnp.ones((c, c), q.dtype))
+    decay_cxcxK = jnp.exp(segsum(jnp.moveaxis(g_s, -1, -2)))  # [B, H, N, S, K, c, c]
+    decay_cxcxK = jnp.moveaxis(decay_cxcxK, -3, -1) * causal_cxc[:, :, None]
+    scores = _einsum("bhnsik,bhnsjk,bhnsijk->bhnsij", q_s, k_s, decay_cxcxK)
+    eye_SxS = jnp.eye(S, dtype=q.dtype)
+    scores = _einsum("bhnsij,st->bhnsitj", scores, eye_SxS)  # on the block diagonal
+    if S > 1:
+        # Across sub-chunks t < s: exp(sum over (j, i]) = exp(sum within s up to i)
+        #   * exp(sum of the whole sub-chunks strictly between) * exp(sum within t after j).
+        q_in = q_s * jnp.exp(jnp.cumsum(g_s, axis=-2))
+        k_out = k_s * jnp.exp(_suffix_sum(g_s, axis=-2))
+        total_SxK = jnp.sum(g_s, axis=-2)  # [B, H, N, S, K]
+        idx = jnp.arange(S)
+        between = ((idx[None, :, None] < idx[None, None, :])  # [s, t, m]: t < m < s
+                   & (idx[None, None, :] < idx[:, None, None])).astype(q.dtype)
+        middle = _einsum("bhnmk,stm->bhnstk", total_SxK, between)
+        earlier = (idx[None, :] < idx[:, None]).astype(q.dtype)  # [s, t]: t < s
+        weight = jnp.exp(middle) * earlier[:, :, None]
+        scores = scores + _einsum("bhnsik,bhnstk,bhntjk->bhnsitj", q_in, weight, k_out)
+    return scores.reshape(B, H, N, C, C)
+
+
+def linear_attention(q, k, v, log_decay, *, scale, initial_state, segment_ids, return_final_state,
+                     chunk_size):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    dtype = jnp.result_type(q.dtype, k.dtype, v.dtype, jnp.float32)
+    C = min(chunk_size, T)
+    N = math.ceil(T / C)
+    q_BxHxNxCxK = _to_chunks(q.astype(dtype), N, C)
+    k_BxHxNxCxK = _to_chunks(k.astype(dtype), N, C)
+    v_BxHxNxCxV = _to_chunks(v.astype(dtype), N, C)
+    per_channel = log_decay is not None and log_decay.ndim == 4
+    if log_decay is None:
+        g = jnp.zeros((B, H, N, C), dtype)
+    else:
+        g = _to_chunks(log_decay.astype(dtype), N, C)  # [B, H, N, C] or [B, H, N, C, K]
+
+    # Intra-chunk: decay-weighted causal scores, then masked to same-segment pairs.
+    causal_CxC = jnp.tril(jnp.ones((C, C), dtype))
+    if per_channel:
+        scores = _per_channel_scores(q_BxHxNxCxK, k_BxHxNxCxK, g, _sub_chunk(C))
+    else:
+        decay_CxC = jnp.exp(segsum(g)) * causal_CxC if log_decay is not None else causal_CxC
+        scores = _einsum("bhnik,bhnjk->bhnij", q_BxHxNxCxK, k_BxHxNxCxK) * decay_CxC
+
+    # Decay from the chunk start to token i (inclusive), from token j to the chunk end (exclusive).
+    g_time = g if per_channel else g[..., None]  # [B, H, N, C, K or 1]
+    from_start = jnp.exp(jnp.cumsum(g_time, axis=3))
+    to_end = jnp.exp(_suffix_sum(g_time, axis=3))
+    chunk_decay = jnp.exp(jnp.sum(g_time, axis=3))[..., None]  # [B, H, N, K or 1, 1]
+
+    if segment_ids is not None:
+        starts_BxT = jnp.concatenate(
+            [jnp.zeros((B, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+        segment_BxT = jnp.cumsum(starts_BxT, axis=1, dtype=jnp.int32)
+        segment_BxT = jnp.pad(segment_BxT, [(0, 0), (0, N * C - T)], mode="edge")
+        segment_BxNxC = segment_BxT.reshape(B, N, C)
+        entering_BxN = jnp.concatenate([segment_BxNxC[:, :1, 0], segment_BxNxC[:, :-1, -1]], axis=1)
+        same = (segment_BxNxC[:, :, :, None] == segment_BxNxC[:, :, None, :]).astype(dtype)
+        scores = scores * same[:, None]
+        reaches = (segment_BxNxC == entering_BxN[:, :, None]).astype(dtype)  # state -> token i
+        leaves = (segment_BxNxC == segment_BxNxC[:, :, -1:]).astype(dtype)  # token j -> state
+        survives = (segment_BxNxC[:, :, -1] == entering_BxN).astype(dtype)  # state -> next chunk
+        from_start = from_start * reaches[:, None, :, :, None]
+        to_end = to_end * leaves[:, None, :, :, None]
+        chunk_decay = chunk_decay * survives[:, None, :, None, None]
+
+    o_BxHxNxCxV = _einsum("bhnij,bhnjv->bhniv", scores, v_BxHxNxCxV)
+
+    # Inter-chunk: each chunk's own contribution to the state, then a scan passes the state on.
+    update_BxHxNxKxV = _einsum("bhnjk,bhnjv->bhnkv", k_BxHxNxCxK * to_end, v_BxHxNxCxV)
+
+    def step(state_BxHxKxV, inputs):
+        decay, update_BxHxKxV = inputs
+        return decay * state_BxHxKxV + update_BxHxKxV, state_BxHxKxV
+
+    state_BxHxKxV = (jnp.zeros((B, H, K, V), dtype) if initial_state is None
+                     else initial_state.astype(dtype))
+    final_BxHxKxV, entering_NxBxHxKxV = jax.lax.scan(
+        step, state_BxHxKxV, (jnp.moveaxis(chunk_decay, 2, 0), jnp.moveaxis(update_BxHxNxKxV, 2, 0)))
+    o_BxHxNxCxV = o_BxHxNxCxV + _einsum("bhnik,nbhkv->bhniv", q_BxHxNxCxK * from_start,
+                                        entering_NxBxHxKxV)
+
+    o_BxTxHxV = jnp.moveaxis(o_BxHxNxCxV, 1, 3).reshape(B, N * C, H, V)[:, :T]
+    o_BxTxHxV = (scale * o_BxTxHxV).astype(v.dtype)
+    return o_BxTxHxV, (final_BxHxKxV if return_final_state else None)
