@@ -16,20 +16,14 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.linear_attention import linear_attention, reference, tpu
-
-try:
-    from pallas_kernels.linear_attention import gpu
-except ImportError:  # gpu.py not written yet
-    gpu = None
+from pallas_kernels.linear_attention import gpu, linear_attention, reference, tpu
 
 KERNELS = {
     "pallas_tpu": functools.partial(tpu.linear_attention_kernel, interpret=True),
     "pallas_tpu_semantics": functools.partial(tpu.linear_attention_kernel,
                                               interpret=pltpu.InterpretParams()),
+    "pallas_gpu": functools.partial(gpu.linear_attention_kernel, interpret=True),
 }
-if gpu is not None:
-    KERNELS["pallas_gpu"] = functools.partial(gpu.linear_attention_kernel, interpret=True)
 
 
 def make_inputs(seed, *, T, decay, B=2, H=2, K=8, V=16, segments=False, initial_state=True,
@@ -147,10 +141,12 @@ def test_no_initial_state_and_public_api():
     assert none is None and o_only.dtype == v.dtype
 
 
-def test_chunk_size_not_multiple_of_8_is_refused():
+@pytest.mark.parametrize("implementation,chunk_size", [("pallas_tpu", 12), ("pallas_gpu", 24),
+                                                        ("pallas_gpu", 8)])
+def test_unsupported_chunk_size_is_refused(implementation, chunk_size):
     q, k, v, g, _, _ = make_inputs(0, T=8, decay=None, initial_state=False)
-    with pytest.raises(NotImplementedError, match="chunk_size=12"):
-        linear_attention(q, k, v, chunk_size=12, implementation="pallas_tpu")
+    with pytest.raises(NotImplementedError, match=f"chunk_size={chunk_size}"):
+        linear_attention(q, k, v, chunk_size=chunk_size, implementation=implementation)
 
 
 def _v5e_device():
@@ -184,3 +180,35 @@ def test_tpu_aot_compile_forward_and_backward(decay, dtype, segments):
         spec((B, T, H, K)), spec((B, T, H, K)), spec((B, T, H, K)), g, spec((B, H, K, K), jnp.float32),
         seg).compile()
     assert "linear_attention_bwd" in compiled.as_text()
+
+
+@pytest.mark.parametrize("decay,dtype,segments", [(None, jnp.bfloat16, True), ("scalar", jnp.float32, False),
+                                                  ("channel", jnp.bfloat16, True)])
+def test_gpu_lowers_to_triton(decay, dtype, segments):
+    """Forward + backward lower through Pallas' Triton backend for CUDA (no GPU needed).
+
+    This checks the Pallas -> Triton IR lowering (shapes, ops), not Triton's own compilation.
+    """
+    B, T, H, K = 1, 256, 2, 128
+    spec = jax.ShapeDtypeStruct
+    g = None if decay is None else spec((B, T, H) if decay == "scalar" else (B, T, H, K), jnp.float32)
+    seg = spec((B, T), jnp.int32) if segments else None
+
+    def loss(q, k, v, g, s0, seg):
+        o, state = gpu.linear_attention_kernel(q, k, v, g, scale=K ** -0.5, initial_state=s0,
+                                               segment_ids=seg, return_final_state=True,
+                                               chunk_size=64, interpret=False)
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(state)
+
+    argnums = (0, 1, 2, 4) if g is None else (0, 1, 2, 3, 4)
+    triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    try:
+        exported = jax.export.export(jax.jit(jax.grad(loss, argnums=argnums)), platforms=["cuda"],
+                                     disabled_checks=[triton])(
+            spec((B, T, H, K), dtype), spec((B, T, H, K), dtype), spec((B, T, H, K), dtype), g,
+            spec((B, H, K, K), jnp.float32), seg)
+    except ValueError as e:
+        if "abstract GPU device" in str(e):
+            pytest.skip(f"this jax ({jax.__version__}) needs a GPU to pick the Triton target")
+        raise
+    assert exported.mlir_module().count("xla.gpu.triton") >= 2  # forward and backward kernels
