@@ -9,6 +9,9 @@ from collections.abc import Callable
 
 from arch.config import ModelConfig
 from layers.attention import Attention, AttentionConfig
+from layers.gla import GLA, GLAConfig
+from layers.linear_attention import LinearAttention, LinearAttentionConfig
+from layers.mamba2 import Mamba2, Mamba2Config
 from layers.mlp import MLPConfig, SwiGLU
 
 
@@ -54,10 +57,32 @@ def _attention_config(m: ModelConfig) -> AttentionConfig:
                            implementation=m.attention_implementation, dtype=m.dtype, param_dtype=m.param_dtype)
 
 
+def _linear_attention_config(m: ModelConfig) -> LinearAttentionConfig:
+    """Lightning attention with the attention heads' shape: H = num_heads, K = V = head_size."""
+    return LinearAttentionConfig(d_model=m.d_model, num_heads=m.num_heads, head_dim=m.head_size, init_std=m.init_std,
+                                 dtype=m.dtype, param_dtype=m.param_dtype)
+
+
+def _gla_config(m: ModelConfig) -> GLAConfig:
+    """GLA's expand_k = 1/2, expand_v = 1: H = num_heads, K = head_size / 2, V = head_size."""
+    return GLAConfig(d_model=m.d_model, num_heads=m.num_heads, key_dim=m.head_size // 2, value_dim=m.head_size,
+                     init_std=m.init_std, dtype=m.dtype, param_dtype=m.param_dtype)
+
+
+def _mamba2_config(m: ModelConfig) -> Mamba2Config:
+    """Mamba-2's expand = 2 as twice the heads of width head_size (d_model 256, 4 heads: 8 heads of
+    64, the reference head_dim); state size N = 128."""
+    return Mamba2Config(d_model=m.d_model, num_heads=2 * m.num_heads, head_dim=m.head_size, init_std=m.init_std,
+                        dtype=m.dtype, param_dtype=m.param_dtype)
+
+
 def _swiglu_config(m: ModelConfig) -> MLPConfig:
     return MLPConfig(d_model=m.d_model, hidden=m.mlp_size, init_std=m.init_std, dtype=m.dtype,
                      param_dtype=m.param_dtype)
 
 
 MIXERS.register("attention", _attention_config, Attention)
+MIXERS.register("linear_attention", _linear_attention_config, LinearAttention)
+MIXERS.register("gla", _gla_config, GLA)
+MIXERS.register("mamba2", _mamba2_config, Mamba2)
 FFNS.register("swiglu", _swiglu_config, SwiGLU)

@@ -46,11 +46,11 @@ class GLAConfig:
 
     def flops_per_token(self, seq_len: int) -> int:
         """Forward FLOPs per token: the projections, the low-rank gate and the chunked recurrence
-        (matmuls only)."""
+        with its per-channel decay (see `chunked_flops_per_token`); elementwise work is not counted."""
         d, HK, HV, r = self.d_model, self.num_heads * self.key_dim, self.num_heads * self.value_dim, self.gate_rank
         projections = 2 * (2 * d * HK + 3 * d * HV + d * r + r * HK)
         return projections + chunked_flops_per_token(self.num_heads, self.key_dim, self.value_dim, seq_len,
-                                                     self.chunk_size)
+                                                     self.chunk_size, per_channel_gate=True)
 
 
 class GLA(nnx.Module):

@@ -51,14 +51,22 @@ def check_decoding(segment_ids, cache) -> None:
         raise ValueError("segment_ids are not supported while decoding from a cache; decode one sequence per row")
 
 
-def chunked_flops_per_token(num_heads: int, key_dim: int, value_dim: int, seq_len: int, chunk_size: int) -> int:
-    """Matmul FLOPs per token of the chunked form (2 per multiply-add), per layer.
+def chunked_flops_per_token(num_heads: int, key_dim: int, value_dim: int, seq_len: int, chunk_size: int,
+                            per_channel_gate: bool = False) -> int:
+    """FLOPs per token of the chunked form (2 per multiply-add), per layer.
 
-    With C = min(chunk_size, seq_len): the intra-chunk scores q k^T (C K per token) and their
-    product with v (C V), the inter-chunk read q S (K V) and the state update k^T v (K V), per head.
+    With C = min(chunk_size, seq_len), per head: the intra-chunk scores q k^T (C K multiply-adds per
+    token) and their product with v (C V), the inter-chunk read q S (K V) and the state update
+    k^T v (K V). Per-key-channel gates add GLA's secondary chunking (sub-chunks of c <= 16 tokens):
+    the pairwise decay tensor [c, c, K] of each sub-chunk is built by a cumulative sum (c adds per
+    entry) and applied to q and k (2 multiply-adds per entry), c (c + 4) K per token.
     """
     C = min(chunk_size, seq_len)
-    return 2 * num_heads * (C * key_dim + C * value_dim + 2 * key_dim * value_dim)
+    flops = 2 * (C * key_dim + C * value_dim + 2 * key_dim * value_dim)
+    if per_channel_gate:
+        c = max(d for d in range(1, min(C, 16) + 1) if C % d == 0)
+        flops += c * (c + 4) * key_dim
+    return num_heads * flops
 
 
 def initial_state(batch: int, num_heads: int, key_dim: int, value_dim: int) -> jax.Array:

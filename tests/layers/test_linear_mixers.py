@@ -1,0 +1,177 @@
+"""The linear, gated and state-space mixers (linear_attention, gla, mamba2): causality through
+gradients, segment isolation, chunked == recurrent decoding, jit == eager, the parameter budget,
+the FLOP formula against XLA's cost analysis, logical axes, and the registry."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from arch import MIXERS, CausalLM, ModelConfig
+from layers.gla import GLA, GLAConfig
+from layers.linear_attention import LinearAttention, LinearAttentionConfig
+from layers.mamba2 import Mamba2, Mamba2Config
+
+D = 32
+# chunk_size 4 so that a few tokens already cross several chunks of the op
+CONFIGS = {
+    "linear_attention": (LinearAttention, LinearAttentionConfig(d_model=D, num_heads=2, head_dim=8, chunk_size=4)),
+    "lightning_no_decay": (LinearAttention, LinearAttentionConfig(d_model=D, num_heads=2, head_dim=8, decay=False,
+                                                                  chunk_size=4)),
+    "gla": (GLA, GLAConfig(d_model=D, num_heads=2, key_dim=8, value_dim=16, gate_rank=4, chunk_size=4)),
+    "mamba2": (Mamba2, Mamba2Config(d_model=D, num_heads=4, head_dim=16, state_dim=8, chunk_size=4)),
+}
+KNOWN_AXES = {"embed", "heads", "head_dim", "low_rank", "conv"}
+
+
+@functools.cache
+def build(name):
+    """One layer per config for the whole file (building runs many small eager ops); tests do not
+    modify it."""
+    module, config = CONFIGS[name]
+    layer = module(config, rngs=nnx.Rngs(0))
+    if name == "gla":  # spread the gates so that the decay differs per channel and step
+        layer.w_gate_down[...] = layer.w_gate_down[...] * 50.0
+        layer.gate_bias[...] = jnp.linspace(-2.0, 3.0, layer.gate_bias[...].size).reshape(layer.gate_bias[...].shape)
+    return layer
+
+
+def jitted(module):
+    """`module(x, segment_ids=..., cache=...)` under one jax.jit (eager op-by-op dispatch is slow)."""
+    graphdef, state = nnx.split(module)
+    call = jax.jit(lambda state, x, segment_ids, cache: nnx.merge(graphdef, state)(x, segment_ids=segment_ids,
+                                                                                    cache=cache))
+    return lambda x, segment_ids=None, cache=None: call(state, x, segment_ids, cache)
+
+
+def x_input(T, B=2, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=(B, T, D)), jnp.float32)
+
+
+def n_params(module) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_parameter_budget(name):
+    assert n_params(build(name)) == CONFIGS[name][1].num_params()
+
+
+def test_parameter_budgets_match_the_docstrings():
+    d = 64
+    gla = GLAConfig(d_model=d, num_heads=4, key_dim=8, value_dim=16)
+    assert gla.num_params() == 4 * d * d + 25.5 * d
+    lightning = LinearAttentionConfig(d_model=d, num_heads=4, head_dim=16)
+    assert lightning.num_params() == 5 * d * d + d
+    mamba = Mamba2Config(d_model=d, num_heads=2, head_dim=64, state_dim=16)
+    E, N, H = 128, 16, 2
+    assert mamba.num_params() == d * (2 * E + 2 * N + H) + 5 * (E + 2 * N) + 3 * H + E + E * d
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_causal_through_gradients(name):
+    """d y_t / d x_s == 0 for every s > t, and != 0 for s <= t."""
+    layer = jitted(build(name))
+    x = x_input(9, B=1)
+    jac = jax.jit(jax.jacrev(lambda x: layer(x)))(x)[0, :, :, 0, :, :]  # [t, d, s, d']
+    influence = np.abs(np.asarray(jac)).sum(axis=(1, 3))  # [t, s]
+    assert np.all(influence[np.triu_indices(9, k=1)] == 0)
+    assert np.all(influence[np.tril_indices(9)] > 0)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_segments_are_isolated(name):
+    layer = jitted(build(name))
+    x = x_input(13)
+    seg = jnp.asarray([[1] * 6 + [2] * 7, [5] * 13], jnp.int32)
+    y = layer(x, segment_ids=seg)
+    # a packed document gives the same output as the same document alone
+    np.testing.assert_allclose(y[0, 6:], layer(x[:1, 6:])[0], atol=1e-5)
+    np.testing.assert_allclose(y[0, :6], layer(x[:1, :6])[0], atol=1e-5)
+    np.testing.assert_allclose(y[1], layer(x[1:])[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("chunks", [[3, 1, 1, 2], [1] * 7])
+@pytest.mark.parametrize("name", CONFIGS)
+def test_cached_decoding_matches_chunked_forward(name, chunks):
+    module = build(name)
+    layer = jitted(module)
+    x = x_input(7)
+    full = layer(x)
+    cache = module.init_cache(batch=2, max_len=7)
+    outs, start = [], 0
+    for n in chunks:
+        y, cache = layer(x[:, start:start + n], cache=cache)
+        outs.append(y)
+        start += n
+    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_cache_is_constant_in_length(name):
+    layer = build(name)
+    short, long = layer.init_cache(batch=2, max_len=8), layer.init_cache(batch=2, max_len=4096)
+    assert jax.tree.map(jnp.shape, short) == jax.tree.map(jnp.shape, long)
+    assert short["state"].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_jit_equals_eager(name):
+    layer = build(name)
+    x = x_input(11)
+    graphdef, state = nnx.split(layer)
+    jitted = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
+    np.testing.assert_allclose(jitted, layer(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_parameter_has_logical_axes(name):
+    for path, var in nnx.to_flat_state(nnx.state(build(name), nnx.Param)):
+        axes = var.get_metadata().get("out_sharding")
+        assert axes is not None and len(axes) == var[...].ndim and set(axes) <= KNOWN_AXES, (path, axes)
+
+
+@pytest.mark.parametrize("name", ["linear_attention", "gla", "mamba2"])
+def test_decoding_refuses_segment_ids(name):
+    layer = build(name)
+    with pytest.raises(ValueError, match="segment_ids are not supported while decoding"):
+        layer(x_input(3), segment_ids=jnp.ones((2, 3), jnp.int32), cache=layer.init_cache(2, 3))
+
+
+def xla_flops_per_token(layer, x) -> float:
+    graphdef, state = nnx.split(layer)
+    compiled = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, x).compile()
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    return analysis["flops"] / (x.shape[0] * x.shape[1])
+
+
+@pytest.mark.parametrize("name", ["linear_attention", "gla", "mamba2"])
+def test_flops_per_token_matches_xla_cost_analysis(name, seq_len=128):
+    """One forward pass of the mixer at the quickstart width (d_model 256, 4 heads)."""
+    config = MIXERS.config_for(name, ModelConfig(d_model=256, num_heads=4))
+    layer = MIXERS.get(name).module(config, rngs=nnx.Rngs(0))
+    xla = xla_flops_per_token(layer, jnp.zeros((2, seq_len, 256), jnp.float32))
+    ratio = config.flops_per_token(seq_len) / xla
+    assert 0.9 <= ratio <= 1.1, f"formula {config.flops_per_token(seq_len):,} vs XLA {xla:,.0f}"
+
+
+@pytest.mark.parametrize("mixers", [["gla", "gla", "attention"], ["mamba2"], ["linear_attention", "attention"]])
+def test_registered_in_a_hybrid_model(mixers):
+    """The registry builds the mixers from a ModelConfig; the whole model decodes from its cache."""
+    config = ModelConfig(d_model=32, num_layers=len(mixers), num_heads=2, mixers=mixers)
+    module = CausalLM(config, rngs=nnx.Rngs(0))
+    assert n_params(module) == config.num_params()
+    model = jitted(module)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 256, size=(2, 9)), jnp.int32)
+    full = model(tokens)
+    cache = module.init_cache(2, 9)
+    prefill, cache = model(tokens[:, :5], cache=cache)
+    steps = [prefill]
+    for t in range(5, 9):
+        logits, cache = model(tokens[:, t:t + 1], cache=cache)
+        steps.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=2e-5)
