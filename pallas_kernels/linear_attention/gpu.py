@@ -11,8 +11,8 @@ jnp arithmetic, `jnp.dot`, `lax.fori_loop`). Mosaic GPU is jax's future GPU path
 are written for Hopper warpgroups (TMA, WGMMA, explicit shared-memory layouts) and could not be
 checked in this CPU-only session; the Triton lowering covers every Ampere-and-later GPU and is
 still shipped in jax 0.12. Triton wants power-of-two block shapes of at least 16 for `dot`: the
-wrapper zero-pads K and V to such sizes (exact: padded channels carry zeros) and requires a
-power-of-two chunk_size >= 16.
+wrapper zero-pads K and V to such sizes (exact: padded channels carry zeros) and rounds chunk_size
+up to one (the chunk only changes the order of float32 sums, not the result).
 
 Grid (B, H, V / BV). State columns are independent, so each program owns a [K, BV] slice of the
 state in registers and walks all chunks in a `fori_loop` (GPU grids have no sequential axis). The
@@ -226,8 +226,7 @@ def _pow2_at_least_16(n: int) -> int:
 def linear_attention_kernel(q, k, v, log_decay, *, scale: float, initial_state, segment_ids,
                             return_final_state: bool, chunk_size: int, interpret=None):
     """The contract's signature plus `interpret` (None: interpret mode off GPU)."""
-    if chunk_size < 16 or chunk_size & (chunk_size - 1):
-        raise NotImplementedError(f"pallas_gpu: chunk_size={chunk_size} is not a power of two >= 16")
+    chunk_size = _pow2_at_least_16(chunk_size)  # Triton block shapes; same result, any chunk
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     key_dim, value_dim = q.shape[-1], v.shape[-1]

@@ -1,10 +1,16 @@
-"""The Pallas linear-attention kernels (tpu.py, gpu.py) against the float64 reference.
+"""The Pallas linear-attention kernels (tpu.py, gpu.py): what the shared suite does not cover.
 
-Every check compares outputs, the final state and every gradient (q, k, v, log_decay, initial
-state) of a random linear functional of (o, final state) with `reference.py` run in float64.
-On a CPU the kernels run in Pallas interpret mode; `InterpretParams` adds TPU semantics (DMAs,
-semaphores, races). The `tpu_compile` tests compile forward + backward for a v5e topology
-through libtpu, which checks the Mosaic lowering rules that interpret mode does not.
+test_linear_attention.py already runs `pallas_tpu` and `pallas_gpu` (interpret mode on a CPU)
+over the whole matrix against the float64 reference: outputs, final state and every gradient at
+T in {1, 63, 64, 65, 257}, the three decay forms, packed segments, initial state, log_decay down
+to -20, bfloat16, chunk sizes 7, 16, 48 and 64. This file adds:
+
+- the TPU-semantics interpreter (`pltpu.InterpretParams`: DMAs, semaphores, races);
+- shapes that exercise the kernels' own paths: K, V not multiples of anything (TPU full-dim
+  blocks; GPU zero padding to powers of two), several GPU value blocks (partial-sum gradients),
+  a segment starting exactly on a chunk boundary, forced tiny and huge decays in one chunk;
+- compilation the interpreter cannot check: Mosaic for a TPU v5e topology through libtpu
+  (`tpu_compile`; K = V = 128, float32 and bfloat16) and the Pallas -> Triton lowering for CUDA.
 """
 
 import functools
@@ -16,137 +22,55 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.linear_attention import gpu, linear_attention, reference, tpu
+from linear_attention_cases import Case, assert_matches_reference
+from pallas_kernels.linear_attention import api, gpu, reference, tpu
 
-KERNELS = {
-    "pallas_tpu": functools.partial(tpu.linear_attention_kernel, interpret=True),
-    "pallas_tpu_semantics": functools.partial(tpu.linear_attention_kernel,
-                                              interpret=pltpu.InterpretParams()),
-    "pallas_gpu": functools.partial(gpu.linear_attention_kernel, interpret=True),
-}
+KERNELS = {"pallas_tpu": tpu.linear_attention_kernel, "pallas_gpu": gpu.linear_attention_kernel}
 
 
-def make_inputs(seed, *, T, decay, B=2, H=2, K=8, V=16, segments=False, initial_state=True,
-                decay_min=-1.0, dtype=jnp.float32):
-    keys = jax.random.split(jax.random.PRNGKey(seed), 6)
-    q = jax.random.normal(keys[0], (B, T, H, K)).astype(dtype)
-    k = jax.random.normal(keys[1], (B, T, H, K)).astype(dtype)
-    v = jax.random.normal(keys[2], (B, T, H, V)).astype(dtype)
-    g = None
-    if decay is not None:
-        shape = (B, T, H) if decay == "scalar" else (B, T, H, K)
-        g = jax.random.uniform(keys[3], shape, jnp.float32, decay_min, 0.0)
-    s0 = jax.random.normal(keys[4], (B, H, K, V)) if initial_state else None
-    seg = None
-    if segments:  # ~5 segments per row, the first starting mid-sequence in row 0
-        seg = jnp.cumsum(jax.random.bernoulli(keys[5], 5.0 / max(T, 1), (B, T)), axis=1).astype(jnp.int32)
-    return q, k, v, g, s0, seg
+@pytest.mark.parametrize("case", [Case(40, "channel", segments=True, chunk_size=16),
+                                  Case(65, "scalar", segments=True, dtype="bfloat16")],
+                         ids=lambda case: case.id)
+def test_tpu_semantics_interpreter_matches_reference(monkeypatch, case):
+    kernel = functools.partial(tpu.linear_attention_kernel, interpret=pltpu.InterpretParams())
+    monkeypatch.setitem(api.IMPLEMENTATIONS, "pallas_tpu", kernel)
+    assert_matches_reference("pallas_tpu", case)
 
 
-def outputs_and_grads(fn, q, k, v, g, s0, seg, *, chunk_size):
-    """(o, final state, grads of a fixed random functional w.r.t. every float input)."""
-    B, T, H, K = q.shape
-    w_o = jax.random.normal(jax.random.PRNGKey(7), (B, T, H, v.shape[-1]), jnp.float32)
-    w_s = jax.random.normal(jax.random.PRNGKey(8), (B, H, K, v.shape[-1]), jnp.float32)
-    argnums = tuple(i for i, x in enumerate((q, k, v, g, s0)) if x is not None)
-
-    def run(q, k, v, g, s0):
-        return fn(q, k, v, g, scale=K ** -0.5, initial_state=s0, segment_ids=seg,
-                  return_final_state=True, chunk_size=chunk_size)
-
-    def loss(*args):
-        o, state = run(*args)
-        return jnp.sum(o.astype(w_o.dtype) * w_o) + jnp.sum(state.astype(w_s.dtype) * w_s)
-
-    @jax.jit
-    def everything(q, k, v, g, s0):
-        o, state = run(q, k, v, g, s0)
-        return [o, state, *jax.grad(loss, argnums=argnums)(q, k, v, g, s0)]
-
-    return everything(q, k, v, g, s0)
-
-
-def reference_float64(q, k, v, g, s0, seg, *, chunk_size):
-    f64 = lambda x: None if x is None else np.asarray(x, np.float64)
-    with jax.enable_x64(True):
-        got = outputs_and_grads(reference.linear_attention, f64(q), f64(k), f64(v), f64(g), f64(s0),
-                                seg, chunk_size=chunk_size)
-        return [np.asarray(x) for x in got]
-
-
-def assert_close(got, want, tol):
-    names = ["o", "final_state", "grads..."]
-    for i, (a, b) in enumerate(zip(got, want, strict=True)):
-        a = np.asarray(a, np.float64)
-        assert np.all(np.isfinite(a)), f"{names[min(i, 2)]} #{i} has inf/NaN"
-        err = np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)
-        assert err <= tol, f"output #{i} ({names[min(i, 2)]}): relative error {err:.2e} > {tol:.0e}"
-
-
-def check(kernel, *, chunk_size=64, tol=1e-4, **case):
-    inputs = make_inputs(0, **case)
-    got = outputs_and_grads(KERNELS[kernel], *inputs, chunk_size=chunk_size)
-    if case.get("dtype", jnp.float32) != jnp.float32:
-        for x, y in zip(got[:1] + got[2:], inputs[:3]):
-            assert x.dtype == y.dtype
-    assert_close(got, reference_float64(*inputs, chunk_size=chunk_size), tol)
-
-
-KERNEL_NAMES = [name for name in KERNELS if name != "pallas_tpu_semantics"]
-
-
-# T around the default chunk of 64, each with another decay form; initial state throughout.
-@pytest.mark.parametrize("kernel", KERNEL_NAMES)
-@pytest.mark.parametrize("T,decay", [(1, "channel"), (63, "scalar"), (64, None), (65, "channel"),
-                                     (257, "scalar")])
-def test_fp32_matches_reference(kernel, T, decay):
-    check(kernel, T=T, decay=decay)
-
-
-@pytest.mark.parametrize("kernel", KERNEL_NAMES)
-@pytest.mark.parametrize("decay", [None, "scalar", "channel"])
-def test_packed_segments_match_reference(kernel, decay):
-    check(kernel, T=50, decay=decay, segments=True, chunk_size=16)
-
-
-@pytest.mark.parametrize("kernel", KERNEL_NAMES)
+# K = 12, V = 80: TPU blocks span the full (unaligned) dims; GPU pads to K = 16, V = 128 and runs
+# two value blocks of 64 whose dq / dk / dlog_decay partials are summed.
+@pytest.mark.parametrize("impl", list(KERNELS))
 @pytest.mark.parametrize("decay", ["scalar", "channel"])
-def test_strong_decay_is_finite_and_matches(kernel, decay):
-    # b_t reaches -20 * 64 within a chunk: any exp(-b) would overflow to inf.
-    check(kernel, T=70, decay=decay, decay_min=-20.0, segments=True)
+def test_unaligned_head_dims_match_reference(impl, decay):
+    assert_matches_reference(impl, Case(33, decay, segments=True, chunk_size=16, K=12, V=80, B=1))
 
 
-@pytest.mark.parametrize("kernel", KERNEL_NAMES)
-@pytest.mark.parametrize("decay", ["scalar", "channel"])
-def test_bf16_matches_reference(kernel, decay):
-    check(kernel, T=40, decay=decay, dtype=jnp.bfloat16, chunk_size=16, tol=2e-2, segments=True)
+def _grads_against_reference(fn, q, k, v, g, s0, seg, chunk_size):
+    def loss(q, k, v, g, s0):
+        o, state = fn(q, k, v, g, scale=0.5, initial_state=s0, segment_ids=seg,
+                      return_final_state=True, chunk_size=chunk_size)
+        return jnp.sum(o * jnp.cos(o)) + jnp.sum(state ** 2), (o, state)
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))(q, k, v, g, s0)
 
 
-@pytest.mark.parametrize("decay", ["scalar", "channel"])
-def test_tpu_semantics_interpreter(decay):
-    """pltpu.InterpretParams: the TPU interpreter that models DMAs, semaphores and races."""
-    check("pallas_tpu_semantics", T=40, decay=decay, segments=True, chunk_size=16)
-
-
-def test_no_initial_state_and_public_api():
-    """Dispatch through the public op, no initial state: same numbers as the xla-free reference."""
-    q, k, v, g, _, seg = make_inputs(1, T=33, decay="scalar", segments=True)
-    o, state = linear_attention(q, k, v, g, segment_ids=seg, return_final_state=True, chunk_size=16,
-                                implementation="pallas_tpu")
-    o_ref, state_ref = linear_attention(q, k, v, g, segment_ids=seg, return_final_state=True,
-                                        implementation="reference")
-    np.testing.assert_allclose(o, o_ref, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(state, state_ref, rtol=1e-4, atol=1e-5)
-    o_only, none = linear_attention(q, k, v, g, chunk_size=16, implementation="pallas_tpu")
-    assert none is None and o_only.dtype == v.dtype
-
-
-@pytest.mark.parametrize("implementation,chunk_size", [("pallas_tpu", 12), ("pallas_gpu", 24),
-                                                        ("pallas_gpu", 8)])
-def test_unsupported_chunk_size_is_refused(implementation, chunk_size):
-    q, k, v, g, _, _ = make_inputs(0, T=8, decay=None, initial_state=False)
-    with pytest.raises(NotImplementedError, match=f"chunk_size={chunk_size}"):
-        linear_attention(q, k, v, chunk_size=chunk_size, implementation=implementation)
+@pytest.mark.parametrize("impl", list(KERNELS))
+def test_segment_on_chunk_boundary_and_extreme_decays(impl):
+    """Segments [0]*16 [1]*16 [2]*9 with chunks of 16 (each new segment starts a chunk), and a
+    chunk whose gates mix -20 and -1e-6: finite, and equal to the float32 reference."""
+    B, T, H, K, V = 1, 41, 2, 8, 8
+    keys = jax.random.split(jax.random.PRNGKey(3), 5)
+    q, k = (jax.random.normal(key, (B, T, H, K)) for key in keys[:2])
+    v = jax.random.normal(keys[2], (B, T, H, V))
+    g = jnp.where(jax.random.bernoulli(keys[3], 0.5, (B, T, H, K)), -20.0, -1e-6)
+    s0 = jax.random.normal(keys[4], (B, H, K, V))
+    seg = jnp.asarray([[0] * 16 + [1] * 16 + [2] * 9], jnp.int32)
+    got_grads, (got_o, got_state) = _grads_against_reference(KERNELS[impl], q, k, v, g, s0, seg, 16)
+    want_grads, (want_o, want_state) = _grads_against_reference(reference.linear_attention, q, k, v,
+                                                                g, s0, seg, 16)
+    for got, want in zip([got_o, got_state, *got_grads], [want_o, want_state, *want_grads]):
+        assert np.all(np.isfinite(got))
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5 * float(jnp.max(jnp.abs(want))))
 
 
 def _v5e_device():
@@ -156,59 +80,49 @@ def _v5e_device():
     return topologies.get_topology_desc("v5e:2x2", "tpu").devices[0]
 
 
-@pytest.mark.tpu_compile
-@pytest.mark.parametrize("decay,dtype,segments", [(None, jnp.bfloat16, False),
-                                                  ("scalar", jnp.float32, True),
-                                                  ("channel", jnp.bfloat16, True),
-                                                  ("channel", jnp.float32, False)])
-def test_tpu_aot_compile_forward_and_backward(decay, dtype, segments):
-    """Mosaic lowering of forward + backward for K = V = 128 on a v5e topology (no TPU needed)."""
-    sharding = jax.sharding.SingleDeviceSharding(_v5e_device())
-    B, T, H, K = 1, 256, 2, 128
+def _loss(kernel_module, K):
+    def loss(q, k, v, g, s0, seg):
+        o, state = kernel_module.linear_attention_kernel(q, k, v, g, scale=K ** -0.5, initial_state=s0,
+                                                         segment_ids=seg, return_final_state=True,
+                                                         chunk_size=64, interpret=False)
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(state)
+    return loss
+
+
+def _abstract_inputs(decay, dtype, segments, sharding=None, B=1, T=256, H=2, K=128):
     spec = lambda shape, dt=dtype: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
     g = None if decay is None else spec((B, T, H) if decay == "scalar" else (B, T, H, K), jnp.float32)
-    seg = spec((B, T), jnp.int32) if segments else None
+    return (spec((B, T, H, K)), spec((B, T, H, K)), spec((B, T, H, K)), g,
+            spec((B, H, K, K), jnp.float32), spec((B, T), jnp.int32) if segments else None)
 
-    def loss(q, k, v, g, s0, seg):
-        o, state = tpu.linear_attention_kernel(q, k, v, g, scale=K ** -0.5, initial_state=s0,
-                                               segment_ids=seg, return_final_state=True,
-                                               chunk_size=64, interpret=False)
-        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(state)
 
-    argnums = (0, 1, 2, 4) if g is None else (0, 1, 2, 3, 4)
-    compiled = jax.jit(jax.value_and_grad(loss, argnums=argnums)).lower(
-        spec((B, T, H, K)), spec((B, T, H, K)), spec((B, T, H, K)), g, spec((B, H, K, K), jnp.float32),
-        seg).compile()
+COMPILE_CASES = [(None, jnp.bfloat16, False), ("scalar", jnp.float32, True),
+                 ("channel", jnp.bfloat16, True), ("channel", jnp.float32, False)]
+
+
+@pytest.mark.tpu_compile
+@pytest.mark.parametrize("decay,dtype,segments", COMPILE_CASES)
+def test_tpu_aot_compile_forward_and_backward(decay, dtype, segments):
+    """Mosaic compiles forward + backward for K = V = 128 on a v5e topology (no TPU needed)."""
+    sharding = jax.sharding.SingleDeviceSharding(_v5e_device())
+    args = _abstract_inputs(decay, dtype, segments, sharding)
+    argnums = (0, 1, 2, 4) if decay is None else (0, 1, 2, 3, 4)
+    compiled = jax.jit(jax.value_and_grad(_loss(tpu, 128), argnums=argnums)).lower(*args).compile()
     assert "linear_attention_bwd" in compiled.as_text()
 
 
-@pytest.mark.parametrize("decay,dtype,segments", [(None, jnp.bfloat16, True), ("scalar", jnp.float32, False),
-                                                  ("channel", jnp.bfloat16, True)])
+@pytest.mark.parametrize("decay,dtype,segments", COMPILE_CASES[:3])
 def test_gpu_lowers_to_triton(decay, dtype, segments):
-    """Forward + backward lower through Pallas' Triton backend for CUDA (no GPU needed).
-
-    This checks the Pallas -> Triton IR lowering (shapes, ops), not Triton's own compilation.
-    """
-    B, T, H, K = 1, 256, 2, 128
-    spec = jax.ShapeDtypeStruct
-    g = None if decay is None else spec((B, T, H) if decay == "scalar" else (B, T, H, K), jnp.float32)
-    seg = spec((B, T), jnp.int32) if segments else None
-
-    def loss(q, k, v, g, s0, seg):
-        o, state = gpu.linear_attention_kernel(q, k, v, g, scale=K ** -0.5, initial_state=s0,
-                                               segment_ids=seg, return_final_state=True,
-                                               chunk_size=64, interpret=False)
-        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(state)
-
-    argnums = (0, 1, 2, 4) if g is None else (0, 1, 2, 3, 4)
+    """Forward + backward lower through Pallas' Triton backend for CUDA (no GPU needed). This
+    checks the Pallas -> Triton IR lowering (shapes, ops), not Triton's own compilation to PTX."""
+    argnums = (0, 1, 2, 4) if decay is None else (0, 1, 2, 3, 4)
     triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
     try:
-        exported = jax.export.export(jax.jit(jax.grad(loss, argnums=argnums)), platforms=["cuda"],
-                                     disabled_checks=[triton])(
-            spec((B, T, H, K), dtype), spec((B, T, H, K), dtype), spec((B, T, H, K), dtype), g,
-            spec((B, H, K, K), jnp.float32), seg)
+        exported = jax.export.export(jax.jit(jax.grad(_loss(gpu, 128), argnums=argnums)),
+                                     platforms=["cuda"], disabled_checks=[triton])(
+            *_abstract_inputs(decay, dtype, segments))
     except ValueError as e:
-        if "abstract GPU device" in str(e):
-            pytest.skip(f"this jax ({jax.__version__}) needs a GPU to pick the Triton target")
-        raise
+        if "abstract GPU device" not in str(e):
+            raise
+        pytest.skip(f"jax {jax.__version__} needs a GPU (or an abstract one) to pick the Triton target")
     assert exported.mlir_module().count("xla.gpu.triton") >= 2  # forward and backward kernels
