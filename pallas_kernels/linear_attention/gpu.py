@@ -137,7 +137,8 @@ def _forward_kernel(config: Config, names, *refs):
     def chunk(i, state_KxBV):
         view = ChunkView(config, refs, (b, h, j), i)
         terms = chunk_terms(view)
-        refs["states"][b, h, i, :, pl.ds(j * bv, bv)] = state_KxBV
+        if "states" in refs:
+            refs["states"][b, h, i, :, pl.ds(j * bv, bv)] = state_KxBV
         q, k, v = terms["q"], terms["k"], terms["v"]
         if lay.per_channel:
             def row(t, o_acc):
@@ -178,7 +179,8 @@ def kernel_inputs(config: Config, q, k, v, b, s0, seg):
     return names, args
 
 
-def forward(config: Config, q, k, v, b, s0, seg):
+def forward(config: Config, q, k, v, b, s0, seg, save_states: bool):
+    """Kernel-level forward on [B, H, Tp, *] inputs -> (o, final state[, states per chunk])."""
     lay = config.layout
     names, args = kernel_inputs(config, q, k, v, b, s0, seg)
     state = (lay.batch, lay.heads, lay.key_dim, lay.value_dim)
@@ -186,9 +188,9 @@ def forward(config: Config, q, k, v, b, s0, seg):
         jax.ShapeDtypeStruct((lay.batch, lay.heads, lay.padded_len, lay.value_dim), v.dtype),
         jax.ShapeDtypeStruct(state, F32),
         jax.ShapeDtypeStruct((lay.batch, lay.heads, lay.num_chunks, *state[2:]), F32),
-    ]
+    ][:3 if save_states else 2]
     return pl.pallas_call(
-        functools.partial(_forward_kernel, config, names + ["o", "final", "states"]),
+        functools.partial(_forward_kernel, config, names + ["o", "final", "states"][:len(out_shape)]),
         grid=(lay.batch, lay.heads, config.num_value_blocks),
         out_shape=out_shape,
         compiler_params=compiler_params(),
@@ -199,12 +201,11 @@ def forward(config: Config, q, k, v, b, s0, seg):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _chunked(config: Config, q, k, v, b, s0, seg):
-    o, final, _ = forward(config, q, k, v, b, s0, seg)
-    return o, final
+    return tuple(forward(config, q, k, v, b, s0, seg, save_states=False))
 
 
 def _chunked_fwd(config, q, k, v, b, s0, seg):
-    o, final, states = forward(config, q, k, v, b, s0, seg)
+    o, final, states = forward(config, q, k, v, b, s0, seg, save_states=True)
     return (o, final), (q, k, v, b, s0, seg, states)
 
 

@@ -65,7 +65,7 @@ def compiler_params():
     return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
 
 
-def _forward_kernel(config: Config, *refs):
+def _forward_kernel(config: Config, save_states: bool, *refs):
     lay = config.layout
     c = lay.chunk
     refs = list(refs)
@@ -77,8 +77,11 @@ def _forward_kernel(config: Config, *refs):
     if lay.has_segments:
         count_ref, count_row_ref, in_ref, out_ref = refs[:4]
         del refs[:4]
-    o_ref, final_ref, states_ref, state_ref = refs[:4]
-    q32_ref, p_ref = refs[4:] if lay.per_channel else (None, None)
+    o_ref, final_ref = refs[:2]
+    del refs[:2]
+    states_ref = refs.pop(0) if save_states else None
+    state_ref = refs.pop(0)
+    q32_ref, p_ref = refs if lay.per_channel else (None, None)
     i = pl.program_id(2)
 
     @pl.when(i == 0)
@@ -86,7 +89,8 @@ def _forward_kernel(config: Config, *refs):
         state_ref[...] = s0_ref[...] if s0_ref is not None else jnp.zeros(state_ref.shape, F32)
 
     state_VxK = state_ref[...]
-    states_ref[...] = state_VxK
+    if states_ref is not None:
+        states_ref[...] = state_VxK
     q_CxK = q_ref[...].astype(F32)
     k_CxK = k_ref[...].astype(F32)
     v_CxV = v_ref[...].astype(F32)
@@ -144,8 +148,8 @@ def _inputs_and_specs(config: Config, q, k, v, b, s0, seg, reverse=False):
     return args, specs
 
 
-def forward(config: Config, q, k, v, b, s0, seg):
-    """Kernel-level forward on [B, H, Tp, *] inputs -> (o, final state^T, states^T per chunk)."""
+def forward(config: Config, q, k, v, b, s0, seg, save_states: bool):
+    """Kernel-level forward on [B, H, Tp, *] inputs -> (o, final state^T[, states^T per chunk])."""
     lay = config.layout
     spec = block_specs(config)
     args, in_specs = _inputs_and_specs(config, q, k, v, b, s0, seg)
@@ -156,12 +160,12 @@ def forward(config: Config, q, k, v, b, s0, seg):
         jax.ShapeDtypeStruct((lay.batch, lay.heads, lay.padded_len, lay.value_dim), v.dtype),
         jax.ShapeDtypeStruct((lay.batch, lay.heads, lay.value_dim, lay.key_dim), F32),
         jax.ShapeDtypeStruct((lay.batch, lay.heads, lay.num_chunks, lay.value_dim, lay.key_dim), F32),
-    ]
+    ][:3 if save_states else 2]
     return pl.pallas_call(
-        functools.partial(_forward_kernel, config),
+        functools.partial(_forward_kernel, config, save_states),
         grid=(lay.batch, lay.heads, lay.num_chunks),
         in_specs=in_specs,
-        out_specs=[spec["head"](lay.value_dim), spec["state"], spec["chunk_state"]],
+        out_specs=[spec["head"](lay.value_dim), spec["state"], spec["chunk_state"]][:len(out_shape)],
         out_shape=out_shape,
         scratch_shapes=scratch,
         compiler_params=compiler_params(),
@@ -172,12 +176,11 @@ def forward(config: Config, q, k, v, b, s0, seg):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _chunked(config: Config, q, k, v, b, s0, seg):
-    o, final, _ = forward(config, q, k, v, b, s0, seg)
-    return o, final
+    return tuple(forward(config, q, k, v, b, s0, seg, save_states=False))
 
 
 def _chunked_fwd(config, q, k, v, b, s0, seg):
-    o, final, states = forward(config, q, k, v, b, s0, seg)
+    o, final, states = forward(config, q, k, v, b, s0, seg, save_states=True)
     return (o, final), (q, k, v, b, s0, seg, states)
 
 
