@@ -44,6 +44,14 @@ class Config:
     value_block: int
     has_initial_state: bool
     interpret: bool
+    mxu_dtype: str = "float32"  # "bfloat16" when q, k, v are: dots take bf16 operands
+
+    def dot(self, x, y):
+        """x @ y accumulated in float32: bf16 operands (tensor cores), or float32 ones at full
+        IEEE precision (Triton's default for float32 would be TF32, ~1e-3 relative error)."""
+        if self.mxu_dtype == "bfloat16":
+            return jnp.dot(x.astype(jnp.bfloat16), y.astype(jnp.bfloat16), preferred_element_type=F32)
+        return jnp.dot(x, y, precision=lax.Precision.HIGHEST, preferred_element_type=F32)
 
     @property
     def num_value_blocks(self) -> int:
@@ -149,16 +157,16 @@ def _forward_kernel(config: Config, names, *refs):
 
             o_intra = lax.fori_loop(0, c, row, jnp.zeros((c, bv), F32))
         else:
-            p = jnp.dot(q, k.T, preferred_element_type=F32) * scalar_weights(view, terms)
-            o_intra = jnp.dot(p, v, preferred_element_type=F32)
-        o_inter = jnp.dot(q * terms["q_weight"], state_KxBV, preferred_element_type=F32)
+            p = config.dot(q, k.T) * scalar_weights(view, terms)
+            o_intra = config.dot(p, v)
+        o_inter = config.dot(q * terms["q_weight"], state_KxBV)
         refs["o"][b, h, pl.ds(view.t0, c), pl.ds(j * bv, bv)] = (
             config.scale * (o_intra + o_inter)).astype(refs["o"].dtype)
         decay_last = jnp.exp(terms["b_last"])  # [1, G]
         carried = state_KxBV * (decay_last.T if lay.per_channel else decay_last)
         if terms["carry"] is not None:
             carried = carried * terms["carry"]
-        return carried + jnp.dot((k * terms["k_weight"]).T, v, preferred_element_type=F32)
+        return carried + config.dot((k * terms["k_weight"]).T, v)
 
     final = lax.fori_loop(0, lay.num_chunks, chunk, state0)
     refs["final"][b, h, :, pl.ds(j * bv, bv)] = final
@@ -239,8 +247,9 @@ def linear_attention_kernel(q, k, v, log_decay, *, scale: float, initial_state, 
     if initial_state is not None:
         initial_state = pad_last(jnp.pad(initial_state.astype(F32), ((0, 0), (0, 0), (0, kp), (0, 0))), vp)
     layout = chunking.make_layout(q, v, log_decay, segment_ids, chunk_size)
+    low_precision = all(x.dtype == jnp.bfloat16 for x in (q, k, v))
     config = Config(layout, float(scale), min(layout.value_dim, MAX_VALUE_BLOCK),
-                    initial_state is not None, interpret)
+                    initial_state is not None, interpret, "bfloat16" if low_precision else "float32")
     seg = ()
     if segment_ids is not None:
         count, in_flag, out_flag = chunking.segment_flags(segment_ids, layout)

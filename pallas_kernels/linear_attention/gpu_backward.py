@@ -17,14 +17,10 @@ from pallas_kernels.linear_attention.gpu import (F32, ChunkView, Config, chunk_t
                                                  kernel_inputs, one_hot_row, row_weights, scalar_weights)
 
 
-def _dot(x, y):
-    return jnp.dot(x, y, preferred_element_type=F32)
-
-
 def _backward_kernel(config: Config, names, *refs):
     lay, bv, scale = config.layout, config.value_block, config.scale
     refs = dict(zip(names, refs))
-    c = lay.chunk
+    c, _dot = lay.chunk, config.dot
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
 
     def store_partial(name, rows, value):  # partial-sum outputs [NV, B, H, Tp, *]

@@ -13,10 +13,12 @@ last row, P the intra-chunk decayed scores of tpu_chunk.py, S the state entering
     S_new = diag(exp(b_C)) S + (k * exp(b_C - b))^T v
 
 Grid (B, H, chunks); the chunk axis is sequential ("arbitrary") and carries the state, stored
-transposed ([V, K], so the per-channel decay is a lane broadcast) in a VMEM scratch. The forward
-also writes the state entering every chunk ([B, H, NC, V, K]) as the residual for the backward
-(tpu_backward.py), which walks the chunks in reverse carrying dS. Matmuls run in float32 with
-float32 accumulation whatever the input dtype. Segment resets: the carried state reaches only
+transposed ([V, K], so the per-channel decay is a lane broadcast) in a VMEM scratch. When a
+backward follows, the forward also writes the state entering every chunk ([B, H, NC, V, K]) as its
+residual (tpu_backward.py walks the chunks in reverse carrying dS). Matmuls accumulate in float32;
+their operands are float32, or bfloat16 when q, k and v are bfloat16 (decayed keys, scores and the
+state are then rounded to bfloat16 before the MXU, as in flash-linear-attention); decay weights,
+state and all elementwise math stay float32. Segment resets: the carried state reaches only
 tokens still in the chunk's first segment (`in` flag), and only tokens of the chunk's last segment
 enter it (`out` flag); the state survives the chunk only if no segment starts in it.
 
@@ -43,6 +45,7 @@ class Config:
     scale: float
     has_initial_state: bool
     interpret: object  # False, True or pltpu.InterpretParams()
+    mxu_dtype: str = "float32"  # "bfloat16" when q, k, v are: the big matmuls take bf16 operands
 
 
 def block_specs(config: Config, reverse: bool = False):
@@ -83,6 +86,7 @@ def _forward_kernel(config: Config, save_states: bool, *refs):
     state_ref = refs.pop(0)
     q32_ref, p_ref = refs if lay.per_channel else (None, None)
     i = pl.program_id(2)
+    mm = functools.partial(dot, operand_dtype=jnp.dtype(config.mxu_dtype))
 
     @pl.when(i == 0)
     def _init():
@@ -109,12 +113,12 @@ def _forward_kernel(config: Config, save_states: bool, *refs):
         p_CxC = p_ref[...]
     else:
         keep = pair_keep(c, count_col, None if count_row_ref is None else count_row_ref[...])
-        p_CxC = dot(q_CxK, k_CxK, NT) * scalar_decay_weights(b_CxG, b_row_ref[...], keep)
-    o_ref[...] = (config.scale * (dot(p_CxC, v_CxV) + dot(q_decayed, state_VxK, NT))).astype(o_ref.dtype)
+        p_CxC = mm(q_CxK, k_CxK, NT) * scalar_decay_weights(b_CxG, b_row_ref[...], keep)
+    o_ref[...] = (config.scale * (mm(p_CxC, v_CxV) + mm(q_decayed, state_VxK, NT))).astype(o_ref.dtype)
     carried = state_VxK * jnp.exp(b_last_1xG)
     if lay.has_segments:
         carried = carried * in_ref[c - 1:c, :]
-    new_state = carried + dot(v_CxV, k_decayed, TN)
+    new_state = carried + mm(v_CxV, k_decayed, TN)
     state_ref[...] = new_state
 
     @pl.when(i == lay.num_chunks - 1)
@@ -203,7 +207,9 @@ def linear_attention_kernel(q, k, v, log_decay, *, scale: float, initial_state, 
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
     layout = chunking.make_layout(q, v, log_decay, segment_ids, chunk_size)
-    config = Config(layout, float(scale), initial_state is not None, interpret)
+    low_precision = all(x.dtype == jnp.bfloat16 for x in (q, k, v))
+    config = Config(layout, float(scale), initial_state is not None, interpret,
+                    "bfloat16" if low_precision else "float32")
     s0 = None if initial_state is None else jnp.swapaxes(initial_state.astype(F32), 2, 3)
     seg = segment_inputs(segment_ids, layout)
     o, final = _chunked(config, chunking.to_heads(q, layout), chunking.to_heads(k, layout),

@@ -43,6 +43,7 @@ def _backward_kernel(config: Config, *refs):
     states_ref, do_ref, dfinal_ref = refs[:3]
     dq_ref, dk_ref, dv_ref, db_ref, ds0_ref, dstate_ref = refs[3:9]
     i = pl.program_id(2)
+    mm = functools.partial(dot, operand_dtype=jnp.dtype(config.mxu_dtype))
 
     @pl.when(i == 0)
     def _init():
@@ -77,16 +78,16 @@ def _backward_kernel(config: Config, *refs):
     else:
         keep = pair_keep(c, count_col, None if count_row_ref is None else count_row_ref[...])
         weights = scalar_decay_weights(b_CxG, b_row_ref[...], keep)
-        p_CxC = dot(q_CxK, k_CxK, NT) * weights
-        dp_weighted = scale * dot(do_CxV, v_CxV, NT) * weights
-        dq_p = dot(dp_weighted, k_CxK)
-        dk_p = dot(dp_weighted, q_CxK, TN)
+        p_CxC = mm(q_CxK, k_CxK, NT) * weights
+        dp_weighted = scale * mm(do_CxV, v_CxV, NT) * weights
+        dq_p = mm(dp_weighted, k_CxK)
+        dk_p = mm(dp_weighted, q_CxK, TN)
 
-    dq_decayed = scale * dot(do_CxV, state_VxK)
-    dk_decayed = dot(v_CxV, dstate_VxK)
+    dq_decayed = scale * mm(do_CxV, state_VxK)
+    dk_decayed = mm(v_CxV, dstate_VxK)
     dq_ref[...] = (dq_p + dq_decayed * q_weight).astype(dq_ref.dtype)
     dk_ref[...] = (dk_p + dk_decayed * k_weight).astype(dk_ref.dtype)
-    dv_ref[...] = (scale * dot(p_CxC, do_CxV, TN) + dot(k_decayed, dstate_VxK, NT)).astype(dv_ref.dtype)
+    dv_ref[...] = (scale * mm(p_CxC, do_CxV, TN) + mm(k_decayed, dstate_VxK, NT)).astype(dv_ref.dtype)
 
     k_term = dk_decayed * k_decayed
     decay_last = jnp.exp(b_last_1xG)
@@ -100,7 +101,7 @@ def _backward_kernel(config: Config, *refs):
     carried = dstate_VxK * decay_last
     if lay.has_segments:
         carried = carried * in_ref[c - 1:c, :]
-    new_dstate = scale * dot(do_CxV, q_decayed, TN) + carried
+    new_dstate = scale * mm(do_CxV, q_decayed, TN) + carried
     dstate_ref[...] = new_dstate
 
     @pl.when(i == lay.num_chunks - 1)

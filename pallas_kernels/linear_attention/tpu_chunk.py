@@ -19,8 +19,10 @@ NT = (((1,), (1,)), ((), ()))  # x @ y^T
 TN = (((0,), (0,)), ((), ()))  # x^T @ y
 
 
-def dot(x, y, dims=NN):
-    return lax.dot_general(x, y, dims, preferred_element_type=F32)
+def dot(x, y, dims=NN, operand_dtype=F32):
+    """Matmul with float32 accumulation; operands cast to `operand_dtype` (bfloat16: one MXU pass)."""
+    return lax.dot_general(x.astype(operand_dtype), y.astype(operand_dtype), dims,
+                           preferred_element_type=F32)
 
 
 def pair_keep(chunk: int, count_col=None, count_row=None):
