@@ -60,7 +60,8 @@ def _backward_kernel(config: Config, names, *refs):
         rows = pl.ds(view.t0, c)
         store_partial("dq", rows, dq_p + dq_decayed * terms["q_weight"])
         store_partial("dk", rows, dk_p + dk_decayed * terms["k_weight"])
-        refs["dv"][b, h, rows, pl.ds(j * bv, bv)] = (dv_p + _dot(k_decayed, dstate_KxBV)).astype(refs["dv"].dtype)
+        dv = dv_p + _dot(k_decayed, dstate_KxBV)
+        refs["dv"][b, h, rows, pl.ds(j * bv, bv)] = dv.astype(refs["dv"].dtype)
 
         k_term = dk_decayed * k_decayed
         decay_last = jnp.exp(terms["b_last"])  # [1, G]

@@ -134,7 +134,7 @@ def segment_inputs(segment_ids, layout: chunking.Layout):
     return count, chunking.row_form(count, layout), in_flag, out_flag
 
 
-def _inputs_and_specs(config: Config, q, k, v, b, s0, seg, reverse=False):
+def inputs_and_specs(config: Config, q, k, v, b, s0, seg, reverse=False):
     lay = config.layout
     spec = block_specs(config, reverse)
     args = [q, k, v, b]
@@ -156,7 +156,7 @@ def forward(config: Config, q, k, v, b, s0, seg, save_states: bool):
     """Kernel-level forward on [B, H, Tp, *] inputs -> (o, final state^T[, states^T per chunk])."""
     lay = config.layout
     spec = block_specs(config)
-    args, in_specs = _inputs_and_specs(config, q, k, v, b, s0, seg)
+    args, in_specs = inputs_and_specs(config, q, k, v, b, s0, seg)
     scratch = [pltpu.VMEM((lay.value_dim, lay.key_dim), F32)]
     if lay.per_channel:
         scratch += [pltpu.VMEM((lay.chunk, lay.key_dim), F32), pltpu.VMEM((lay.chunk, lay.chunk), F32)]

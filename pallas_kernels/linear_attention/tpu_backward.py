@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.linear_attention.tpu import (Config, _inputs_and_specs, block_specs,
+from pallas_kernels.linear_attention.tpu import (Config, inputs_and_specs, block_specs,
                                                  compiler_params)
 from pallas_kernels.linear_attention.tpu_chunk import (F32, NT, TN, dot, pair_keep,
                                                         per_channel_score_grads, scalar_decay_weights,
@@ -118,7 +118,7 @@ def backward(config: Config, q, k, v, b, seg, states, d_o, d_final):
     """Kernel-level backward on [B, H, Tp, *] arrays -> (dq, dk, dv, db, d initial state^T)."""
     lay = config.layout
     spec = block_specs(config, reverse=True)
-    args, in_specs = _inputs_and_specs(config, q, k, v, b, None, seg, reverse=True)
+    args, in_specs = inputs_and_specs(config, q, k, v, b, None, seg, reverse=True)
     args += [states, d_o, d_final]
     in_specs += [spec["chunk_state"], spec["head"](lay.value_dim), spec["state"]]
     scratch = [pltpu.VMEM((lay.value_dim, lay.key_dim), F32)]
