@@ -14,13 +14,20 @@ The intra-chunk sums run as batched matmuls over all chunks at once; the state i
 chunks by a `lax.scan` that carries [B, H, K, V] and keeps the state entering each chunk
 ([T / C, B, H, K, V], linear in T), so the cost per token is flat in T.
 
-Stability: every exponent is a sum of log-decays over a range of steps, so it is <= 0 and exp never
-overflows. Sums over (j, i] are formed as direct sums (a masked cumulative sum, the "segsum" of
-Mamba-2), never as differences of long prefix sums, so strong gates (g = -20 per step) lose no
-precision. Per-channel gates make the intra-chunk decay depend on the channel, so the chunk is cut
-again into sub-chunks of c <= 16 tokens (GLA's secondary chunking): pairs within a sub-chunk use
-the full [c, c, K] decay tensor; pairs across sub-chunks factor through the sub-chunk boundaries,
-each factor an exp of a sum <= 0.
+Stability: every exponential is of a sum of log-decays that is <= 0, or bounded as below, so
+nothing overflows. Sums over (j, i] are formed as direct sums (a masked cumulative sum, the
+"segsum" of Mamba-2), not as differences of long prefix sums, where a difference could lose
+precision. Per-channel gates make the intra-chunk decay depend on the channel, and two forms
+compute the intra-chunk scores:
+- factored (fast, one matmul): exp(b_i - b_j) = exp(b_i - m) exp(m - b_j), b the within-chunk
+  cumulative log-decay and m the middle of its range; used when every chunk's per-channel decay
+  span -(g_1 + .. + g_C) is <= FACTORED_SPAN = 40, so every factor and product stays below
+  exp(40). Typical learned gates (GLA's log-sigmoid / 16) are far inside this; a smaller chunk
+  keeps stronger gates on this path.
+- exact (any gates, several times slower): GLA's secondary chunking into sub-chunks of c <= 16
+  tokens: pairs within a sub-chunk use the full [c, c, K] decay tensor, pairs across sub-chunks
+  factor through the sub-chunk boundaries, each factor an exp of a sum <= 0.
+One `lax.cond` picks the form for the whole call.
 
 Segments: a token sees only earlier tokens of its own segment, the carried state reaches a token
 only while no segment has started in the chunk up to it, a token enters the outgoing state only if
@@ -37,6 +44,7 @@ import jax.numpy as jnp
 
 PRECISION = jax.lax.Precision.HIGHEST  # float32 matmuls; TPU/GPU defaults would round to bf16/tf32
 SUB_CHUNK = 16
+FACTORED_SPAN = 40.0  # exp(40) ~ 2e17: factored products stay far from float32 overflow
 
 
 def _einsum(spec, *operands):
@@ -73,9 +81,9 @@ def _to_chunks(x, N, C):
     return jnp.moveaxis(x, 3, 1)
 
 
-def _per_channel_scores(q, k, g, c):
-    """Decay-weighted causal scores [B, H, N, C, C] for per-channel gates, by secondary chunking:
-    score[i, j] = sum_k q_ik k_jk exp(g_{j+1,k} + .. + g_{i,k}) for j <= i, else 0."""
+def _per_channel_scores_exact(q, k, g, c):
+    """Decay-weighted causal scores [B, H, N, C, C] for per-channel gates, by secondary chunking,
+    stable for any gates: score[i, j] = sum_k q_ik k_jk exp(g_{j+1,k} + .. + g_{i,k}) for j <= i."""
     B, H, N, C, K = q.shape
     S = C // c
     q_s, k_s, g_s = (x.reshape(B, H, N, S, c, K) for x in (q, k, g))
@@ -102,6 +110,30 @@ def _per_channel_scores(q, k, g, c):
     return scores.reshape(B, H, N, C, C)
 
 
+def _per_channel_scores_factored(q, k, g):
+    """The same scores as one matmul: exp(b_i - b_j) = exp(b_i - m) exp(m - b_j) with b the
+    within-chunk cumulative log-decay and m the middle of its range, per chunk and channel. Every
+    factor is at most exp(span / 2) and every product at most exp(span), span = -(g_1 + .. + g_C):
+    finite and accurate while span <= FACTORED_SPAN."""
+    b = jnp.cumsum(g, axis=3)  # [B, H, N, C, K]
+    middle = 0.5 * b[:, :, :, -1:, :]
+    scores = _einsum("bhnik,bhnjk->bhnij", q * jnp.exp(b - middle), k * jnp.exp(middle - b))
+    C = q.shape[3]
+    return scores * jnp.tril(jnp.ones((C, C), q.dtype))
+
+
+def _per_channel_scores(q, k, g, c):
+    """Factored scores (matmul speed) when every chunk's per-channel decay span allows it, the
+    exact secondary chunking otherwise (one decision for the whole call)."""
+    # Both branches are rematerialised in the backward pass: a cond's residuals are the union over
+    # its branches, so the exact branch's [c, c, K] tensors would otherwise be stored (as zeros)
+    # even when the factored branch runs.
+    span = -jnp.min(jnp.sum(g, axis=3))
+    factored = jax.checkpoint(_per_channel_scores_factored)
+    exact = jax.checkpoint(lambda q, k, g: _per_channel_scores_exact(q, k, g, c))
+    return jax.lax.cond(span <= FACTORED_SPAN, factored, exact, q, k, g)
+
+
 def linear_attention(q, k, v, log_decay, *, scale, initial_state, segment_ids, return_final_state,
                      chunk_size):
     B, T, H, K = q.shape
@@ -118,20 +150,13 @@ def linear_attention(q, k, v, log_decay, *, scale, initial_state, segment_ids, r
     else:
         g = _to_chunks(log_decay.astype(dtype), N, C)  # [B, H, N, C] or [B, H, N, C, K]
 
-    # Intra-chunk: decay-weighted causal scores, then masked to same-segment pairs.
-    causal_CxC = jnp.tril(jnp.ones((C, C), dtype))
-    if per_channel:
-        scores = _per_channel_scores(q_BxHxNxCxK, k_BxHxNxCxK, g, _sub_chunk(C))
-    else:
-        decay_CxC = jnp.exp(segsum(g)) * causal_CxC if log_decay is not None else causal_CxC
-        scores = _einsum("bhnik,bhnjk->bhnij", q_BxHxNxCxK, k_BxHxNxCxK) * decay_CxC
-
     # Decay from the chunk start to token i (inclusive), from token j to the chunk end (exclusive).
     g_time = g if per_channel else g[..., None]  # [B, H, N, C, K or 1]
     from_start = jnp.exp(jnp.cumsum(g_time, axis=3))
     to_end = jnp.exp(_suffix_sum(g_time, axis=3))
     chunk_decay = jnp.exp(jnp.sum(g_time, axis=3))[..., None]  # [B, H, N, K or 1, 1]
 
+    same = None  # [B, N, C, C]: tokens i, j of a chunk are in the same segment
     if segment_ids is not None:
         starts_BxT = jnp.concatenate(
             [jnp.zeros((B, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
@@ -140,7 +165,6 @@ def linear_attention(q, k, v, log_decay, *, scale, initial_state, segment_ids, r
         segment_BxNxC = segment_BxT.reshape(B, N, C)
         entering_BxN = jnp.concatenate([segment_BxNxC[:, :1, 0], segment_BxNxC[:, :-1, -1]], axis=1)
         same = (segment_BxNxC[:, :, :, None] == segment_BxNxC[:, :, None, :]).astype(dtype)
-        scores = scores * same[:, None]
         reaches = (segment_BxNxC == entering_BxN[:, :, None]).astype(dtype)  # state -> token i
         leaves = (segment_BxNxC == segment_BxNxC[:, :, -1:]).astype(dtype)  # token j -> state
         survives = (segment_BxNxC[:, :, -1] == entering_BxN).astype(dtype)  # state -> next chunk
@@ -148,6 +172,15 @@ def linear_attention(q, k, v, log_decay, *, scale, initial_state, segment_ids, r
         to_end = to_end * leaves[:, None, :, :, None]
         chunk_decay = chunk_decay * survives[:, None, :, None, None]
 
+    # Intra-chunk: decay-weighted causal scores of same-segment pairs, times v.
+    if per_channel:
+        scores = _per_channel_scores(q_BxHxNxCxK, k_BxHxNxCxK, g, _sub_chunk(C))
+    else:
+        causal_CxC = jnp.tril(jnp.ones((C, C), dtype))
+        decay_CxC = jnp.exp(segsum(g)) * causal_CxC if log_decay is not None else causal_CxC
+        scores = _einsum("bhnik,bhnjk->bhnij", q_BxHxNxCxK, k_BxHxNxCxK) * decay_CxC
+    if same is not None:
+        scores = scores * same[:, None]
     o_BxHxNxCxV = _einsum("bhnij,bhnjv->bhniv", scores, v_BxHxNxCxV)
 
     # Inter-chunk: each chunk's own contribution to the state, then a scan passes the state on.

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.linear_attention import linear_attention
+from pallas_kernels.linear_attention import linear_attention, xla
 from linear_attention_cases import Case, assert_matches_reference, make_inputs
 
 IMPLEMENTATIONS = ["xla"] + [
@@ -28,6 +28,7 @@ CORE = [
     Case(64, "channel", segments=True, chunk_size=16),  # chunk divides T
     Case(65, "channel", segments=True, chunk_size=7),  # odd chunk, does not divide T
     Case(257, "channel", segments=True, chunk_size=48),  # 3 sub-chunks of 16 per chunk
+    Case(257, "channel", segments=True, decay_min=-0.5),  # GLA-like gates: xla's factored form
     Case(100, "scalar", segments=True, chunk_size=32, decay_min=-20.0),  # strong gates
     Case(100, "channel", segments=True, decay_min=-20.0),
     Case(65, "scalar", segments=True, dtype="bfloat16"),
@@ -116,6 +117,18 @@ def test_xla_chunk_size_invariance(decay):
         o, s = run(x, chunk_size)
         np.testing.assert_allclose(o, o_1, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(s, s_1, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [16, 64])
+def test_xla_factored_and_exact_per_channel_scores_agree(chunk_size):
+    """Law: xla's two forms of the per-channel intra-chunk scores (factored matmul, exact
+    secondary chunking) give the same numbers where both apply (decay span <= 40 per chunk)."""
+    rng = np.random.default_rng(0)
+    q, k = (jnp.asarray(rng.standard_normal((1, 2, 3, chunk_size, 8)), jnp.float32) for _ in range(2))
+    g = jnp.asarray(rng.uniform(-39.0 / chunk_size, 0.0, (1, 2, 3, chunk_size, 8)), jnp.float32)
+    factored = xla._per_channel_scores_factored(q, k, g)
+    exact = xla._per_channel_scores_exact(q, k, g, xla._sub_chunk(chunk_size))
+    np.testing.assert_allclose(factored, exact, rtol=2e-5, atol=2e-5 * float(jnp.max(jnp.abs(exact))))
 
 
 def test_defaults_jit_and_no_final_state():
