@@ -33,6 +33,7 @@ class Layout:
     decay_dim: int  # 1 (none or scalar per head) or key_dim (per channel)
     per_channel: bool
     has_segments: bool
+    has_decay: bool
 
     @property
     def num_chunks(self) -> int:
@@ -44,7 +45,8 @@ def make_layout(q, v, log_decay, segment_ids, chunk_size: int) -> Layout:
     padded_len = -(-seq_len // chunk_size) * chunk_size
     per_channel = log_decay is not None and log_decay.ndim == 4
     return Layout(batch, seq_len, heads, key_dim, v.shape[-1], chunk_size, padded_len,
-                  key_dim if per_channel else 1, per_channel, segment_ids is not None)
+                  key_dim if per_channel else 1, per_channel, segment_ids is not None,
+                  log_decay is not None)
 
 
 def to_heads(x_BxTxHxD, layout: Layout):
@@ -74,6 +76,11 @@ def row_form(x_BxHxTpx1, layout: Layout):
     """[B, H, Tp, 1] -> [B, H, NC, 1, C]: the same values laid out along lanes, per chunk."""
     return x_BxHxTpx1.reshape(x_BxHxTpx1.shape[0], x_BxHxTpx1.shape[1], layout.num_chunks, 1,
                               layout.chunk)
+
+
+def rows(x_BxHxTpx1, layout: Layout):
+    """[B, H, Tp, 1] -> [B, H, NC, C]: per-token scalars as one row per chunk (no lane padding)."""
+    return x_BxHxTpx1.reshape(x_BxHxTpx1.shape[0], x_BxHxTpx1.shape[1], layout.num_chunks, layout.chunk)
 
 
 def segment_flags(segment_ids_BxT, layout: Layout):

@@ -35,7 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.linear_attention import chunking
-from pallas_kernels.linear_attention.tpu_chunk import (F32, NT, TN, dot, pair_keep,
+from pallas_kernels.linear_attention.tpu_chunk import (F32, NT, TN, chunk_vectors, dot, pair_keep,
                                                         per_channel_scores, scalar_decay_weights)
 
 
@@ -55,9 +55,8 @@ def block_specs(config: Config, reverse: bool = False):
     chunk_of = (lambda i: nc - 1 - i) if reverse else (lambda i: i)
     return dict(
         head=lambda d: pl.BlockSpec((None, None, c, d), lambda b, h, i: (b, h, chunk_of(i), 0)),
-        head_row=pl.BlockSpec((None, None, None, 1, c), lambda b, h, i: (b, h, chunk_of(i), 0, 0)),
-        batch=pl.BlockSpec((None, None, c, 1), lambda b, h, i: (b, 0, chunk_of(i), 0)),
-        batch_row=pl.BlockSpec((None, None, None, 1, c), lambda b, h, i: (b, 0, chunk_of(i), 0, 0)),
+        head_rows=pl.BlockSpec((None, None, nc, c), lambda b, h, i: (b, h, 0, 0)),
+        batch_rows=pl.BlockSpec((None, None, nc, c), lambda b, h, i: (b, 0, 0, 0)),
         state=pl.BlockSpec((None, None, lay.value_dim, lay.key_dim), lambda b, h, i: (b, h, 0, 0)),
         chunk_state=pl.BlockSpec((None, None, None, lay.value_dim, lay.key_dim),
                                  lambda b, h, i: (b, h, chunk_of(i), 0, 0)),
@@ -72,14 +71,11 @@ def _forward_kernel(config: Config, save_states: bool, *refs):
     lay = config.layout
     c = lay.chunk
     refs = list(refs)
-    q_ref, k_ref, v_ref, b_ref = refs[:4]
-    del refs[:4]
-    b_row_ref = None if lay.per_channel else refs.pop(0)
+    q_ref, k_ref, v_ref = refs[:3]
+    del refs[:3]
+    b_ref = refs.pop(0) if lay.has_decay else None
     s0_ref = refs.pop(0) if config.has_initial_state else None
-    count_ref = count_row_ref = in_ref = out_ref = None
-    if lay.has_segments:
-        count_ref, count_row_ref, in_ref, out_ref = refs[:4]
-        del refs[:4]
+    segment_refs = [refs.pop(0) for _ in range(3)] if lay.has_segments else []
     o_ref, final_ref = refs[:2]
     del refs[:2]
     states_ref = refs.pop(0) if save_states else None
@@ -98,26 +94,25 @@ def _forward_kernel(config: Config, save_states: bool, *refs):
     q_CxK = q_ref[...].astype(F32)
     k_CxK = k_ref[...].astype(F32)
     v_CxV = v_ref[...].astype(F32)
-    b_CxG = b_ref[...]
+    vec = chunk_vectors(lay, i, b_ref, segment_refs)
+    b_CxG = vec["b"]
     b_last_1xG = b_CxG[c - 1:c, :]
     q_decayed = q_CxK * jnp.exp(b_CxG)
     k_decayed = k_CxK * jnp.exp(b_last_1xG - b_CxG)
-    count_col = None
     if lay.has_segments:
-        count_col = count_ref[...]
-        q_decayed = q_decayed * in_ref[...]
-        k_decayed = k_decayed * out_ref[...]
+        q_decayed = q_decayed * vec["in_col"]
+        k_decayed = k_decayed * vec["out_col"]
     if lay.per_channel:
         q32_ref[...] = q_CxK
-        per_channel_scores(q32_ref, b_ref, k_CxK, b_CxG, count_ref, count_col, p_ref, c)
+        per_channel_scores(q32_ref, b_ref, k_CxK, b_CxG, vec["count_col"], vec["count_row"], p_ref, c)
         p_CxC = p_ref[...]
     else:
-        keep = pair_keep(c, count_col, None if count_row_ref is None else count_row_ref[...])
-        p_CxC = mm(q_CxK, k_CxK, NT) * scalar_decay_weights(b_CxG, b_row_ref[...], keep)
+        keep = pair_keep(c, vec["count_col"], vec["count_row"])
+        p_CxC = mm(q_CxK, k_CxK, NT) * scalar_decay_weights(b_CxG, vec["b_row"], keep)
     o_ref[...] = (config.scale * (mm(p_CxC, v_CxV) + mm(q_decayed, state_VxK, NT))).astype(o_ref.dtype)
     carried = state_VxK * jnp.exp(b_last_1xG)
     if lay.has_segments:
-        carried = carried * in_ref[c - 1:c, :]
+        carried = carried * vec["carry"]
     new_state = carried + mm(v_CxV, k_decayed, TN)
     state_ref[...] = new_state
 
@@ -127,28 +122,34 @@ def _forward_kernel(config: Config, save_states: bool, *refs):
 
 
 def segment_inputs(segment_ids, layout: chunking.Layout):
-    """(count, count_row, in_flag, out_flag) for the kernels, or () without segments."""
+    """(reset count, in flag, out flag) as float32 rows [B, 1, NC, C], or () without segments."""
     if segment_ids is None:
         return ()
-    count, in_flag, out_flag = chunking.segment_flags(segment_ids, layout)
-    return count, chunking.row_form(count, layout), in_flag, out_flag
+    return tuple(chunking.rows(x.astype(F32), layout) for x in chunking.segment_flags(segment_ids, layout))
+
+
+def decay_input(log_decay, layout: chunking.Layout):
+    """b: None (no decay), rows [B, H, NC, C] (scalar) or chunks of [B, H, Tp, K] (per channel)."""
+    if log_decay is None:
+        return None
+    b = chunking.chunk_cumulative_decay(log_decay, layout)
+    return b if layout.per_channel else chunking.rows(b, layout)
 
 
 def inputs_and_specs(config: Config, q, k, v, b, s0, seg, reverse=False):
     lay = config.layout
     spec = block_specs(config, reverse)
-    args = [q, k, v, b]
-    specs = [spec["head"](lay.key_dim), spec["head"](lay.key_dim), spec["head"](lay.value_dim),
-             spec["head"](lay.decay_dim)]
-    if not lay.per_channel:
-        args.append(chunking.row_form(b, lay))
-        specs.append(spec["head_row"])
+    args = [q, k, v]
+    specs = [spec["head"](lay.key_dim), spec["head"](lay.key_dim), spec["head"](lay.value_dim)]
+    if lay.has_decay:
+        args.append(b)
+        specs.append(spec["head"](lay.key_dim) if lay.per_channel else spec["head_rows"])
     if config.has_initial_state and not reverse:
         args.append(s0)
         specs.append(spec["state"])
     if lay.has_segments:
         args += list(seg)
-        specs += [spec["batch"], spec["batch_row"], spec["batch"], spec["batch"]]
+        specs += [spec["batch_rows"]] * 3
     return args, specs
 
 
@@ -213,8 +214,7 @@ def linear_attention_kernel(q, k, v, log_decay, *, scale: float, initial_state, 
     s0 = None if initial_state is None else jnp.swapaxes(initial_state.astype(F32), 2, 3)
     seg = segment_inputs(segment_ids, layout)
     o, final = _chunked(config, chunking.to_heads(q, layout), chunking.to_heads(k, layout),
-                        chunking.to_heads(v, layout), chunking.chunk_cumulative_decay(log_decay, layout),
-                        s0, seg)
+                        chunking.to_heads(v, layout), decay_input(log_decay, layout), s0, seg)
     return chunking.from_heads(o, layout), (jnp.swapaxes(final, 2, 3) if return_final_state else None)
 
 

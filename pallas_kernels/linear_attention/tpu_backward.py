@@ -24,24 +24,23 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.linear_attention.tpu import (Config, inputs_and_specs, block_specs,
                                                  compiler_params)
-from pallas_kernels.linear_attention.tpu_chunk import (F32, NT, TN, dot, pair_keep,
+from pallas_kernels.linear_attention.tpu_chunk import (F32, NT, TN, chunk_vectors, dot, pair_keep,
                                                         per_channel_score_grads, scalar_decay_weights,
-                                                        sum_to)
+                                                        sum_to, to_row)
 
 
 def _backward_kernel(config: Config, *refs):
     lay = config.layout
     c, scale = lay.chunk, config.scale
     refs = list(refs)
-    q_ref, k_ref, v_ref, b_ref = refs[:4]
-    del refs[:4]
-    b_row_ref = None if lay.per_channel else refs.pop(0)
-    count_ref = count_row_ref = in_ref = out_ref = None
-    if lay.has_segments:
-        count_ref, count_row_ref, in_ref, out_ref = refs[:4]
-        del refs[:4]
-    states_ref, do_ref, dfinal_ref = refs[:3]
-    dq_ref, dk_ref, dv_ref, db_ref, ds0_ref, dstate_ref = refs[3:9]
+    q_ref, k_ref, v_ref = refs[:3]
+    del refs[:3]
+    b_ref = refs.pop(0) if lay.has_decay else None
+    segment_refs = [refs.pop(0) for _ in range(3)] if lay.has_segments else []
+    states_ref, do_ref, dfinal_ref, dq_ref, dk_ref, dv_ref = refs[:6]
+    del refs[:6]
+    db_ref = refs.pop(0) if lay.has_decay else None
+    ds0_ref, dstate_ref = refs[:2]
     i = pl.program_id(2)
     mm = functools.partial(dot, operand_dtype=jnp.dtype(config.mxu_dtype))
 
@@ -55,29 +54,29 @@ def _backward_kernel(config: Config, *refs):
     k_CxK = k_ref[...].astype(F32)
     v_CxV = v_ref[...].astype(F32)
     do_CxV = do_ref[...].astype(F32)
-    b_CxG = b_ref[...]
+    chunk_index = lay.num_chunks - 1 - i
+    vec = chunk_vectors(lay, chunk_index, b_ref, segment_refs)
+    b_CxG = vec["b"]
     b_last_1xG = b_CxG[c - 1:c, :]
     q_weight = jnp.exp(b_CxG)
     k_weight = jnp.exp(b_last_1xG - b_CxG)
-    count_col = None
     if lay.has_segments:
-        count_col = count_ref[...]
-        q_weight = q_weight * in_ref[...]
-        k_weight = k_weight * out_ref[...]
+        q_weight = q_weight * vec["in_col"]
+        k_weight = k_weight * vec["out_col"]
     q_decayed = q_CxK * q_weight
     k_decayed = k_CxK * k_weight
 
     if lay.per_channel:
-        q32_ref, do32_ref, p_ref, dqp_ref = refs[9:]
+        q32_ref, do32_ref, p_ref, dqp_ref = refs[2:]
         q32_ref[...] = q_CxK
         do32_ref[...] = do_CxV
-        dk_p = per_channel_score_grads(q32_ref, b_ref, do32_ref, k_CxK, v_CxV, b_CxG, count_ref,
-                                       count_col, p_ref, dqp_ref, scale, c)
+        dk_p = per_channel_score_grads(q32_ref, b_ref, do32_ref, k_CxK, v_CxV, b_CxG, vec["count_col"],
+                                       vec["count_row"], p_ref, dqp_ref, scale, c)
         p_CxC = p_ref[...]
         dq_p = dqp_ref[...]
     else:
-        keep = pair_keep(c, count_col, None if count_row_ref is None else count_row_ref[...])
-        weights = scalar_decay_weights(b_CxG, b_row_ref[...], keep)
+        keep = pair_keep(c, vec["count_col"], vec["count_row"])
+        weights = scalar_decay_weights(b_CxG, vec["b_row"], keep)
         p_CxC = mm(q_CxK, k_CxK, NT) * weights
         dp_weighted = scale * mm(do_CxV, v_CxV, NT) * weights
         dq_p = mm(dp_weighted, k_CxK)
@@ -89,29 +88,30 @@ def _backward_kernel(config: Config, *refs):
     dk_ref[...] = (dk_p + dk_decayed * k_weight).astype(dk_ref.dtype)
     dv_ref[...] = (scale * mm(p_CxC, do_CxV, TN) + mm(k_decayed, dstate_VxK, NT)).astype(dv_ref.dtype)
 
-    k_term = dk_decayed * k_decayed
     decay_last = jnp.exp(b_last_1xG)
-    carry_term = decay_last * jnp.sum(state_VxK * dstate_VxK, axis=0, keepdims=True)  # [1, K]
-    d_last = sum_to(jnp.sum(k_term, axis=0, keepdims=True) + carry_term_gate(carry_term, in_ref, c),
-                    lay.decay_dim)
-    db = sum_to(q_CxK * dq_p - k_CxK * dk_p + dq_decayed * q_decayed - k_term, lay.decay_dim)
-    row = jax.lax.broadcasted_iota(jnp.int32, db.shape, 0)
-    db_ref[...] = db + jnp.where(row == c - 1, d_last, 0.0)
+    if db_ref is not None:
+        k_term = dk_decayed * k_decayed
+        carry_term = decay_last * jnp.sum(state_VxK * dstate_VxK, axis=0, keepdims=True)  # [1, K]
+        if lay.has_segments:  # the carried state's decay matters only if the state survives
+            carry_term = carry_term * vec["carry"]
+        d_last = sum_to(jnp.sum(k_term, axis=0, keepdims=True) + carry_term, lay.decay_dim)
+        db = sum_to(q_CxK * dq_p - k_CxK * dk_p + dq_decayed * q_decayed - k_term, lay.decay_dim)
+        row = jax.lax.broadcasted_iota(jnp.int32, db.shape, 0)
+        db = db + jnp.where(row == c - 1, d_last, 0.0)
+        if lay.per_channel:
+            db_ref[...] = db
+        else:
+            db_ref[pl.ds(chunk_index, 1), :] = to_row(db)
 
     carried = dstate_VxK * decay_last
     if lay.has_segments:
-        carried = carried * in_ref[c - 1:c, :]
+        carried = carried * vec["carry"]
     new_dstate = scale * mm(do_CxV, q_decayed, TN) + carried
     dstate_ref[...] = new_dstate
 
     @pl.when(i == lay.num_chunks - 1)
     def _first_chunk():
         ds0_ref[...] = new_dstate
-
-
-def carry_term_gate(term, in_ref, c):
-    """The carried state's decay only matters when the state survives the chunk."""
-    return term if in_ref is None else term * in_ref[c - 1:c, :]
 
 
 def backward(config: Config, q, k, v, b, seg, states, d_o, d_final):
@@ -126,12 +126,14 @@ def backward(config: Config, q, k, v, b, seg, states, d_o, d_final):
         scratch += [pltpu.VMEM((lay.chunk, lay.key_dim), F32), pltpu.VMEM((lay.chunk, lay.value_dim), F32),
                     pltpu.VMEM((lay.chunk, lay.chunk), F32), pltpu.VMEM((lay.chunk, lay.key_dim), F32)]
     head = lambda d, dtype: jax.ShapeDtypeStruct((lay.batch, lay.heads, lay.padded_len, d), dtype)
-    out_shape = [head(lay.key_dim, q.dtype), head(lay.key_dim, k.dtype), head(lay.value_dim, v.dtype),
-                 head(lay.decay_dim, F32),
-                 jax.ShapeDtypeStruct((lay.batch, lay.heads, lay.value_dim, lay.key_dim), F32)]
-    out_specs = [spec["head"](lay.key_dim), spec["head"](lay.key_dim), spec["head"](lay.value_dim),
-                 spec["head"](lay.decay_dim), spec["state"]]
-    dq, dk, dv, db, ds0 = pl.pallas_call(
+    out_shape = [head(lay.key_dim, q.dtype), head(lay.key_dim, k.dtype), head(lay.value_dim, v.dtype)]
+    out_specs = [spec["head"](lay.key_dim), spec["head"](lay.key_dim), spec["head"](lay.value_dim)]
+    if lay.has_decay:
+        out_shape.append(jax.ShapeDtypeStruct(b.shape, F32))
+        out_specs.append(spec["head"](lay.key_dim) if lay.per_channel else spec["head_rows"])
+    out_shape.append(jax.ShapeDtypeStruct((lay.batch, lay.heads, lay.value_dim, lay.key_dim), F32))
+    out_specs.append(spec["state"])
+    grads = pl.pallas_call(
         functools.partial(_backward_kernel, config),
         grid=(lay.batch, lay.heads, lay.num_chunks),
         in_specs=in_specs,
@@ -142,4 +144,7 @@ def backward(config: Config, q, k, v, b, seg, states, d_o, d_final):
         interpret=config.interpret,
         name="linear_attention_bwd",
     )(*args)
-    return dq, dk, dv, db, ds0
+    grads = list(grads)
+    if not lay.has_decay:
+        grads.insert(3, None)
+    return tuple(grads)
