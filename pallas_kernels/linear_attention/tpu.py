@@ -14,8 +14,8 @@ last row, P the intra-chunk decayed scores of tpu_chunk.py, S the state entering
 
 Grid (B, H, chunks); the chunk axis is sequential ("arbitrary") and carries the state, stored
 transposed ([V, K], so the per-channel decay is a lane broadcast) in a VMEM scratch. When a
-backward follows, the forward also writes the state entering every chunk ([B, H, NC, V, K]) as its
-residual (tpu_backward.py walks the chunks in reverse carrying dS). Matmuls accumulate in float32;
+backward follows, the forward also writes the state entering every chunk ([B, H, NC, V, K], in the
+matmul operand dtype) as its residual (tpu_backward.py walks the chunks in reverse carrying dS). Matmuls accumulate in float32;
 their operands are float32, or bfloat16 when q, k and v are bfloat16 (decayed keys, scores and the
 state are then rounded to bfloat16 before the MXU, as in flash-linear-attention); decay weights,
 state and all elementwise math stay float32. Segment resets: the carried state reaches only
@@ -90,7 +90,7 @@ def _forward_kernel(config: Config, save_states: bool, *refs):
 
     state_VxK = state_ref[...]
     if states_ref is not None:
-        states_ref[...] = state_VxK
+        states_ref[...] = state_VxK.astype(states_ref.dtype)
     q_CxK = q_ref[...].astype(F32)
     k_CxK = k_ref[...].astype(F32)
     v_CxV = v_ref[...].astype(F32)
@@ -164,7 +164,9 @@ def forward(config: Config, q, k, v, b, s0, seg, save_states: bool):
     out_shape = [
         jax.ShapeDtypeStruct((lay.batch, lay.heads, lay.padded_len, lay.value_dim), v.dtype),
         jax.ShapeDtypeStruct((lay.batch, lay.heads, lay.value_dim, lay.key_dim), F32),
-        jax.ShapeDtypeStruct((lay.batch, lay.heads, lay.num_chunks, lay.value_dim, lay.key_dim), F32),
+        # The backward's state residual, stored in the matmul operand dtype (bf16 halves it).
+        jax.ShapeDtypeStruct((lay.batch, lay.heads, lay.num_chunks, lay.value_dim, lay.key_dim),
+                             jnp.dtype(config.mxu_dtype)),
     ][:3 if save_states else 2]
     return pl.pallas_call(
         functools.partial(_forward_kernel, config, save_states),

@@ -49,7 +49,7 @@ def _backward_kernel(config: Config, *refs):
         dstate_ref[...] = dfinal_ref[...]
 
     dstate_VxK = dstate_ref[...]
-    state_VxK = states_ref[...]
+    state_VxK = states_ref[...].astype(F32)
     q_CxK = q_ref[...].astype(F32)
     k_CxK = k_ref[...].astype(F32)
     v_CxV = v_ref[...].astype(F32)
