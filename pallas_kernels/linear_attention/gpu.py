@@ -19,7 +19,13 @@ state in registers and walks all chunks in a `fori_loop` (GPU grids have no sequ
 intra-chunk scores P are recomputed per V block. Scalar/no decay: P = (q k^T) * exp(b_t - b_s) with
 two dots. Per-channel decay: one query row per step, `P[t, :] = sum_k q_t k exp(b_t - b)` with
 exponents <= 0 (no exp(-b) overflow). The forward saves the state entering every chunk for the
-backward (gpu_backward.py). Off GPU the kernels run in Pallas interpret mode.
+backward (gpu_backward.py). Dots take bfloat16 operands for bfloat16 inputs, else float32 operands
+at IEEE precision (not TF32); accumulation is float32. Off GPU the kernels run in interpret mode.
+
+Status: matches the float64 reference in interpret mode and lowers to Triton IR for an H100, but
+has not run on a GPU. Parallelism is B * H * V/BV programs, each walking the sequence; a separate
+chunk-parallel state pass (as in flash-linear-attention) would be needed for small batch * heads.
+jax 0.12 warns that the Pallas Triton backend is deprecated.
 """
 
 import dataclasses

@@ -13,14 +13,22 @@ last row, P the intra-chunk decayed scores of tpu_chunk.py, S the state entering
     S_new = diag(exp(b_C)) S + (k * exp(b_C - b))^T v
 
 Grid (B, H, chunks); the chunk axis is sequential ("arbitrary") and carries the state, stored
-transposed ([V, K], so the per-channel decay is a lane broadcast) in a VMEM scratch. When a
-backward follows, the forward also writes the state entering every chunk ([B, H, NC, V, K], in the
-matmul operand dtype) as its residual (tpu_backward.py walks the chunks in reverse carrying dS). Matmuls accumulate in float32;
-their operands are float32, or bfloat16 when q, k and v are bfloat16 (decayed keys, scores and the
-state are then rounded to bfloat16 before the MXU, as in flash-linear-attention); decay weights,
-state and all elementwise math stay float32. Segment resets: the carried state reaches only
-tokens still in the chunk's first segment (`in` flag), and only tokens of the chunk's last segment
-enter it (`out` flag); the state survives the chunk only if no segment starts in it.
+transposed ([V, K], so the per-channel decay is a lane broadcast) in a VMEM scratch. Per-token
+decay and segment vectors travel as [NC, C] rows (tpu_chunk.chunk_vectors). When a backward
+follows, the forward also writes the state entering every chunk ([B, H, NC, V, K], in the matmul
+operand dtype) as its residual; tpu_backward.py walks the chunks in reverse carrying dS.
+
+Precision: matmuls accumulate in float32; their operands are float32, or bfloat16 when q, k and v
+are bfloat16 (decayed keys, scores and the state are then rounded to bfloat16 before the MXU, as in
+flash-linear-attention). Decay weights, the carried state and all elementwise math stay float32.
+Segment resets: the carried state reaches only tokens still in the chunk's first segment (`in`
+flag), only tokens of the chunk's last segment enter it (`out` flag), and it survives the chunk
+only if no segment starts in it.
+
+Cost: scalar / no decay is MXU work (q k^T, P v, q S, v^T k per chunk). Per-channel decay builds P
+one query row at a time (C rows of [C, K] exponentials and a 1-row matmul each), which is VPU/EUP
+bound; sub-chunking the off-diagonal blocks onto the MXU (as xla.py and flash-linear-attention's
+chunk_gla do) is the known next step.
 
 chunk_size is rounded up to a multiple of 8 (the sublane tile): the chunk only changes the order
 of float32 sums, not the result. Off TPU the kernels run in Pallas interpret mode.
