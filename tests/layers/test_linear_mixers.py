@@ -2,6 +2,7 @@
 gradients, segment isolation, chunked == recurrent decoding, jit == eager, the parameter count and
 logical axes. Budgets, FLOPs and the registry: test_linear_mixer_budgets.py."""
 
+import dataclasses
 import functools
 
 import jax
@@ -61,13 +62,17 @@ def test_parameter_budget(name):
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_causal_through_gradients(name):
-    """d y_t / d x_s == 0 for every s > t, and != 0 for s <= t."""
+    """d y_t / d x_s == 0 for every s > t, and != 0 for s <= t.
+
+    Up to float32 roundoff: the op's factored per-channel form (GLA) scales q and k by
+    exp(+-(b - m)) with m the middle of the chunk's cumulative gate, which cancels exactly in the
+    math but leaves ~1e-11 gradients from later gates in the same chunk."""
     layer = jitted(build(name))
     x = x_input(9, B=1)
     jac = jax.jit(jax.jacrev(lambda x: layer(x)))(x)[0, :, :, 0, :, :]  # [t, d, s, d']
     influence = np.abs(np.asarray(jac)).sum(axis=(1, 3))  # [t, s]
-    assert np.all(influence[np.triu_indices(9, k=1)] == 0)
-    assert np.all(influence[np.tril_indices(9)] > 0)
+    assert np.all(influence[np.triu_indices(9, k=1)] <= 1e-7 * influence.max())
+    assert np.all(influence[np.tril_indices(9)] > 1e-7 * influence.max())
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -127,3 +132,16 @@ def test_decoding_refuses_segment_ids(name):
     layer = build(name)
     with pytest.raises(ValueError, match="segment_ids are not supported while decoding"):
         layer(x_input(3), segment_ids=jnp.ones((2, 3), jnp.int32), cache=layer.init_cache(2, 3))
+
+
+@pytest.mark.parametrize("name", ["linear_attention", "gla", "mamba2"])
+def test_bfloat16_compute_tracks_float32(name):
+    """The same parameters with bf16 compute (float32 accumulation and state) stay close to float32."""
+    module, config = CONFIGS[name]
+    low = module(dataclasses.replace(config, dtype="bfloat16"), rngs=nnx.Rngs(0))
+    nnx.update(low, nnx.state(build(name), nnx.Param))
+    x = x_input(11)
+    y32, y16 = jitted(build(name))(x), jitted(low)(x)
+    assert y16.dtype == jnp.bfloat16
+    err = float(jnp.linalg.norm(y16.astype(jnp.float32) - y32) / jnp.linalg.norm(y32))
+    assert err < 2e-2, err
