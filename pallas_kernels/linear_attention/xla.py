@@ -44,6 +44,7 @@ import jax.numpy as jnp
 
 PRECISION = jax.lax.Precision.HIGHEST  # float32 matmuls; TPU/GPU defaults would round to bf16/tf32
 SUB_CHUNK = 16
+BLOCK_TOKENS = 512  # longer sequences are scanned in blocks of about this many tokens
 FACTORED_SPAN = 40.0  # exp(40) ~ 2e17: factored products stay far from float32 overflow
 
 
@@ -110,32 +111,80 @@ def _per_channel_scores_exact(q, k, g, c):
     return scores.reshape(B, H, N, C, C)
 
 
-def _per_channel_scores_factored(q, k, g):
-    """The same scores as one matmul: exp(b_i - b_j) = exp(b_i - m) exp(m - b_j) with b the
-    within-chunk cumulative log-decay and m the middle of its range, per chunk and channel. Every
-    factor is at most exp(span / 2) and every product at most exp(span), span = -(g_1 + .. + g_C):
-    finite and accurate while span <= FACTORED_SPAN."""
+def _per_channel_factored(q, k, g):
+    """Intra-chunk scores as one matmul: exp(b_i - b_j) = exp(b_i - m) exp(m - b_j) with b the
+    within-chunk cumulative log-decay and m = b_C / 2 the middle of its range, per chunk and
+    channel. Every factor is at most exp(span / 2) and every product at most exp(span), span =
+    -(g_1 + .. + g_C): finite and accurate while span <= FACTORED_SPAN. The decayed q and k of the
+    inter-chunk part reuse the factors: q exp(b) = (q exp(b - m)) exp(m), k exp(b_C - b) =
+    (k exp(m - b)) exp(m)."""
     b = jnp.cumsum(g, axis=3)  # [B, H, N, C, K]
     middle = 0.5 * b[:, :, :, -1:, :]
-    scores = _einsum("bhnik,bhnjk->bhnij", q * jnp.exp(b - middle), k * jnp.exp(middle - b))
+    q_factor, k_factor = q * jnp.exp(b - middle), k * jnp.exp(middle - b)
     C = q.shape[3]
-    return scores * jnp.tril(jnp.ones((C, C), q.dtype))
+    scores = _einsum("bhnik,bhnjk->bhnij", q_factor, k_factor) * jnp.tril(jnp.ones((C, C), q.dtype))
+    return scores, q_factor * jnp.exp(middle), k_factor * jnp.exp(middle)
 
 
-def _per_channel_scores(q, k, g, c):
-    """Factored scores (matmul speed) when every chunk's per-channel decay span allows it, the
-    exact secondary chunking otherwise (one decision for the whole call)."""
-    # Both branches are rematerialised in the backward pass: a cond's residuals are the union over
-    # its branches, so the exact branch's [c, c, K] tensors would otherwise be stored (as zeros)
-    # even when the factored branch runs.
+def _per_channel_exact(q, k, g, c):
+    return (_per_channel_scores_exact(q, k, g, c), q * jnp.exp(jnp.cumsum(g, axis=3)),
+            k * jnp.exp(_suffix_sum(g, axis=3)))
+
+
+def _per_channel(q, k, g, c):
+    """(scores [B, H, N, C, C], q * exp(b), k * exp(b_C - b)) for per-channel gates: factored (matmul
+    speed) when every chunk's decay span allows it, exact otherwise (one decision per call or
+    block of BLOCK_TOKENS)."""
+    # The exact branch is rematerialised in the backward pass: a cond's residuals are the union
+    # over its branches, so its [c, c, K] tensors would otherwise be stored (as zeros) even when
+    # the factored branch runs.
     span = -jnp.min(jnp.sum(g, axis=3))
-    factored = jax.checkpoint(_per_channel_scores_factored)
-    exact = jax.checkpoint(lambda q, k, g: _per_channel_scores_exact(q, k, g, c))
-    return jax.lax.cond(span <= FACTORED_SPAN, factored, exact, q, k, g)
+    exact = jax.checkpoint(lambda q, k, g: _per_channel_exact(q, k, g, c))
+    return jax.lax.cond(span <= FACTORED_SPAN, _per_channel_factored, exact, q, k, g)
 
 
 def linear_attention(q, k, v, log_decay, *, scale, initial_state, segment_ids, return_final_state,
                      chunk_size):
+    """Chunked linear attention; sequences longer than BLOCK_TOKENS run block by block (a scan
+    carrying the state), so the working set, and the time per token, stay flat in T."""
+    B, T = q.shape[:2]
+    C = min(chunk_size, T)
+    L = max(C, (BLOCK_TOKENS // C) * C)  # tokens per block, a multiple of the chunk
+    if T <= L:
+        return _chunked(q, k, v, log_decay, scale=scale, initial_state=initial_state,
+                        segment_ids=segment_ids, return_final_state=return_final_state, chunk_size=C)
+    M = math.ceil(T / L)
+
+    def to_blocks(x, mode="constant"):  # [B, T, ...] -> [M, B, L, ...], padded like the chunks
+        x = jnp.pad(x, [(0, 0), (0, M * L - T)] + [(0, 0)] * (x.ndim - 2), mode=mode)
+        return jnp.moveaxis(x.reshape((B, M, L) + x.shape[2:]), 1, 0)
+
+    segments = resets = None
+    if segment_ids is not None:
+        segments = to_blocks(segment_ids, mode="edge")
+        previous = jnp.concatenate([segments[:1, :, 0], segments[:-1, :, -1]], axis=0)
+        resets = segments[:, :, 0] != previous  # [M, B]: a segment starts with the block
+    log_decay_blocks = None if log_decay is None else to_blocks(log_decay)
+
+    def block(state_BxHxKxV, inputs):
+        q, k, v, g, seg, reset = inputs
+        if reset is not None:
+            state_BxHxKxV = jnp.where(reset[:, None, None, None], 0.0, state_BxHxKxV)
+        o, state_BxHxKxV = _chunked(q, k, v, g, scale=scale, initial_state=state_BxHxKxV,
+                                    segment_ids=seg, return_final_state=True, chunk_size=C)
+        return state_BxHxKxV, o
+
+    dtype = jnp.result_type(q.dtype, k.dtype, v.dtype, jnp.float32)
+    state_BxHxKxV = (jnp.zeros((B, q.shape[2], q.shape[3], v.shape[3]), dtype) if initial_state is None
+                     else initial_state.astype(dtype))
+    final_BxHxKxV, o_MxBxLxHxV = jax.lax.scan(
+        block, state_BxHxKxV, (to_blocks(q), to_blocks(k), to_blocks(v), log_decay_blocks, segments, resets))
+    o_BxTxHxV = jnp.moveaxis(o_MxBxLxHxV, 0, 1).reshape((B, M * L) + o_MxBxLxHxV.shape[3:])[:, :T]
+    return o_BxTxHxV, (final_BxHxKxV if return_final_state else None)
+
+
+def _chunked(q, k, v, log_decay, *, scale, initial_state, segment_ids, return_final_state,
+             chunk_size):
     B, T, H, K = q.shape
     V = v.shape[-1]
     dtype = jnp.result_type(q.dtype, k.dtype, v.dtype, jnp.float32)
@@ -150,13 +199,19 @@ def linear_attention(q, k, v, log_decay, *, scale, initial_state, segment_ids, r
     else:
         g = _to_chunks(log_decay.astype(dtype), N, C)  # [B, H, N, C] or [B, H, N, C, K]
 
-    # Decay from the chunk start to token i (inclusive), from token j to the chunk end (exclusive).
-    g_time = g if per_channel else g[..., None]  # [B, H, N, C, K or 1]
-    from_start = jnp.exp(jnp.cumsum(g_time, axis=3))
-    to_end = jnp.exp(_suffix_sum(g_time, axis=3))
-    chunk_decay = jnp.exp(jnp.sum(g_time, axis=3))[..., None]  # [B, H, N, K or 1, 1]
+    # Intra-chunk scores, and q, k decayed from the chunk start to token i (inclusive) and from
+    # token j to the chunk end (exclusive) for the inter-chunk part.
+    if per_channel:
+        scores, q_in, k_out = _per_channel(q_BxHxNxCxK, k_BxHxNxCxK, g, _sub_chunk(C))
+        chunk_decay = jnp.exp(jnp.sum(g, axis=3))[..., None]  # [B, H, N, K, 1]
+    else:
+        causal_CxC = jnp.tril(jnp.ones((C, C), dtype))
+        decay_CxC = jnp.exp(segsum(g)) * causal_CxC if log_decay is not None else causal_CxC
+        scores = _einsum("bhnik,bhnjk->bhnij", q_BxHxNxCxK, k_BxHxNxCxK) * decay_CxC
+        q_in = q_BxHxNxCxK * jnp.exp(jnp.cumsum(g, axis=3))[..., None]
+        k_out = k_BxHxNxCxK * jnp.exp(_suffix_sum(g, axis=3))[..., None]
+        chunk_decay = jnp.exp(jnp.sum(g, axis=3))[..., None, None]  # [B, H, N, 1, 1]
 
-    same = None  # [B, N, C, C]: tokens i, j of a chunk are in the same segment
     if segment_ids is not None:
         starts_BxT = jnp.concatenate(
             [jnp.zeros((B, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
@@ -168,23 +223,15 @@ def linear_attention(q, k, v, log_decay, *, scale, initial_state, segment_ids, r
         reaches = (segment_BxNxC == entering_BxN[:, :, None]).astype(dtype)  # state -> token i
         leaves = (segment_BxNxC == segment_BxNxC[:, :, -1:]).astype(dtype)  # token j -> state
         survives = (segment_BxNxC[:, :, -1] == entering_BxN).astype(dtype)  # state -> next chunk
-        from_start = from_start * reaches[:, None, :, :, None]
-        to_end = to_end * leaves[:, None, :, :, None]
+        scores = scores * same[:, None]
+        q_in = q_in * reaches[:, None, :, :, None]
+        k_out = k_out * leaves[:, None, :, :, None]
         chunk_decay = chunk_decay * survives[:, None, :, None, None]
 
-    # Intra-chunk: decay-weighted causal scores of same-segment pairs, times v.
-    if per_channel:
-        scores = _per_channel_scores(q_BxHxNxCxK, k_BxHxNxCxK, g, _sub_chunk(C))
-    else:
-        causal_CxC = jnp.tril(jnp.ones((C, C), dtype))
-        decay_CxC = jnp.exp(segsum(g)) * causal_CxC if log_decay is not None else causal_CxC
-        scores = _einsum("bhnik,bhnjk->bhnij", q_BxHxNxCxK, k_BxHxNxCxK) * decay_CxC
-    if same is not None:
-        scores = scores * same[:, None]
     o_BxHxNxCxV = _einsum("bhnij,bhnjv->bhniv", scores, v_BxHxNxCxV)
 
     # Inter-chunk: each chunk's own contribution to the state, then a scan passes the state on.
-    update_BxHxNxKxV = _einsum("bhnjk,bhnjv->bhnkv", k_BxHxNxCxK * to_end, v_BxHxNxCxV)
+    update_BxHxNxKxV = _einsum("bhnjk,bhnjv->bhnkv", k_out, v_BxHxNxCxV)
 
     def step(state_BxHxKxV, inputs):
         decay, update_BxHxKxV = inputs
@@ -194,8 +241,7 @@ def linear_attention(q, k, v, log_decay, *, scale, initial_state, segment_ids, r
                      else initial_state.astype(dtype))
     final_BxHxKxV, entering_NxBxHxKxV = jax.lax.scan(
         step, state_BxHxKxV, (jnp.moveaxis(chunk_decay, 2, 0), jnp.moveaxis(update_BxHxNxKxV, 2, 0)))
-    o_BxHxNxCxV = o_BxHxNxCxV + _einsum("bhnik,nbhkv->bhniv", q_BxHxNxCxK * from_start,
-                                        entering_NxBxHxKxV)
+    o_BxHxNxCxV = o_BxHxNxCxV + _einsum("bhnik,nbhkv->bhniv", q_in, entering_NxBxHxKxV)
 
     o_BxTxHxV = jnp.moveaxis(o_BxHxNxCxV, 1, 3).reshape(B, N * C, H, V)[:, :T]
     o_BxTxHxV = (scale * o_BxTxHxV).astype(v.dtype)

@@ -25,7 +25,6 @@ CORE = [
     Case(65, "channel", segments=True),  # xla: exact per-channel form (decay span > 40 per chunk)
     Case(257, "scalar", segments=True),  # chunk of 64 does not divide T
     Case(64, "channel", segments=True, chunk_size=16),  # chunk divides T
-    Case(65, "channel", segments=True, chunk_size=7),  # odd chunk, does not divide T
     Case(257, "channel", segments=True, decay_min=-0.5),  # GLA-like gates: xla's factored form
     Case(100, "scalar", segments=True, chunk_size=32, decay_min=-20.0),  # strong gates
     Case(100, "channel", segments=True, decay_min=-20.0),
@@ -37,6 +36,7 @@ REST = [Case(T, decay, segments=T > 1) for T in (1, 63, 64, 65, 257) for decay i
         if Case(T, decay, segments=T > 1) not in CORE] + [
     Case(65, "channel", initial_state=False),  # neither segments nor initial state
     Case(257, "channel", segments=True, chunk_size=48),  # 3 sub-chunks of 16 per chunk
+    Case(65, "channel", segments=True, chunk_size=7),  # odd chunk, does not divide T
     Case(65, None, segments=True, dtype="bfloat16"),
 ]
 # The kernels have their own test file (test_linear_attention_pallas.py); here they run one core
@@ -121,6 +121,15 @@ def test_xla_chunk_size_invariance(decay):
         np.testing.assert_allclose(s, s_1, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("decay", ["channel", pytest.param("scalar", marks=pytest.mark.slow),
+                                   pytest.param(None, marks=pytest.mark.slow)])
+def test_xla_blocks_match_reference(monkeypatch, decay):
+    """Long sequences run in blocks of BLOCK_TOKENS (a scan carrying the state): with blocks of 32
+    tokens, a T=100 case crosses blocks, padding and segment starts on block boundaries."""
+    monkeypatch.setattr(xla, "BLOCK_TOKENS", 32)
+    assert_matches_reference("xla", Case(100, decay, segments=True, chunk_size=16, seed=7))  # starts at 64, 96
+
+
 @pytest.mark.parametrize("chunk_size", [16, 64])
 def test_xla_factored_and_exact_per_channel_scores_agree(chunk_size):
     """Law: xla's two forms of the per-channel intra-chunk scores (factored matmul, exact
@@ -128,7 +137,7 @@ def test_xla_factored_and_exact_per_channel_scores_agree(chunk_size):
     rng = np.random.default_rng(0)
     q, k = (jnp.asarray(rng.standard_normal((1, 2, 3, chunk_size, 8)), jnp.float32) for _ in range(2))
     g = jnp.asarray(rng.uniform(-39.0 / chunk_size, 0.0, (1, 2, 3, chunk_size, 8)), jnp.float32)
-    factored = xla._per_channel_scores_factored(q, k, g)
+    factored = xla._per_channel_factored(q, k, g)[0]
     exact = xla._per_channel_scores_exact(q, k, g, xla._sub_chunk(chunk_size))
     np.testing.assert_allclose(factored, exact, rtol=2e-5, atol=2e-5 * float(jnp.max(jnp.abs(exact))))
 
