@@ -1,6 +1,10 @@
 """Each linear mixer against its paper's formula, written independently in float64 numpy in the
-quadratic (attention-like) form: o_t = sum_{s <= t} (decay from s to t) (q_t . k_s) v_s."""
+quadratic (attention-like) form: o_t = sum_{s <= t} (decay from s to t) (q_t . k_s) v_s; and bf16
+compute against float32."""
 
+import dataclasses
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -115,3 +119,23 @@ def test_short_conv_resets_at_segments_and_carries_state():
     second, _ = short_causal_conv(jnp.asarray(x[:, 2:]), jnp.asarray(weight), jnp.asarray(bias), state=state)
     np.testing.assert_allclose(np.concatenate([first, second], 1)[0], causal_conv(x[0], weight, bias), rtol=1e-5,
                                atol=1e-6)
+
+
+@pytest.mark.parametrize("module,config", [
+    (LinearAttention, LinearAttentionConfig(d_model=D, num_heads=2, head_dim=8, chunk_size=4)),
+    (GLA, GLAConfig(d_model=D, num_heads=2, key_dim=8, value_dim=8, gate_rank=4, chunk_size=4)),
+    (Mamba2, Mamba2Config(d_model=D, num_heads=2, head_dim=8, state_dim=8, chunk_size=4)),
+], ids=["linear_attention", "gla", "mamba2"])
+def test_bfloat16_compute_tracks_float32(module, config):
+    """The same parameters with bf16 compute (float32 accumulation and state) stay within bf16
+    rounding of float32."""
+    high = module(config, rngs=nnx.Rngs(0))
+    randomise(high, 5)
+    low = module(dataclasses.replace(config, dtype="bfloat16"), rngs=nnx.Rngs(0))
+    nnx.update(low, nnx.state(high, nnx.Param))
+    x = jnp.asarray(np.random.default_rng(6).normal(size=(2, 11, D)), jnp.float32)
+    forward = jax.jit(lambda layer, x: layer(x))
+    y32, y16 = forward(high, x), forward(low, x)
+    assert y16.dtype == jnp.bfloat16
+    err = float(jnp.linalg.norm(y16.astype(jnp.float32) - y32) / jnp.linalg.norm(y32))
+    assert err < 2e-2, err
