@@ -50,7 +50,7 @@ class GLAConfig:
         d, HK, HV, r = self.d_model, self.num_heads * self.key_dim, self.num_heads * self.value_dim, self.gate_rank
         projections = 2 * (2 * d * HK + 3 * d * HV + d * r + r * HK)
         return projections + chunked_flops_per_token(self.num_heads, self.key_dim, self.value_dim, seq_len,
-                                                     self.chunk_size, per_channel_gate=True)
+                                                     self.chunk_size)
 
 
 class GLA(nnx.Module):

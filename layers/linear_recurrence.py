@@ -51,22 +51,19 @@ def check_decoding(segment_ids, cache) -> None:
         raise ValueError("segment_ids are not supported while decoding from a cache; decode one sequence per row")
 
 
-def chunked_flops_per_token(num_heads: int, key_dim: int, value_dim: int, seq_len: int, chunk_size: int,
-                            per_channel_gate: bool = False) -> int:
+def chunked_flops_per_token(num_heads: int, key_dim: int, value_dim: int, seq_len: int, chunk_size: int) -> int:
     """FLOPs per token of the chunked form (2 per multiply-add), per layer.
 
     With C = min(chunk_size, seq_len), per head: the intra-chunk scores q k^T (C K multiply-adds per
     token) and their product with v (C V), the inter-chunk read q S (K V) and the state update
-    k^T v (K V). Per-key-channel gates add GLA's secondary chunking (sub-chunks of c <= 16 tokens):
-    the pairwise decay tensor [c, c, K] of each sub-chunk is built by a cumulative sum (c adds per
-    entry) and applied to q and k (2 multiply-adds per entry), c (c + 4) K per token.
+    k^T v (K V). Per-key-channel gates (GLA) cost the same on the op's factored path, which runs
+    while every chunk's gates sum to >= -40 per channel (GLA's logsigmoid / 16 gates start near
+    -0.04 per step, -2.8 per chunk of 64); its exact fallback (secondary chunking) does about
+    c (c + 4) K more per token and head (c = 16), and XLA's cost analysis counts that branch too.
+    Elementwise work (gates, norms, activations) is not counted.
     """
     C = min(chunk_size, seq_len)
-    flops = 2 * (C * key_dim + C * value_dim + 2 * key_dim * value_dim)
-    if per_channel_gate:
-        c = max(d for d in range(1, min(C, 16) + 1) if C % d == 0)
-        flops += c * (c + 4) * key_dim
-    return num_heads * flops
+    return num_heads * 2 * (C * key_dim + C * value_dim + 2 * key_dim * value_dim)
 
 
 def initial_state(batch: int, num_heads: int, key_dim: int, value_dim: int) -> jax.Array:
