@@ -25,10 +25,10 @@ Segment resets: the carried state reaches only tokens still in the chunk's first
 flag), only tokens of the chunk's last segment enter it (`out` flag), and it survives the chunk
 only if no segment starts in it.
 
-Cost: scalar / no decay is MXU work (q k^T, P v, q S, v^T k per chunk). Per-channel decay builds P
-one query row at a time (C rows of [C, K] exponentials and a 1-row matmul each), which is VPU/EUP
-bound; sub-chunking the off-diagonal blocks onto the MXU (as xla.py and flash-linear-attention's
-chunk_gla do) is the known next step.
+Cost: scalar / no decay is MXU work (q k^T, P v, q S, v^T k per chunk). Per-channel decay
+(tpu_gates.py) puts the off-diagonal sub-blocks of P on the MXU and does the 16 x 16 diagonal
+blocks one query row at a time (C rows of [16, K] exponentials and 1-row matmuls per chunk): the
+part that is VPU/EUP bound.
 
 chunk_size is rounded up to a multiple of 8 (the sublane tile): the chunk only changes the order
 of float32 sums, not the result. Off TPU the kernels run in Pallas interpret mode.
@@ -42,9 +42,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.linear_attention import chunking
+from pallas_kernels.linear_attention import chunking, tpu_gates
 from pallas_kernels.linear_attention.tpu_chunk import (F32, NT, TN, chunk_vectors, dot, pair_keep,
-                                                        per_channel_scores, scalar_decay_weights)
+                                                        scalar_decay_weights)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +71,32 @@ def block_specs(config: Config, reverse: bool = False):
     )
 
 
+def gate_scratch_names(layout: chunking.Layout, backward: bool):
+    """VMEM scratch of the per-channel (tpu_gates) path: float32 copies for row access, outputs."""
+    if not layout.per_channel:
+        return []
+    names = ["q32", "k32", "v32"] + ["do32"] * backward + ["count"] * layout.has_segments
+    return names + (["dq", "dk", "dv"] if backward else ["out"])
+
+
+def gate_scratch(layout: chunking.Layout, backward: bool):
+    width = dict(q32=layout.key_dim, k32=layout.key_dim, v32=layout.value_dim, do32=layout.value_dim,
+                 count=1, out=layout.value_dim, dq=layout.key_dim, dk=layout.key_dim, dv=layout.value_dim)
+    return [pltpu.VMEM((layout.chunk, width[name]), F32)
+            for name in gate_scratch_names(layout, backward)]
+
+
+def fill_gate_refs(gate_refs, b_ref, vec, **values):
+    """Store the float32 copies that the per-channel row loops read at dynamic row offsets."""
+    for name, value in values.items():
+        gate_refs[name + "32"][...] = value
+    gate_refs["b"] = b_ref
+    if "count" in gate_refs:
+        gate_refs["count"][...] = vec["count_col"]
+    else:
+        gate_refs["count"] = None
+
+
 def compiler_params():
     return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
 
@@ -88,7 +114,7 @@ def _forward_kernel(config: Config, save_states: bool, *refs):
     del refs[:2]
     states_ref = refs.pop(0) if save_states else None
     state_ref = refs.pop(0)
-    q32_ref, p_ref = refs if lay.per_channel else (None, None)
+    gate_refs = dict(zip(gate_scratch_names(lay, backward=False), refs))
     i = pl.program_id(2)
     mm = functools.partial(dot, operand_dtype=jnp.dtype(config.mxu_dtype))
 
@@ -111,13 +137,13 @@ def _forward_kernel(config: Config, save_states: bool, *refs):
         q_decayed = q_decayed * vec["in_col"]
         k_decayed = k_decayed * vec["out_col"]
     if lay.per_channel:
-        q32_ref[...] = q_CxK
-        per_channel_scores(q32_ref, b_ref, k_CxK, b_CxG, vec["count_col"], vec["count_row"], p_ref, c)
-        p_CxC = p_ref[...]
+        fill_gate_refs(gate_refs, b_ref, vec, q=q_CxK, k=k_CxK, v=v_CxV)
+        pv_CxV = tpu_gates.scores_times_values(gate_refs, q_CxK, k_CxK, v_CxV, b_CxG, vec["count_col"],
+                                               vec["count_row"], c, mm)
     else:
         keep = pair_keep(c, vec["count_col"], vec["count_row"])
-        p_CxC = mm(q_CxK, k_CxK, NT) * scalar_decay_weights(b_CxG, vec["b_row"], keep)
-    o_ref[...] = (config.scale * (mm(p_CxC, v_CxV) + mm(q_decayed, state_VxK, NT))).astype(o_ref.dtype)
+        pv_CxV = mm(mm(q_CxK, k_CxK, NT) * scalar_decay_weights(b_CxG, vec["b_row"], keep), v_CxV)
+    o_ref[...] = (config.scale * (pv_CxV + mm(q_decayed, state_VxK, NT))).astype(o_ref.dtype)
     carried = state_VxK * jnp.exp(b_last_1xG)
     if lay.has_segments:
         carried = carried * vec["carry"]
@@ -166,9 +192,7 @@ def forward(config: Config, q, k, v, b, s0, seg, save_states: bool):
     lay = config.layout
     spec = block_specs(config)
     args, in_specs = inputs_and_specs(config, q, k, v, b, s0, seg)
-    scratch = [pltpu.VMEM((lay.value_dim, lay.key_dim), F32)]
-    if lay.per_channel:
-        scratch += [pltpu.VMEM((lay.chunk, lay.key_dim), F32), pltpu.VMEM((lay.chunk, lay.chunk), F32)]
+    scratch = [pltpu.VMEM((lay.value_dim, lay.key_dim), F32)] + gate_scratch(lay, backward=False)
     out_shape = [
         jax.ShapeDtypeStruct((lay.batch, lay.heads, lay.padded_len, lay.value_dim), v.dtype),
         jax.ShapeDtypeStruct((lay.batch, lay.heads, lay.value_dim, lay.key_dim), F32),

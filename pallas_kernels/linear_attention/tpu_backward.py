@@ -22,11 +22,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.linear_attention.tpu import (Config, inputs_and_specs, block_specs,
-                                                 compiler_params)
+from pallas_kernels.linear_attention import tpu_gates
+from pallas_kernels.linear_attention.tpu import (Config, block_specs, compiler_params, fill_gate_refs,
+                                                 gate_scratch, gate_scratch_names, inputs_and_specs)
 from pallas_kernels.linear_attention.tpu_chunk import (F32, NT, TN, chunk_vectors, dot, pair_keep,
-                                                        per_channel_score_grads, scalar_decay_weights,
-                                                        sum_to, to_row)
+                                                        scalar_decay_weights, sum_to, to_row)
 
 
 def _backward_kernel(config: Config, *refs):
@@ -67,13 +67,10 @@ def _backward_kernel(config: Config, *refs):
     k_decayed = k_CxK * k_weight
 
     if lay.per_channel:
-        q32_ref, do32_ref, p_ref, dqp_ref = refs[2:]
-        q32_ref[...] = q_CxK
-        do32_ref[...] = do_CxV
-        dk_p = per_channel_score_grads(q32_ref, b_ref, do32_ref, k_CxK, v_CxV, b_CxG, vec["count_col"],
-                                       vec["count_row"], p_ref, dqp_ref, scale, c)
-        p_CxC = p_ref[...]
-        dq_p = dqp_ref[...]
+        gate_refs = dict(zip(gate_scratch_names(lay, backward=True), refs[2:]))
+        fill_gate_refs(gate_refs, b_ref, vec, q=q_CxK, k=k_CxK, v=v_CxV, do=do_CxV)
+        dq_p, dk_p, dv_p = tpu_gates.score_grads(gate_refs, q_CxK, k_CxK, v_CxV, do_CxV, b_CxG,
+                                                 vec["count_col"], vec["count_row"], scale, c, mm)
     else:
         keep = pair_keep(c, vec["count_col"], vec["count_row"])
         weights = scalar_decay_weights(b_CxG, vec["b_row"], keep)
@@ -81,12 +78,13 @@ def _backward_kernel(config: Config, *refs):
         dp_weighted = scale * mm(do_CxV, v_CxV, NT) * weights
         dq_p = mm(dp_weighted, k_CxK)
         dk_p = mm(dp_weighted, q_CxK, TN)
+        dv_p = scale * mm(p_CxC, do_CxV, TN)
 
     dq_decayed = scale * mm(do_CxV, state_VxK)
     dk_decayed = mm(v_CxV, dstate_VxK)
     dq_ref[...] = (dq_p + dq_decayed * q_weight).astype(dq_ref.dtype)
     dk_ref[...] = (dk_p + dk_decayed * k_weight).astype(dk_ref.dtype)
-    dv_ref[...] = (scale * mm(p_CxC, do_CxV, TN) + mm(k_decayed, dstate_VxK, NT)).astype(dv_ref.dtype)
+    dv_ref[...] = (dv_p + mm(k_decayed, dstate_VxK, NT)).astype(dv_ref.dtype)
 
     decay_last = jnp.exp(b_last_1xG)
     if db_ref is not None:
@@ -121,10 +119,7 @@ def backward(config: Config, q, k, v, b, seg, states, d_o, d_final):
     args, in_specs = inputs_and_specs(config, q, k, v, b, None, seg, reverse=True)
     args += [states, d_o, d_final]
     in_specs += [spec["chunk_state"], spec["head"](lay.value_dim), spec["state"]]
-    scratch = [pltpu.VMEM((lay.value_dim, lay.key_dim), F32)]
-    if lay.per_channel:
-        scratch += [pltpu.VMEM((lay.chunk, lay.key_dim), F32), pltpu.VMEM((lay.chunk, lay.value_dim), F32),
-                    pltpu.VMEM((lay.chunk, lay.chunk), F32), pltpu.VMEM((lay.chunk, lay.key_dim), F32)]
+    scratch = [pltpu.VMEM((lay.value_dim, lay.key_dim), F32)] + gate_scratch(lay, backward=True)
     head = lambda d, dtype: jax.ShapeDtypeStruct((lay.batch, lay.heads, lay.padded_len, d), dtype)
     out_shape = [head(lay.key_dim, q.dtype), head(lay.key_dim, k.dtype), head(lay.value_dim, v.dtype)]
     out_specs = [spec["head"](lay.key_dim), spec["head"](lay.key_dim), spec["head"](lay.value_dim)]

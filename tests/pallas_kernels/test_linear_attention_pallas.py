@@ -8,7 +8,8 @@ to -20, bfloat16, chunk sizes 7, 16, 48 and 64. This file adds:
 - the TPU-semantics interpreter (`pltpu.InterpretParams`: DMAs, semaphores, races);
 - shapes that exercise the kernels' own paths: K, V not multiples of anything (TPU full-dim
   blocks; GPU zero padding to powers of two), several GPU value blocks (partial-sum gradients),
-  a segment starting exactly on a chunk boundary, forced tiny and huge decays in one chunk;
+  segments starting exactly on a chunk and on a TPU sub-block boundary, gates of -20 and -1e-6
+  mixed in one chunk;
 - compilation the interpreter cannot check: Mosaic for a TPU v5e topology through libtpu
   (`tpu_compile`; K = V = 128, float32 and bfloat16) and the Pallas -> Triton lowering for CUDA.
 """
@@ -28,7 +29,7 @@ from pallas_kernels.linear_attention import api, gpu, reference, tpu
 KERNELS = {"pallas_tpu": tpu.linear_attention_kernel, "pallas_gpu": gpu.linear_attention_kernel}
 
 
-@pytest.mark.parametrize("case", [Case(40, "channel", segments=True, chunk_size=16),
+@pytest.mark.parametrize("case", [Case(70, "channel", segments=True, chunk_size=32),
                                   Case(65, "scalar", segments=True, dtype="bfloat16")],
                          ids=lambda case: case.id)
 def test_tpu_semantics_interpreter_matches_reference(monkeypatch, case):
@@ -56,8 +57,9 @@ def _grads_against_reference(fn, q, k, v, g, s0, seg, chunk_size):
 
 @pytest.mark.parametrize("impl", list(KERNELS))
 def test_segment_on_chunk_boundary_and_extreme_decays(impl):
-    """Segments [0]*16 [1]*16 [2]*9 with chunks of 16 (each new segment starts a chunk), and a
-    chunk whose gates mix -20 and -1e-6: finite, and equal to the float32 reference."""
+    """Segments [0]*16 [1]*16 [2]*9 with chunks of 32: segment 1 starts on the TPU kernel's 16-row
+    sub-block boundary, segment 2 on a chunk boundary; gates mix -20 and -1e-6 in every chunk.
+    Finite, and equal to the float32 reference."""
     B, T, H, K, V = 1, 41, 2, 8, 8
     keys = jax.random.split(jax.random.PRNGKey(3), 5)
     q, k = (jax.random.normal(key, (B, T, H, K)) for key in keys[:2])
@@ -65,9 +67,9 @@ def test_segment_on_chunk_boundary_and_extreme_decays(impl):
     g = jnp.where(jax.random.bernoulli(keys[3], 0.5, (B, T, H, K)), -20.0, -1e-6)
     s0 = jax.random.normal(keys[4], (B, H, K, V))
     seg = jnp.asarray([[0] * 16 + [1] * 16 + [2] * 9], jnp.int32)
-    got_grads, (got_o, got_state) = _grads_against_reference(KERNELS[impl], q, k, v, g, s0, seg, 16)
+    got_grads, (got_o, got_state) = _grads_against_reference(KERNELS[impl], q, k, v, g, s0, seg, 32)
     want_grads, (want_o, want_state) = _grads_against_reference(reference.linear_attention, q, k, v,
-                                                                g, s0, seg, 16)
+                                                                g, s0, seg, 32)
     for got, want in zip([got_o, got_state, *got_grads], [want_o, want_state, *want_grads]):
         assert np.all(np.isfinite(got))
         np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5 * float(jnp.max(jnp.abs(want))))
