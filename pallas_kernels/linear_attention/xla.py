@@ -146,63 +146,57 @@ def _per_channel(q, k, g, c):
 
 def linear_attention(q, k, v, log_decay, *, scale, initial_state, segment_ids, return_final_state,
                      chunk_size):
-    """Chunked linear attention; sequences longer than BLOCK_TOKENS run block by block (a scan
-    carrying the state), so the working set, and the time per token, stay flat in T."""
-    B, T = q.shape[:2]
-    C = min(chunk_size, T)
-    L = max(C, (BLOCK_TOKENS // C) * C)  # tokens per block, a multiple of the chunk
-    if T <= L:
-        return _chunked(q, k, v, log_decay, scale=scale, initial_state=initial_state,
-                        segment_ids=segment_ids, return_final_state=return_final_state, chunk_size=C)
-    M = math.ceil(T / L)
-
-    def to_blocks(x, mode="constant"):  # [B, T, ...] -> [M, B, L, ...], padded like the chunks
-        x = jnp.pad(x, [(0, 0), (0, M * L - T)] + [(0, 0)] * (x.ndim - 2), mode=mode)
-        return jnp.moveaxis(x.reshape((B, M, L) + x.shape[2:]), 1, 0)
-
-    segments = resets = None
-    if segment_ids is not None:
-        segments = to_blocks(segment_ids, mode="edge")
-        previous = jnp.concatenate([segments[:1, :, 0], segments[:-1, :, -1]], axis=0)
-        resets = segments[:, :, 0] != previous  # [M, B]: a segment starts with the block
-    log_decay_blocks = None if log_decay is None else to_blocks(log_decay)
-
-    def block(state_BxHxKxV, inputs):
-        q, k, v, g, seg, reset = inputs
-        if reset is not None:
-            state_BxHxKxV = jnp.where(reset[:, None, None, None], 0.0, state_BxHxKxV)
-        o, state_BxHxKxV = _chunked(q, k, v, g, scale=scale, initial_state=state_BxHxKxV,
-                                    segment_ids=seg, return_final_state=True, chunk_size=C)
-        return state_BxHxKxV, o
-
-    dtype = jnp.result_type(q.dtype, k.dtype, v.dtype, jnp.float32)
-    state_BxHxKxV = (jnp.zeros((B, q.shape[2], q.shape[3], v.shape[3]), dtype) if initial_state is None
-                     else initial_state.astype(dtype))
-    final_BxHxKxV, o_MxBxLxHxV = jax.lax.scan(
-        block, state_BxHxKxV, (to_blocks(q), to_blocks(k), to_blocks(v), log_decay_blocks, segments, resets))
-    o_BxTxHxV = jnp.moveaxis(o_MxBxLxHxV, 0, 1).reshape((B, M * L) + o_MxBxLxHxV.shape[3:])[:, :T]
-    return o_BxTxHxV, (final_BxHxKxV if return_final_state else None)
-
-
-def _chunked(q, k, v, log_decay, *, scale, initial_state, segment_ids, return_final_state,
-             chunk_size):
     B, T, H, K = q.shape
     V = v.shape[-1]
     dtype = jnp.result_type(q.dtype, k.dtype, v.dtype, jnp.float32)
     C = min(chunk_size, T)
     N = math.ceil(T / C)
-    q_BxHxNxCxK = _to_chunks(q.astype(dtype), N, C)
-    k_BxHxNxCxK = _to_chunks(k.astype(dtype), N, C)
-    v_BxHxNxCxV = _to_chunks(v.astype(dtype), N, C)
-    per_channel = log_decay is not None and log_decay.ndim == 4
-    if log_decay is None:
-        g = jnp.zeros((B, H, N, C), dtype)
-    else:
-        g = _to_chunks(log_decay.astype(dtype), N, C)  # [B, H, N, C] or [B, H, N, C, K]
+    G = min(N, max(1, BLOCK_TOKENS // C))  # chunks per block
+    M = math.ceil(N / G)  # blocks
+    N = M * G
+    chunks = lambda x: _to_chunks(x.astype(dtype), N, C)  # [B, H, N, C, ...], zero-padded
+    q_BxHxNxCxK, k_BxHxNxCxK, v_BxHxNxCxV = chunks(q), chunks(k), chunks(v)
+    g = jnp.zeros((B, H, N, C), dtype) if log_decay is None else chunks(log_decay)
 
+    masks = None
+    if segment_ids is not None:
+        starts_BxT = jnp.concatenate(
+            [jnp.zeros((B, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+        segment_BxT = jnp.cumsum(starts_BxT, axis=1, dtype=jnp.int32)
+        segment_BxT = jnp.pad(segment_BxT, [(0, 0), (0, N * C - T)], mode="edge")
+        segment_BxNxC = segment_BxT.reshape(B, N, C)
+        entering_BxN = jnp.concatenate([segment_BxNxC[:, :1, 0], segment_BxNxC[:, :-1, -1]], axis=1)
+        masks = (
+            (segment_BxNxC[:, :, :, None] == segment_BxNxC[:, :, None, :]).astype(dtype),  # same
+            (segment_BxNxC == entering_BxN[:, :, None]).astype(dtype),  # state -> token i
+            (segment_BxNxC == segment_BxNxC[:, :, -1:]).astype(dtype),  # token j -> state
+            (segment_BxNxC[:, :, -1] == entering_BxN).astype(dtype),  # state -> next chunk
+        )
+
+    state_BxHxKxV = (jnp.zeros((B, H, K, V), dtype) if initial_state is None
+                     else initial_state.astype(dtype))
+    inputs = (q_BxHxNxCxK, k_BxHxNxCxK, v_BxHxNxCxV, g)
+    block = lambda state, xs: _block(*xs[0], xs[1], state, log_decay)
+    if M == 1:
+        final_BxHxKxV, o_BxHxNxCxV = block(state_BxHxKxV, (inputs, masks))
+    else:  # scan over blocks of G chunks: [B, H, N, ...] -> [M, B, H, G, ...] (masks [M, B, G, ...])
+        split = lambda x, axis: jnp.moveaxis(x.reshape(x.shape[:axis] + (M, G) + x.shape[axis + 1:]), axis, 0)
+        blocks = (tuple(split(x, 2) for x in inputs),
+                  None if masks is None else tuple(split(x, 1) for x in masks))
+        final_BxHxKxV, o_MxBxHxGxCxV = jax.lax.scan(block, state_BxHxKxV, blocks)
+        o_BxHxNxCxV = jnp.moveaxis(o_MxBxHxGxCxV, 0, 2).reshape(B, H, N, C, V)
+    o_BxTxHxV = jnp.moveaxis(o_BxHxNxCxV, 1, 3).reshape(B, N * C, H, V)[:, :T]
+    o_BxTxHxV = (scale * o_BxTxHxV).astype(v.dtype)
+    return o_BxTxHxV, (final_BxHxKxV if return_final_state else None)
+
+
+def _block(q_BxHxNxCxK, k_BxHxNxCxK, v_BxHxNxCxV, g, masks, state_BxHxKxV, log_decay):
+    """One block of chunks: (state after the block, unscaled o [B, H, N, C, V])."""
+    C = q_BxHxNxCxK.shape[3]
+    dtype = q_BxHxNxCxK.dtype
     # Intra-chunk scores, and q, k decayed from the chunk start to token i (inclusive) and from
     # token j to the chunk end (exclusive) for the inter-chunk part.
-    if per_channel:
+    if log_decay is not None and log_decay.ndim == 4:
         scores, q_in, k_out = _per_channel(q_BxHxNxCxK, k_BxHxNxCxK, g, _sub_chunk(C))
         chunk_decay = jnp.exp(jnp.sum(g, axis=3))[..., None]  # [B, H, N, K, 1]
     else:
@@ -212,18 +206,8 @@ def _chunked(q, k, v, log_decay, *, scale, initial_state, segment_ids, return_fi
         q_in = q_BxHxNxCxK * jnp.exp(jnp.cumsum(g, axis=3))[..., None]
         k_out = k_BxHxNxCxK * jnp.exp(_suffix_sum(g, axis=3))[..., None]
         chunk_decay = jnp.exp(jnp.sum(g, axis=3))[..., None, None]  # [B, H, N, 1, 1]
-
-    if segment_ids is not None:
-        starts_BxT = jnp.concatenate(
-            [jnp.zeros((B, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
-        segment_BxT = jnp.cumsum(starts_BxT, axis=1, dtype=jnp.int32)
-        segment_BxT = jnp.pad(segment_BxT, [(0, 0), (0, N * C - T)], mode="edge")
-        segment_BxNxC = segment_BxT.reshape(B, N, C)
-        entering_BxN = jnp.concatenate([segment_BxNxC[:, :1, 0], segment_BxNxC[:, :-1, -1]], axis=1)
-        same = (segment_BxNxC[:, :, :, None] == segment_BxNxC[:, :, None, :]).astype(dtype)
-        reaches = (segment_BxNxC == entering_BxN[:, :, None]).astype(dtype)  # state -> token i
-        leaves = (segment_BxNxC == segment_BxNxC[:, :, -1:]).astype(dtype)  # token j -> state
-        survives = (segment_BxNxC[:, :, -1] == entering_BxN).astype(dtype)  # state -> next chunk
+    if masks is not None:
+        same, reaches, leaves, survives = masks
         scores = scores * same[:, None]
         q_in = q_in * reaches[:, None, :, :, None]
         k_out = k_out * leaves[:, None, :, :, None]
@@ -238,12 +222,7 @@ def _chunked(q, k, v, log_decay, *, scale, initial_state, segment_ids, return_fi
         decay, update_BxHxKxV = inputs
         return decay * state_BxHxKxV + update_BxHxKxV, state_BxHxKxV
 
-    state_BxHxKxV = (jnp.zeros((B, H, K, V), dtype) if initial_state is None
-                     else initial_state.astype(dtype))
     final_BxHxKxV, entering_NxBxHxKxV = jax.lax.scan(
         step, state_BxHxKxV, (jnp.moveaxis(chunk_decay, 2, 0), jnp.moveaxis(update_BxHxNxKxV, 2, 0)))
     o_BxHxNxCxV = o_BxHxNxCxV + _einsum("bhnik,nbhkv->bhniv", q_in, entering_NxBxHxKxV)
-
-    o_BxTxHxV = jnp.moveaxis(o_BxHxNxCxV, 1, 3).reshape(B, N * C, H, V)[:, :T]
-    o_BxTxHxV = (scale * o_BxTxHxV).astype(v.dtype)
-    return o_BxTxHxV, (final_BxHxKxV if return_final_state else None)
+    return final_BxHxKxV, o_BxHxNxCxV
