@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     p.add_argument("--softmax-max", type=int, default=8192, help="skip softmax above this T")
     p.add_argument("--reference-max", type=int, default=4096, help="skip the reference above this T")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=4)
