@@ -120,11 +120,15 @@ def _per_channel_factored(q, k, g):
     inter-chunk part reuse the factors: q exp(b) = (q exp(b - m)) exp(m), k exp(b_C - b) =
     (k exp(m - b)) exp(m)."""
     b = jnp.cumsum(g, axis=3)  # [B, H, N, C, K]
-    middle = 0.5 * b[:, :, :, -1:, :]
+    # Every result is independent of m, so its gradient is exactly zero; stopping it keeps
+    # roundoff from carrying later gates of the chunk into earlier outputs' gradients.
+    last = b[:, :, :, -1:, :]
+    middle = jax.lax.stop_gradient(0.5 * last)
     q_factor, k_factor = q * jnp.exp(b - middle), k * jnp.exp(middle - b)
     C = q.shape[3]
     scores = _einsum("bhnik,bhnjk->bhnij", q_factor, k_factor) * jnp.tril(jnp.ones((C, C), q.dtype))
-    return scores, q_factor * jnp.exp(middle), k_factor * jnp.exp(middle)
+    # k exp(b_C - b) = (k exp(m - b)) exp(b_C - m): written with b_C itself, whose gradient counts.
+    return scores, q_factor * jnp.exp(middle), k_factor * jnp.exp(last - middle)
 
 
 def _per_channel_exact(q, k, g, c):
