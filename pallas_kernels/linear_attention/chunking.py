@@ -17,7 +17,10 @@ outputs of real tokens nor the state.
 """
 
 import dataclasses
+import functools
+from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 
 
@@ -97,3 +100,29 @@ def segment_flags(segment_ids_BxT, layout: Layout):
     out_flag = (count_NCxC == count_NCxC[:, :, -1:]).astype(jnp.float32).reshape(layout.batch, -1)
     as_column = lambda x: x[:, None, :, None]
     return as_column(count), as_column(in_flag), as_column(out_flag)
+
+
+def with_own_backward(forward: Callable, load_backward: Callable[[], Callable]) -> Callable:
+    """The kernel call `(config, q, k, v, b, s0, seg) -> (o, final)` as a `jax.custom_vjp` whose
+    backward runs backward kernels, not autodiff through the forward.
+
+    `forward(config, q, k, v, b, s0, seg, save_states)` returns (o, final) and, with save_states,
+    the per-chunk states the backward walks in reverse. `load_backward()` returns
+    `backward(config, q, k, v, b, seg, states, d_o, d_final) -> (dq, dk, dv, db, ds0)`; it is
+    imported at the first backward because the backward module imports the forward's."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def chunked(config, q, k, v, b, s0, seg):
+        return tuple(forward(config, q, k, v, b, s0, seg, save_states=False))
+
+    def chunked_fwd(config, q, k, v, b, s0, seg):
+        o, final, states = forward(config, q, k, v, b, s0, seg, save_states=True)
+        return (o, final), (q, k, v, b, s0, seg, states)
+
+    def chunked_bwd(config, residuals, cotangents):
+        q, k, v, b, s0, seg, states = residuals
+        dq, dk, dv, db, ds0 = load_backward()(config, q, k, v, b, seg, states, *cotangents)
+        return dq, dk, dv, db, (ds0 if s0 is not None else None), tuple(None for _ in seg)
+
+    chunked.defvjp(chunked_fwd, chunked_bwd)
+    return chunked

@@ -213,25 +213,12 @@ def forward(config: Config, q, k, v, b, s0, seg, save_states: bool):
     )(*args)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _chunked(config: Config, q, k, v, b, s0, seg):
-    return tuple(forward(config, q, k, v, b, s0, seg, save_states=False))
-
-
-def _chunked_fwd(config, q, k, v, b, s0, seg):
-    o, final, states = forward(config, q, k, v, b, s0, seg, save_states=True)
-    return (o, final), (q, k, v, b, s0, seg, states)
-
-
-def _chunked_bwd(config, residuals, cotangents):
+def _backward():
     from pallas_kernels.linear_attention.gpu_backward import backward
-
-    q, k, v, b, s0, seg, states = residuals
-    dq, dk, dv, db, ds0 = backward(config, q, k, v, b, seg, states, *cotangents)
-    return dq, dk, dv, db, (ds0 if s0 is not None else None), tuple(None for _ in seg)
+    return backward
 
 
-_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+_chunked = chunking.with_own_backward(forward, _backward)
 
 
 def _pow2_at_least_16(n: int) -> int:
