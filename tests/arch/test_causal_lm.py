@@ -13,6 +13,9 @@ CONFIGS = {
     "tied_mha": ModelConfig(d_model=64, num_layers=2, num_heads=4),
     "untied_gqa": ModelConfig(d_model=96, num_layers=3, num_heads=6, num_kv_heads=2, tie_embeddings=False),
     "odd_shapes": ModelConfig(d_model=48, num_layers=1, num_heads=3, head_dim=10, mlp_hidden=50, vocab_size=300),
+    "hybrid_gla": ModelConfig(d_model=32, num_layers=3, num_heads=2, mixers=["gla", "gla", "attention"]),
+    "mamba2": ModelConfig(d_model=32, num_layers=1, num_heads=2, mixers=["mamba2"]),
+    "lightning_hybrid": ModelConfig(d_model=32, num_layers=2, num_heads=2, mixers=["linear_attention", "attention"]),
 }
 
 
@@ -29,6 +32,8 @@ def test_num_params_matches_model(name):
 @pytest.mark.parametrize("config,seq_len", [
     (ModelConfig(d_model=256, num_layers=2, num_heads=4), 128),
     (ModelConfig(d_model=128, num_layers=3, num_heads=4, num_kv_heads=2, tie_embeddings=False), 256),
+    (ModelConfig(d_model=256, num_layers=4, num_heads=4, mixers=["gla", "gla", "gla", "attention"]), 128),
+    (ModelConfig(d_model=256, num_layers=1, num_heads=4, mixers=["mamba2"]), 128),
 ])
 def test_flops_per_token_matches_xla_cost_analysis(config, seq_len):
     model = CausalLM(config, rngs=nnx.Rngs(0))
@@ -53,8 +58,10 @@ def test_model_is_causal():
     assert not np.allclose(base[:, 12:], changed[:, 12:])
 
 
-def test_cached_decoding_matches_full_forward():
-    config = CONFIGS["untied_gqa"]
+@pytest.mark.parametrize("name", ["untied_gqa", "hybrid_gla", "mamba2", "lightning_hybrid"])
+def test_cached_decoding_matches_full_forward(name):
+    """Prefill then one token at a time, through every registered mixer's cache."""
+    config = CONFIGS[name]
     model = CausalLM(config, rngs=nnx.Rngs(0))
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 256, size=(2, 9)), jnp.int32)
     full = model(tokens)
