@@ -14,6 +14,15 @@ class StrictConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
+class SparseAttentionConfig(StrictConfig):
+    """Knobs shared by the sparse and routed attention mixers (moba, nsa, bilevel_routing_attention,
+    routing_attention): which key blocks each query block reads through `block_sparse_attention`."""
+
+    block_size: int = 16                # tokens per query block and per key block
+    top_k: int = 2                      # past blocks selected per query block; the current block is always added
+    implementation: str | None = None   # block_sparse_attention implementation (None: best for the backend)
+
+
 class ModelConfig(StrictConfig):
     vocab_size: int = 259
     d_model: int = 256
@@ -32,6 +41,7 @@ class ModelConfig(StrictConfig):
     dtype: DType = "float32"
     param_dtype: DType = "float32"
     remat: bool = False                 # recompute each block's activations in the backward pass
+    sparse: SparseAttentionConfig = SparseAttentionConfig()
 
     @model_validator(mode="after")
     def _check_shapes(self):
