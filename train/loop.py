@@ -12,7 +12,6 @@ import time
 
 import jax
 import numpy as np
-from flax import nnx
 from tqdm import tqdm
 
 from train.checkpoint import CheckpointMismatch, Checkpointer
@@ -22,7 +21,8 @@ from train.hardware import peak_flops_per_device
 from train.metrics import MetricsWriter, console_line, is_finite
 from train.optim import learning_rate_schedule, make_optimizer
 from train.sample import generate
-from train.step import BATCH_KEYS, create_model, init_state, make_eval_step, make_train_step, summarize_eval
+from train.step import (BATCH_KEYS, create_model, init_state, make_eval_step, make_train_step, merge_model,
+                        summarize_eval)
 from train.step import abstract_state as abstract_train_state
 
 
@@ -44,10 +44,10 @@ def _write_atomically(path: pathlib.Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def evaluate(eval_step, params, batches) -> dict:
+def evaluate(eval_step, state, batches) -> dict:
     sums = {"nll": 0.0, "tokens": 0.0, "byte_nll": 0.0, "bytes": 0.0}
     for batch in batches:
-        out = jax.device_get(eval_step(params, batch))
+        out = jax.device_get(eval_step(state.params, state.model_state, batch))
         for key in sums:
             sums[key] += float(out[key])
     return summarize_eval(sums)
@@ -116,13 +116,14 @@ def train(config: Config, run_dir: str | pathlib.Path, *, log=print) -> int:
                 rate = window_tokens / window_time
                 record = {"loss": loss, "lr": float(metrics["lr"]), "grad_norm": float(metrics["grad_norm"]),
                           "tokens_per_s": rate, "tflops": rate * train_flops_per_token / 1e12,
-                          "mfu": rate * train_flops_per_token / peak}
+                          "mfu": rate * train_flops_per_token / peak,
+                          **{k: float(v) for k, v in metrics.items() if k.startswith("aux")}}
                 writer.write(step, record)
                 bar.write(console_line(step, steps, record))
                 window_tokens, window_time = 0, 0.0
             if step % config.train.eval_every == 0 or step == steps:
                 batches = validation_batches(data, config.data, config.train.eval_batches)
-                record = evaluate(eval_step, state.params, batches)
+                record = evaluate(eval_step, state, batches)
                 writer.write(step, record)
                 bar.write(console_line(step, steps, {"loss": loss, **record}))
             if step % config.checkpoint.every == 0 or step == steps or termination.requested:
@@ -135,7 +136,7 @@ def train(config: Config, run_dir: str | pathlib.Path, *, log=print) -> int:
         writer.close()
         checkpointer.close()
 
-    model = nnx.merge(graphdef, state.params)
+    model = merge_model(graphdef, state)
     if config.log.sample_tokens > 0:
         text = generate(model, config.log.sample_prompt, max_new_tokens=config.log.sample_tokens, seed=seed)
         _write_atomically(run_dir / "samples.txt", text + "\n")

@@ -39,6 +39,8 @@ def console_line(step: int, total: int, m: dict) -> str:
     parts = [f"step {step:>6d}/{total}", f"loss {m['loss']:.4f}"]
     if "val_loss" in m:
         parts.append(f"val_loss {m['val_loss']:.4f} val_bpb {m['val_bpb']:.3f}")
+    if any(k.startswith("aux/") for k in m):
+        parts.append(f"aux_loss {m.get('aux_loss', 0.0):.4f}")
     if "tokens_per_s" in m:
         parts += [f"tok/s {m['tokens_per_s']:,.0f}", f"TFLOP/s {m['tflops']:.3f}", f"MFU {100 * m['mfu']:.1f}%"]
     if "lr" in m:

@@ -61,7 +61,7 @@ def load_latest(run_dir: pathlib.Path) -> CausalLM:
     from train.checkpoint import Checkpointer
     from train.config import load_config
     from train.optim import make_optimizer
-    from train.step import abstract_state
+    from train.step import abstract_state, merge_model
 
     config = load_config(run_dir / "config.yaml")
     checkpointer = Checkpointer(run_dir, config.checkpoint)
@@ -71,7 +71,7 @@ def load_latest(run_dir: pathlib.Path) -> CausalLM:
     graphdef, target = abstract_state(config.model, make_optimizer(config.optim, config.train.steps))
     state, _ = checkpointer.restore(step, target)
     checkpointer.close()
-    return nnx.merge(graphdef, state.params)
+    return merge_model(graphdef, state)
 
 
 def main(argv=None) -> int:

@@ -4,6 +4,11 @@ The model is split once (`nnx.split`) into a static graph definition and its par
 step merges them inside jit, so no NNX object crosses the jit boundary on the hot path. Gradient
 accumulation scans over microbatches and sums token losses, so A microbatches of B/A rows give
 the same update as one batch of B rows.
+
+Layers may report auxiliary losses and metrics and keep non-gradient state (layers/auxiliary.py):
+the train step runs the model in training mode, adds the reported losses to the mean token loss
+(each weighted by its microbatch's share of the tokens), logs them under `aux/<path>`, and carries
+the updated `RouterState` variables from one microbatch to the next into `TrainState.model_state`.
 """
 
 import math
@@ -16,6 +21,7 @@ import optax
 from flax import nnx
 
 from arch import CausalLM, ModelConfig
+from layers.auxiliary import RouterState, forward_with_auxiliaries
 from train.tokenizer import BOS
 
 BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
@@ -24,7 +30,8 @@ BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array
-    params: nnx.State
+    params: nnx.State          # nnx.Param: what the optimiser updates
+    model_state: nnx.State     # RouterState: non-gradient state the forward pass updates in training
     opt_state: optax.OptState
 
 
@@ -33,50 +40,73 @@ def create_model(config: ModelConfig, seed: int) -> CausalLM:
 
 
 def init_state(model: CausalLM, optimizer: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:
-    graphdef, params = nnx.split(model, nnx.Param)
-    return graphdef, TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+    graphdef, params, model_state = nnx.split(model, nnx.Param, RouterState)
+    return graphdef, TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+                                opt_state=optimizer.init(params))
 
 
 def abstract_state(config: ModelConfig, optimizer: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:
     """Graph definition and the shapes/dtypes of a TrainState, without allocating it."""
     model = nnx.eval_shape(lambda: create_model(config, 0))
-    graphdef, params = nnx.split(model, nnx.Param)
-    return graphdef, TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+    graphdef, params, model_state = nnx.split(model, nnx.Param, RouterState)
+    return graphdef, TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, model_state=model_state,
                                 opt_state=jax.eval_shape(optimizer.init, params))
 
 
-def token_losses(graphdef: nnx.GraphDef, params: nnx.State, batch: dict) -> jax.Array:
-    """Cross-entropy in nats for each position, [B, T] float32 (unmasked)."""
-    model = nnx.merge(graphdef, params)
-    logits_BxTxV = model(batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"])
-    return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV.astype(jnp.float32), batch["targets"])
+def merge_model(graphdef: nnx.GraphDef, state: TrainState) -> CausalLM:
+    """The model of a TrainState (in evaluation mode, as built)."""
+    return nnx.merge(graphdef, state.params, state.model_state)
+
+
+def forward(graphdef: nnx.GraphDef, params: nnx.State, model_state: nnx.State, batch: dict, *, training: bool):
+    """(cross-entropy in nats per position [B, T] float32 (unmasked), reported aux losses {path: scalar},
+    reported metrics {path: scalar}, the model state after this forward pass)."""
+    model = nnx.merge(graphdef, params, model_state, copy=True)
+    model.train() if training else model.eval()
+    logits_BxTxV, losses, metrics = forward_with_auxiliaries(
+        model, batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"])
+    nll_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV.astype(jnp.float32), batch["targets"])
+    return nll_BxT, losses, metrics, nnx.state(model, RouterState)
+
+
+def token_losses(graphdef: nnx.GraphDef, params: nnx.State, model_state: nnx.State, batch: dict) -> jax.Array:
+    """Cross-entropy in nats for each position, [B, T] float32 (unmasked), in evaluation mode."""
+    return forward(graphdef, params, model_state, batch, training=False)[0]
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, grad_accum: int) -> Callable:
-    def summed_loss(params, micro):
+    def objective(params, model_state, micro):
+        """Summed token losses + (sum of aux losses) x tokens: divided by all tokens of the batch
+        later, this is the mean token loss plus the token-weighted mean of the aux losses."""
+        nll_BxT, losses, metrics, model_state = forward(graphdef, params, model_state, micro, training=True)
         mask = micro["loss_mask"]
-        return jnp.sum(token_losses(graphdef, params, micro) * mask), jnp.sum(mask)
+        count, nll_sum = jnp.sum(mask), jnp.sum(nll_BxT * mask)
+        aux_loss = sum(losses.values(), jnp.zeros((), jnp.float32))
+        reported = {"aux_loss": aux_loss, **{f"aux/{k}": v for k, v in {**metrics, **losses}.items()}}
+        return nll_sum + aux_loss * count, (nll_sum, count, reported, model_state)
 
-    grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+    grad_fn = jax.grad(objective, has_aux=True)
 
     def train_step(state: TrainState, batch: dict):
         micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
 
         def accumulate(carry, mb):
-            loss_sum, count, grads = carry
-            (l, n), g = grad_fn(state.params, mb)
-            return (loss_sum + l, count + n, jax.tree.map(jnp.add, grads, g)), None
+            loss_sum, count, grads, model_state = carry
+            g, (l, n, reported, model_state) = grad_fn(state.params, model_state, mb)
+            return (loss_sum + l, count + n, jax.tree.map(jnp.add, grads, g), model_state), reported
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (loss_sum, count, grads), _ = jax.lax.scan(accumulate, (0.0, 0.0, zeros), micro)
+        (loss_sum, count, grads, model_state), reported = jax.lax.scan(
+            accumulate, (0.0, 0.0, zeros, state.model_state), micro)
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads),
-                   "lr": schedule(state.step), "loss_tokens": count}
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+                   "lr": schedule(state.step), "loss_tokens": count,
+                   **jax.tree.map(lambda x: jnp.mean(x, axis=0), reported)}
+        return TrainState(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state), metrics
 
     return jax.jit(train_step, donate_argnums=0)
 
@@ -84,8 +114,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
     """Sums for validation: nats over all scored targets and over byte targets (ids < 256)."""
 
-    def eval_step(params, batch):
-        nll_BxT = token_losses(graphdef, params, batch)
+    def eval_step(params, model_state, batch):
+        nll_BxT = token_losses(graphdef, params, model_state, batch)
         mask = batch["loss_mask"]
         byte_mask = mask * (batch["targets"] < BOS)
         return {"nll": jnp.sum(nll_BxT * mask), "tokens": jnp.sum(mask),
