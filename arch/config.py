@@ -21,6 +21,11 @@ class SparseAttentionConfig(StrictConfig):
     block_size: int = 16                # tokens per query block and per key block
     top_k: int = 2                      # past blocks selected per query block; the current block is always added
     implementation: str | None = None   # block_sparse_attention implementation (None: best for the backend)
+    # training-free sparse prefill of the softmax `attention` mixer (layers/sparse_prefill): the selector
+    # lists blocks of block_size on the no-cache path; prefill_options are its budget knobs, e.g.
+    # {threshold: 0.95}. Decoding with a KV cache stays dense.
+    prefill_selector: Literal["xattention", "minference", "flexprefill"] | None = None
+    prefill_options: dict[str, float | int | None] = {}
 
 
 class ModelConfig(StrictConfig):

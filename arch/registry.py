@@ -54,7 +54,10 @@ FFNS = Registry("ffn")
 def _attention_config(m: ModelConfig) -> AttentionConfig:
     return AttentionConfig(d_model=m.d_model, num_heads=m.num_heads, num_kv_heads=m.kv_heads,
                            head_dim=m.head_size, rope_theta=m.rope_theta, init_std=m.init_std,
-                           implementation=m.attention_implementation, dtype=m.dtype, param_dtype=m.param_dtype)
+                           implementation=m.attention_implementation, dtype=m.dtype, param_dtype=m.param_dtype,
+                           sparse_prefill=m.sparse.prefill_selector, sparse_block_size=m.sparse.block_size,
+                           sparse_options=tuple(sorted(m.sparse.prefill_options.items())),
+                           sparse_implementation=m.sparse.implementation)
 
 
 def _linear_attention_config(m: ModelConfig) -> LinearAttentionConfig:

@@ -5,6 +5,9 @@
 
 Shapes: x [B, T, d_model]; q [B, T, H, D]; k, v [B, T, Hkv, D] with H a multiple of Hkv.
 Decoding keeps a KV cache of fixed length (`init_cache`); each call appends its keys and values.
+With `sparse_prefill` set (a name in `layers.sparse_prefill.SELECTORS`), the no-cache path lets that
+training-free selector list key blocks and runs `block_sparse_attention` over them; decoding with a
+cache stays dense.
 """
 
 import dataclasses
@@ -16,6 +19,7 @@ from flax import nnx
 from layers.embeddings import apply_rotary
 from layers.parameters import logical_param, normal
 from layers.projection import project
+from layers.sparse_prefill import check_options, sparse_prefill_attention
 from pallas_kernels.dot_product_attention import dot_product_attention
 
 
@@ -32,6 +36,14 @@ class AttentionConfig:
     implementation: str | None = None
     dtype: str = "float32"
     param_dtype: str = "float32"
+    sparse_prefill: str | None = None                       # selector for the no-cache path (None: dense)
+    sparse_block_size: int = 16                             # its square block size
+    sparse_options: tuple[tuple[str, object], ...] = ()     # its budget knobs, e.g. (("threshold", 0.95),)
+    sparse_implementation: str | None = None                # block_sparse_attention implementation
+
+    def __post_init__(self):
+        if self.sparse_prefill is not None:
+            check_options(self.sparse_prefill, dict(self.sparse_options))
 
     def num_params(self) -> int:
         return self.d_model * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
@@ -70,6 +82,11 @@ class Attention(nnx.Module):
         q_BxTxHxK = apply_rotary(project("btd,dhk->bthk", x_BxTxD, self.w_q, c.dtype), positions, c.rope_theta)
         k_BxTxGxK = apply_rotary(project("btd,dhk->bthk", x_BxTxD, self.w_k, c.dtype), positions, c.rope_theta)
         v_BxTxGxK = project("btd,dhk->bthk", x_BxTxD, self.w_v, c.dtype)
+        if cache is None and c.sparse_prefill is not None:
+            o_BxTxHxK = sparse_prefill_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, selector=c.sparse_prefill,
+                                                 block_size=c.sparse_block_size, options=dict(c.sparse_options),
+                                                 segment_ids=segment_ids, implementation=c.sparse_implementation)
+            return project("bthk,hkd->btd", o_BxTxHxK, self.w_o, c.dtype)
         if cache is None:
             o_BxTxHxK = dot_product_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, causal=True, segment_ids=segment_ids,
                                               implementation=c.implementation)

@@ -1,0 +1,40 @@
+"""MInference's vertical-slash pattern as key blocks (Jiang et al., 2024, "MInference 1.0:
+Accelerating Pre-filling for Long-Context LLMs via Dynamic Sparse Attention").
+
+Rule. Per (batch, head), take the causal softmax rows p of the last `last_q` queries (64) and sum
+them into vertical lines v[j] = sum_i p[i, j] (attention to key column j) and slash lines
+s[o] = sum_i p[i, i - o] (attention along the diagonal at offset o = i - j >= 0). Keep the top
+`vertical_size` columns and the top `slash_size` diagonals (paper defaults 1000 and 6096, tuned
+for 128k-token prompts: at short lengths they keep everything, so pass a smaller budget there).
+
+Block conversion (the paper's kernel reads exact columns and diagonals; `block_sparse_attention`
+reads whole tiles): key block m is listed for query block n (m <= n) when it contains a kept
+column, or a kept diagonal passes through the tile, i.e. |o - (n - m) b| <= b - 1. A listed tile
+is read in full, so the block form reads a superset of the paper's entries. The diagonal block
+and the first ("sink") key block are always listed; they stand in for the paper's forced first 30
+columns and last 100 diagonals, which the block form would round up to the same tiles.
+
+Shapes: q [B, T, H, D], k [B, T, Hkv, D] -> block_indices int32 [B, H, N, N], N = ceil(T / block),
+kept blocks ascending then -1. `segment_ids` mask the estimate (same-segment keys only) and drop
+blocks that share no segment range with the query block.
+"""
+
+import jax.numpy as jnp
+
+from layers.sparse_prefill import blocks
+
+
+def select_blocks(q, k, *, block_size: int, last_q: int = 64, vertical_size: int = 1000, slash_size: int = 6096,
+                  segment_ids=None):
+    """MInference's vertical-slash block lists; see the module docstring."""
+    b, N, _ = blocks.check_inputs(q, k, block_size, segment_ids)
+    for name, value in (("last_q", last_q), ("vertical_size", vertical_size), ("slash_size", slash_size)):
+        if not isinstance(value, int) or value < 0 or (name == "last_q" and value < 1):
+            raise ValueError(f"{name}={value!r} must be an integer >= {int(name == 'last_q')}")
+    H = q.shape[2]
+    vertical_BxHxT, slash_BxHxT = blocks.last_query_lines(q, blocks.heads_of_queries(k, H), last_q, segment_ids)
+    keep = blocks.vertical_slash_to_blocks(blocks.keep_top(vertical_BxHxT, vertical_size),
+                                           blocks.keep_top(slash_BxHxT, slash_size), b, N)
+    keep = keep.at[..., 0].set(True)                      # the sink block (causal for every query block)
+    keep = blocks.with_diagonal(keep) & blocks.visible_blocks(N, b, segment_ids) | jnp.eye(N, dtype=bool)
+    return blocks.to_block_indices(keep)
