@@ -26,6 +26,9 @@ class SparseAttentionConfig(StrictConfig):
     # {threshold: 0.95}. Decoding with a KV cache stays dense.
     prefill_selector: Literal["xattention", "minference", "flexprefill"] | None = None
     prefill_options: dict[str, float | int | None] = {}
+    window: int = 32                    # nsa: sliding-window tokens before the current block (multiple of block_size)
+    compress_block: int | None = None   # nsa: tokens per compressed token (divides block_size; None: block_size)
+    lce_width: int = 3                  # bilevel_routing_attention: causal depthwise conv over v (0: none)
 
 
 class ModelConfig(StrictConfig):

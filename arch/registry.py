@@ -9,10 +9,13 @@ from collections.abc import Callable
 
 from arch.config import ModelConfig
 from layers.attention import Attention, AttentionConfig
+from layers.bilevel_routing_attention import BilevelRoutingAttention, BilevelRoutingConfig
 from layers.gla import GLA, GLAConfig
 from layers.linear_attention import LinearAttention, LinearAttentionConfig
 from layers.mamba2 import Mamba2, Mamba2Config
 from layers.mlp import MLPConfig, SwiGLU
+from layers.moba import MoBA, MoBAConfig
+from layers.nsa import NSA, NSAConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +82,28 @@ def _mamba2_config(m: ModelConfig) -> Mamba2Config:
                         dtype=m.dtype, param_dtype=m.param_dtype)
 
 
+def _block_sparse_shapes(m: ModelConfig) -> dict:
+    """The attention shapes and m.sparse's block selection, shared by moba, nsa and bilevel routing."""
+    return dict(d_model=m.d_model, num_heads=m.num_heads, num_kv_heads=m.kv_heads, head_dim=m.head_size,
+                block_size=m.sparse.block_size, top_k=m.sparse.top_k, rope_theta=m.rope_theta,
+                init_std=m.init_std, implementation=m.sparse.implementation, dtype=m.dtype,
+                param_dtype=m.param_dtype)
+
+
+def _moba_config(m: ModelConfig) -> MoBAConfig:
+    return MoBAConfig(**_block_sparse_shapes(m))
+
+
+def _nsa_config(m: ModelConfig) -> NSAConfig:
+    """NSA's compressed tokens default to one per selection block (compress_block = block_size)."""
+    return NSAConfig(**_block_sparse_shapes(m), window=m.sparse.window,
+                     compress_block=m.sparse.compress_block or m.sparse.block_size)
+
+
+def _bilevel_routing_config(m: ModelConfig) -> BilevelRoutingConfig:
+    return BilevelRoutingConfig(**_block_sparse_shapes(m), lce_width=m.sparse.lce_width)
+
+
 def _swiglu_config(m: ModelConfig) -> MLPConfig:
     return MLPConfig(d_model=m.d_model, hidden=m.mlp_size, init_std=m.init_std, dtype=m.dtype,
                      param_dtype=m.param_dtype)
@@ -88,4 +113,7 @@ MIXERS.register("attention", _attention_config, Attention)
 MIXERS.register("linear_attention", _linear_attention_config, LinearAttention)
 MIXERS.register("gla", _gla_config, GLA)
 MIXERS.register("mamba2", _mamba2_config, Mamba2)
+MIXERS.register("moba", _moba_config, MoBA)
+MIXERS.register("nsa", _nsa_config, NSA)
+MIXERS.register("bilevel_routing_attention", _bilevel_routing_config, BilevelRoutingAttention)
 FFNS.register("swiglu", _swiglu_config, SwiGLU)

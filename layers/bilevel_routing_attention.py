@@ -1,0 +1,69 @@
+"""Bi-level routing attention (Zhu et al., 2023, "BiFormer: Vision Transformer with Bi-Level
+Routing Attention"), made causal for language: region = block of `block_size` tokens.
+
+    region level: A[n, m] = sum_h <q_route(n)_h, kbar_{m, g(h)}>   (BiFormer's Q^r K^r^T over all
+                  heads, so every head shares the regions); q_route(n) = q at position n * block,
+                  kbar_m = mean key of region m; I(n) = top_k complete past regions m < n, plus n
+    token level:  o_t = softmax attention of q_t over the keys j <= t of the regions I(t // block)
+    LCE:          o_t += causal depthwise conv of width 3 over v (BiFormer's local context
+                  enhancement, a 5x5 depthwise conv over v in 2-D; here causal in time, per value
+                  channel, added to the head that reads that value head), y = o W_o
+
+BiFormer averages all queries of a region; here the region's first query routes it, because one
+key list serves the whole query block and later tokens must not steer earlier ones (see
+layers/block_selection.py). What differs from MoBA (layers/moba.py, the shared code): routing is
+shared across heads, and the LCE term. No routing parameters and no gradient through the choice
+(BiFormer's default: no param_routing, no diff_routing).
+
+Parameter budget (d = d_model, W = 3): d D (2 H + 2 Hkv) + (W + 1) Hkv D (conv weights and bias).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from layers.moba import MoBA, MoBAConfig
+from layers.parameters import logical_param, normal
+from layers.short_conv import short_causal_conv
+
+
+@dataclasses.dataclass(frozen=True)
+class BilevelRoutingConfig(MoBAConfig):
+    """Parameter budget: d_model * D * (2 H + 2 Hkv) + (lce_width + 1) * Hkv * D."""
+
+    lce_width: int = 3            # causal depthwise conv over v (local context enhancement); 0 disables
+
+    def num_params(self) -> int:
+        lce = (self.lce_width + 1) * self.num_kv_heads * self.head_dim if self.lce_width else 0
+        return super().num_params() + lce
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """MoBA's count (projections, selected keys, region routing) plus the conv, 2 W Hkv D."""
+        return super().flops_per_token(seq_len) + 2 * self.lce_width * self.num_kv_heads * self.head_dim
+
+
+class BilevelRoutingAttention(MoBA):
+    def __init__(self, config: BilevelRoutingConfig, *, rngs: nnx.Rngs):
+        super().__init__(config, rngs=rngs)
+        c = config
+        if c.lce_width:
+            self.lce_weight = logical_param(rngs, normal(c.init_std), (c.lce_width, c.num_kv_heads, c.head_dim),
+                                            c.param_dtype, ("conv", "kv_heads", "head_dim"))
+            self.lce_bias = logical_param(rngs, jax.nn.initializers.zeros, (c.num_kv_heads, c.head_dim),
+                                          c.param_dtype, ("kv_heads", "head_dim"))
+
+    def block_scores(self, route_q_BxQxHxD, k_BxSxGxD):
+        """Region affinity summed over heads (one choice for all heads), `[B, H, Q, M]`."""
+        scores_BxHxQxM = super().block_scores(route_q_BxQxHxD, k_BxSxGxD)
+        return jnp.broadcast_to(scores_BxHxQxM.sum(axis=1, keepdims=True), scores_BxHxQxM.shape)
+
+    def local_context(self, v_BxSxGxD, segment_ids):
+        c = self.config
+        if not c.lce_width:
+            return None
+        lce_BxSxGxD, _ = short_causal_conv(v_BxSxGxD, self.lce_weight[...].astype(c.dtype),
+                                           self.lce_bias[...].astype(c.dtype), segment_ids=segment_ids)
+        return jnp.repeat(lce_BxSxGxD, c.num_heads // c.num_kv_heads, axis=2)
+

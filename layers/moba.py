@@ -1,0 +1,152 @@
+"""MoBA: Mixture of Block Attention (Lu et al., 2025, "MoBA: Mixture of Block Attention for
+Long-Context LLMs"), with grouped-query heads and rotary positions, made causal per block.
+
+    q = x W_q, k = x W_k, v = x W_v                     (rotary on q and k, as in Attention)
+    kbar_m = mean of the keys of block m                 (block = `block_size` tokens)
+    gate[h, n, m] = <q_route(n), kbar_m>                 per head; q_route(n) = q at position n * block
+    I(n) = top_k over complete past blocks m < n of gate[h, n, m], plus the current block n
+    o_t = softmax over keys j in the blocks I(t // block), j <= t, of q_t . k_j / sqrt(D) ; y = o W_o
+
+MoBA's paper gates each query token by itself; here the whole query block shares the choice of
+its first token, because `block_sparse_attention` takes one list per query block and a choice by
+later tokens would leak them into earlier ones (layers/block_selection.py states the rule). The
+gate has no parameters and no gradient (as in MoBA); gradients reach q, k, v through the attention.
+
+Shapes: x [B, T, d_model]; q [B, T, H, D]; k, v [B, T, Hkv, D]. Parameter budget (d = d_model):
+d D (2 H + 2 Hkv), the same as Attention. Decoding keeps the full KV cache plus the routing query
+of the current block; a step attends densely with a mask built from the same selection, so
+token-by-token outputs equal the parallel ones.
+
+`MoBA` is also the base of `BilevelRoutingAttention`, which overrides `block_scores` and
+`local_context`.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from layers import block_selection as bs
+from layers.embeddings import apply_rotary
+from layers.parameters import logical_param, normal
+from layers.projection import project
+from pallas_kernels.block_sparse_attention import block_sparse_attention
+
+
+@dataclasses.dataclass(frozen=True)
+class MoBAConfig:
+    """Parameter budget: d_model * D * (2 H + 2 Hkv)."""
+
+    d_model: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int = 16          # tokens per query block and per key block
+    top_k: int = 2                # past blocks per query block; the current block is always added
+    rope_theta: float = 10_000.0
+    init_std: float = 0.02
+    implementation: str | None = None   # block_sparse_attention implementation (None: best available)
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.block_size < 1:
+            raise ValueError(f"block_size={self.block_size} must be >= 1")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_kv_heads={self.num_kv_heads} does not divide num_heads={self.num_heads}")
+
+    def projection_params(self) -> int:
+        return self.d_model * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+
+    def num_params(self) -> int:
+        return self.projection_params()
+
+    def selected_keys(self, seq_len: int) -> int:
+        """Keys scored per query: (top_k + 1) whole blocks (the op computes whole blocks and masks the
+        future part of the current one), at most the padded sequence."""
+        n_blocks = bs.num_blocks(seq_len, self.block_size)
+        return min(self.top_k + 1, n_blocks) * self.block_size
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Forward FLOPs per token: projections 2 * projection_params; q.k and weights.v over the selected
+        keys only, 4 H D per key; the gate, one routing query per block against ceil(T / block) mean
+        keys, 2 H D ceil(T / block) / block per token."""
+        H, D, b = self.num_heads, self.head_dim, self.block_size
+        gate = 2 * H * D * bs.num_blocks(seq_len, b) // b
+        return 2 * self.projection_params() + 4 * H * D * self.selected_keys(seq_len) + gate
+
+
+class MoBA(nnx.Module):
+    def __init__(self, config: MoBAConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        init = normal(c.init_std)
+        self.w_q = logical_param(rngs, init, (c.d_model, c.num_heads, c.head_dim), c.param_dtype,
+                                 ("embed", "heads", "head_dim"))
+        self.w_k = logical_param(rngs, init, (c.d_model, c.num_kv_heads, c.head_dim), c.param_dtype,
+                                 ("embed", "kv_heads", "head_dim"))
+        self.w_v = logical_param(rngs, init, (c.d_model, c.num_kv_heads, c.head_dim), c.param_dtype,
+                                 ("embed", "kv_heads", "head_dim"))
+        self.w_o = logical_param(rngs, init, (c.num_heads, c.head_dim, c.d_model), c.param_dtype,
+                                 ("heads", "head_dim", "embed"))
+
+    # ---- what the subclasses change ----------------------------------------------------------
+
+    def block_scores(self, route_q_BxQxHxD, k_BxSxGxD):
+        """MoBA's gate: each head's routing query against its key head's mean key per block,
+        float32 `[B, H, Q, ceil(S / block)]`."""
+        return bs.grouped_scores(route_q_BxQxHxD, bs.block_mean(k_BxSxGxD, self.config.block_size))
+
+    def local_context(self, v_BxSxGxD, segment_ids):
+        """A term added to the attention output per position (`[B, S, H, D]`), or None."""
+        return None
+
+    # ---- shared ------------------------------------------------------------------------------
+
+    def init_cache(self, batch: int, max_len: int) -> dict:
+        c = self.config
+        shape = (batch, max_len, c.num_kv_heads, c.head_dim)
+        return {"k": jnp.zeros(shape, c.dtype), "v": jnp.zeros(shape, c.dtype), "end": jnp.zeros((), jnp.int32),
+                "route_q": jnp.zeros((batch, c.num_heads, c.head_dim), c.dtype)}
+
+    def __call__(self, x_BxTxD, *, segment_ids=None, positions=None, cache=None):
+        c = self.config
+        B, T, _ = x_BxTxD.shape
+        b = c.block_size
+        if positions is None:
+            start = 0 if cache is None else cache["end"]
+            positions = jnp.broadcast_to(start + jnp.arange(T), (B, T))
+        q_BxTxHxD = apply_rotary(project("btd,dhk->bthk", x_BxTxD, self.w_q, c.dtype), positions, c.rope_theta)
+        k_BxTxGxD = apply_rotary(project("btd,dhk->bthk", x_BxTxD, self.w_k, c.dtype), positions, c.rope_theta)
+        v_BxTxGxD = project("btd,dhk->bthk", x_BxTxD, self.w_v, c.dtype)
+        if cache is None:
+            N = bs.num_blocks(T, b)
+            scores_BxHxNxN = self.block_scores(bs.routing_queries(q_BxTxHxD, b), k_BxTxGxD)
+            valid = None if segment_ids is None else bs.same_segment_candidates(segment_ids, jnp.arange(N) * b, b)
+            indices_BxHxNxK = bs.causal_top_k_blocks(scores_BxHxNxN, jnp.arange(N), c.top_k, valid)
+            o_BxTxHxD = block_sparse_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, indices_BxHxNxK, block_size=(b, b),
+                                               segment_ids=segment_ids, implementation=c.implementation)
+            local = self.local_context(v_BxTxGxD, segment_ids)
+            if local is not None:
+                o_BxTxHxD = o_BxTxHxD + local.astype(o_BxTxHxD.dtype)
+            return project("bthk,hkd->btd", o_BxTxHxD, self.w_o, c.dtype)
+        if segment_ids is not None:
+            raise ValueError("segment_ids are not supported while decoding with a KV cache; decode one sequence per row")
+        end = cache["end"]
+        k_cache = jax.lax.dynamic_update_slice(cache["k"], k_BxTxGxD.astype(cache["k"].dtype), (0, end, 0, 0))
+        v_cache = jax.lax.dynamic_update_slice(cache["v"], v_BxTxGxD.astype(cache["v"].dtype), (0, end, 0, 0))
+        route_q_BxTxHxD, route_q = bs.cached_routing_queries(q_BxTxHxD, cache["route_q"], end, b)
+        position_T = end + jnp.arange(T)
+        scores_BxHxTxM = self.block_scores(route_q_BxTxHxD, k_cache)
+        indices_BxHxTxK = bs.causal_top_k_blocks(scores_BxHxTxM, position_T // b, c.top_k)
+        visible_BxHxTxS = bs.selection_mask(indices_BxHxTxK, position_T, k_cache.shape[1], b)
+        o_BxTxHxD = bs.attend_with_mask(q_BxTxHxD, k_cache, v_cache, visible_BxHxTxS)
+        local = self.local_context(v_cache, None)
+        if local is not None:
+            local_BxTxHxD = jax.lax.dynamic_slice_in_dim(local, end, T, axis=1)
+            o_BxTxHxD = o_BxTxHxD + local_BxTxHxD.astype(o_BxTxHxD.dtype)
+        y = project("bthk,hkd->btd", o_BxTxHxD, self.w_o, c.dtype)
+        return y, {"k": k_cache, "v": v_cache, "end": end + T, "route_q": route_q.astype(cache["route_q"].dtype)}
