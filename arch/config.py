@@ -29,6 +29,11 @@ class SparseAttentionConfig(StrictConfig):
     window: int = 32                    # nsa: sliding-window tokens before the current block (multiple of block_size)
     compress_block: int | None = None   # nsa: tokens per compressed token (divides block_size; None: block_size)
     lce_width: int = 3                  # bilevel_routing_attention: causal depthwise conv over v (0: none)
+    # routing_attention (Routing Transformer): online k-means over queries and keys
+    num_clusters: int = 4               # centroids per routing head
+    local_heads: int | None = None      # heads attending to blocks n-1 and n instead of routing (None: half)
+    kmeans_decay: float = 0.999         # EMA decay of the centroids (training mode only)
+    commitment_weight: float = 1e-4     # weight of the auxiliary k-means commitment loss (0: off)
 
 
 class ModelConfig(StrictConfig):
@@ -64,6 +69,7 @@ class ModelConfig(StrictConfig):
             raise ValueError(f"model.head_dim={self.head_size} must be even for rotary embeddings")
         if not self.mixers or not self.ffns:
             raise ValueError("model.mixers and model.ffns need at least one name each")
+        self.layer_configs()  # unknown layer names and each layer's own checks fail here, before compute
         return self
 
     @property

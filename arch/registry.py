@@ -16,6 +16,7 @@ from layers.mamba2 import Mamba2, Mamba2Config
 from layers.mlp import MLPConfig, SwiGLU
 from layers.moba import MoBA, MoBAConfig
 from layers.nsa import NSA, NSAConfig
+from layers.routing_attention import RoutingAttention, RoutingAttentionConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +83,16 @@ def _mamba2_config(m: ModelConfig) -> Mamba2Config:
                         dtype=m.dtype, param_dtype=m.param_dtype)
 
 
+def _routing_attention_config(m: ModelConfig) -> RoutingAttentionConfig:
+    s = m.sparse
+    return RoutingAttentionConfig(d_model=m.d_model, num_heads=m.num_heads, num_kv_heads=m.kv_heads,
+                                  head_dim=m.head_size, block_size=s.block_size, top_k=s.top_k,
+                                  num_clusters=s.num_clusters, local_heads=s.local_heads,
+                                  kmeans_decay=s.kmeans_decay, commitment_weight=s.commitment_weight,
+                                  rope_theta=m.rope_theta, init_std=m.init_std, implementation=s.implementation,
+                                  dtype=m.dtype, param_dtype=m.param_dtype)
+
+
 def _block_sparse_shapes(m: ModelConfig) -> dict:
     """The attention shapes and m.sparse's block selection, shared by moba, nsa and bilevel routing."""
     return dict(d_model=m.d_model, num_heads=m.num_heads, num_kv_heads=m.kv_heads, head_dim=m.head_size,
@@ -116,4 +127,5 @@ MIXERS.register("mamba2", _mamba2_config, Mamba2)
 MIXERS.register("moba", _moba_config, MoBA)
 MIXERS.register("nsa", _nsa_config, NSA)
 MIXERS.register("bilevel_routing_attention", _bilevel_routing_config, BilevelRoutingAttention)
+MIXERS.register("routing_attention", _routing_attention_config, RoutingAttention)
 FFNS.register("swiglu", _swiglu_config, SwiGLU)

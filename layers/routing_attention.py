@@ -1,0 +1,276 @@
+"""Routing attention (Roy et al., 2021, "Efficient Content-Based Sparse Attention with Routing
+Transformers"), causal and at block granularity, on `block_sparse_attention`.
+
+Routing heads cluster queries and keys with online k-means: unit-normalised content vectors
+q^ = q / |q|, k^ = k / |k| (before rotary, so the clusters are about content, not position) and
+per-head centroids mu [Hr, C, D] kept as non-gradient `RouterState`. A query attends to the keys of
+its own cluster. At block granularity (blocks of b tokens), causally:
+
+    c_n    = argmax_c mu_c . q^_{n b}                  cluster of query block n, from its first query
+    kbar_m = normalise(mean_{j in block m} k^_j)       summary of key block m
+    a_m    = argmax_c mu_c . kbar_m                    cluster of key block m
+    block n attends to: the top_k complete past blocks m < n with a_m = c_n (ranked by
+    mu_{c_n} . kbar_m), plus its own block n (causally masked inside the op).
+
+Every token of block n uses a choice made from positions <= n b (its block's first position) and
+complete past blocks, so the choice leaks nothing from the future, and decoding token by token
+gives the parallel form's outputs. Each query block reads at most (top_k + 1) b keys: balanced
+compute whatever the cluster sizes. As in the paper, the first `local_heads` heads are local
+instead (blocks n - 1 and n: a sliding window of b..2b tokens).
+
+Centroids learn by mini-batch k-means with an exponential moving average, in training mode only
+(`model.train()`): every routing query and key is assigned to its nearest centroid and
+mu_c <- normalise(decay mu_c + (1 - decay) mean(assigned)) for clusters that received vectors. An
+optional commitment loss, weight * mean ||x^ - mu_assigned||^2 over routing queries and keys
+(as lucidrains/routing-transformer; 1e-4 there), pulls the projections toward their centroids; it
+is reported as an auxiliary loss, and the cluster load (max count / mean count) as a metric.
+
+Shapes: x [B, T, d_model]; q [B, T, H, D]; k, v [B, T, Hkv, D]. Parameter budget: d_model D (2 H +
+2 Hkv), as softmax attention; the centroids (Hr C D numbers) are state, not parameters.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from layers.auxiliary import RouterState, report_loss, report_metric
+from layers.embeddings import apply_rotary
+from layers.parameters import logical_param, normal
+from layers.projection import project
+from pallas_kernels.block_sparse_attention import block_sparse_attention
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingAttentionConfig:
+    """Parameter budget: d_model * D * (2 H + 2 Hkv); plus Hr * C * D centroid state."""
+
+    d_model: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int = 16
+    top_k: int = 2
+    num_clusters: int = 4
+    local_heads: int | None = None       # None: half of the heads (rounded down)
+    kmeans_decay: float = 0.999
+    commitment_weight: float = 1e-4
+    rope_theta: float = 10_000.0
+    init_std: float = 0.02
+    implementation: str | None = None
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        if not 0 <= self.num_local_heads < self.num_heads:
+            raise ValueError(f"local_heads={self.local_heads} must be in [0, num_heads={self.num_heads}) so that "
+                             "at least one head routes")
+        if self.num_clusters < 1 or self.top_k < 0 or self.block_size < 1:
+            raise ValueError(f"num_clusters={self.num_clusters} must be >= 1, top_k={self.top_k} >= 0, "
+                             f"block_size={self.block_size} >= 1")
+        if not 0.0 <= self.kmeans_decay < 1.0:
+            raise ValueError(f"kmeans_decay={self.kmeans_decay} must be in [0, 1)")
+
+    @property
+    def num_local_heads(self) -> int:
+        return self.num_heads // 2 if self.local_heads is None else self.local_heads
+
+    @property
+    def num_routing_heads(self) -> int:
+        return self.num_heads - self.num_local_heads
+
+    def num_params(self) -> int:
+        return self.d_model * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Projections, q.k and weights.v over at most (top_k + 1) blocks for routing heads and 2
+        blocks for local heads (never more than seq_len keys), and the centroid scores of the
+        routing queries and keys (2 C D each)."""
+        b = self.block_size
+        routed_keys = min(seq_len, (self.top_k + 1) * b)
+        local_keys = min(seq_len, 2 * b)
+        attend = 4 * self.head_dim * (self.num_routing_heads * routed_keys + self.num_local_heads * local_keys)
+        centroids = 2 * 2 * self.num_routing_heads * self.num_clusters * self.head_dim
+        return 2 * self.num_params() + attend + centroids
+
+
+def _unit(x, axis=-1):
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=axis, keepdims=True) + 1e-12)
+
+
+def key_block_summaries(k_hat_BxSxGxD, block: int):
+    """Unit mean of the unit keys of each block: [B, G, M, D] (the last block may be partial)."""
+    B, S, G, D = k_hat_BxSxGxD.shape
+    M = -(-S // block)
+    padded = jnp.pad(k_hat_BxSxGxD, ((0, 0), (0, M * block - S), (0, 0), (0, 0)))
+    return _unit(padded.reshape(B, M, block, G, D).sum(axis=2).transpose(0, 2, 1, 3))
+
+
+def routed_block_indices(q_cluster_BxHxN, query_block_N, key_scores_BxHxMxC, key_block_segment_BxM,
+                         query_segment_BxN, top_k: int):
+    """In-cluster top_k complete past blocks plus the current block: int32 [B, H, N, top_k + 1].
+
+    Row n is query block `query_block_N[n]`; key_scores[b, h, m, c] = mu_{h, c} . kbar_m. Key block m
+    may be taken when m < the query block, its cluster equals the query block's cluster, and it ends
+    in the segment of the query block's first position."""
+    M = key_scores_BxHxMxC.shape[2]
+    key_cluster_BxHxM = jnp.argmax(key_scores_BxHxMxC, axis=-1)
+    # score of key block m for query block n: mu_{c_n} . kbar_m
+    score_BxHxNxM = jnp.take_along_axis(key_scores_BxHxMxC, q_cluster_BxHxN[:, :, None, :], axis=3)
+    score_BxHxNxM = score_BxHxNxM.transpose(0, 1, 3, 2)
+    allowed = (jnp.arange(M)[None, :] < query_block_N[:, None])[None, None]
+    allowed &= key_cluster_BxHxM[:, :, None, :] == q_cluster_BxHxN[..., None]
+    allowed &= (key_block_segment_BxM[:, None, :] == query_segment_BxN[:, :, None])[:, None]
+    score_BxHxNxM = jnp.where(allowed, score_BxHxNxM, -jnp.inf)
+    k = min(top_k, M)
+    best, chosen = jax.lax.top_k(score_BxHxNxM, k)
+    chosen = jnp.where(best > -jnp.inf, chosen, -1).astype(jnp.int32)
+    current = jnp.broadcast_to(query_block_N[:, None], chosen.shape[:3] + (1,)).astype(jnp.int32)
+    return jnp.concatenate([chosen, current], axis=-1)
+
+
+def local_block_indices(batch: int, heads: int, num_blocks: int, width: int):
+    """Blocks n - 1 and n (the previous one -1 for n = 0), padded with -1 to `width` slots."""
+    n = jnp.arange(num_blocks)
+    idx = jnp.stack([n, n - 1], axis=-1)
+    idx = jnp.pad(idx, ((0, 0), (0, width - 2)), constant_values=-1)
+    return jnp.broadcast_to(idx, (batch, heads, num_blocks, width)).astype(jnp.int32)
+
+
+class RoutingAttention(nnx.Module):
+    def __init__(self, config: RoutingAttentionConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        init = normal(c.init_std)
+        self.w_q = logical_param(rngs, init, (c.d_model, c.num_heads, c.head_dim), c.param_dtype,
+                                 ("embed", "heads", "head_dim"))
+        self.w_k = logical_param(rngs, init, (c.d_model, c.num_kv_heads, c.head_dim), c.param_dtype,
+                                 ("embed", "kv_heads", "head_dim"))
+        self.w_v = logical_param(rngs, init, (c.d_model, c.num_kv_heads, c.head_dim), c.param_dtype,
+                                 ("embed", "kv_heads", "head_dim"))
+        self.w_o = logical_param(rngs, init, (c.num_heads, c.head_dim, c.d_model), c.param_dtype,
+                                 ("heads", "head_dim", "embed"))
+        centroids = jax.random.normal(rngs.params(), (c.num_routing_heads, c.num_clusters, c.head_dim))
+        self.centroids = RouterState(_unit(centroids))
+        self.deterministic = True   # training mode (model.train()) updates the centroids
+
+    # -- shared pieces ---------------------------------------------------------------------------
+    def _project(self, x_BxTxD, positions):
+        c = self.config
+        q_BxTxHxK = project("btd,dhk->bthk", x_BxTxD, self.w_q, c.dtype)
+        k_BxTxGxK = project("btd,dhk->bthk", x_BxTxD, self.w_k, c.dtype)
+        v_BxTxGxK = project("btd,dhk->bthk", x_BxTxD, self.w_v, c.dtype)
+        q_hat = _unit(q_BxTxHxK[:, :, c.num_local_heads:])              # routing heads' content vectors
+        k_hat = _unit(k_BxTxGxK)
+        q_rot = apply_rotary(q_BxTxHxK, positions, c.rope_theta)
+        k_rot = apply_rotary(k_BxTxGxK, positions, c.rope_theta)
+        return q_rot, k_rot, v_BxTxGxK, q_hat, k_hat
+
+    def _routing_keys(self, k_hat_BxTxGxD):
+        """Each routing head's view of the unit keys, [B, T, Hr, D] (grouped-query heads)."""
+        c = self.config
+        group = c.num_heads // c.num_kv_heads
+        kv_head = (jnp.arange(c.num_local_heads, c.num_heads) // group)
+        return k_hat_BxTxGxD[:, :, kv_head]
+
+    def _centroid_scores(self, x_hat_BxTxRxD):
+        return jnp.einsum("btrd,rcd->brtc", x_hat_BxTxRxD, jax.lax.stop_gradient(self.centroids[...]))
+
+    # -- training-time k-means -------------------------------------------------------------------
+    def _update_centroids(self, q_hat_BxTxRxD, k_hat_BxTxRxD):
+        c = self.config
+        x_hat = jnp.concatenate([q_hat_BxTxRxD, k_hat_BxTxRxD], axis=1)                # [B, 2T, Hr, D]
+        mu = self.centroids[...]
+        assign = jnp.argmax(jnp.einsum("btrd,rcd->brtc", jax.lax.stop_gradient(x_hat), mu), axis=-1)
+        onehot_BxRxTxC = jax.nn.one_hot(assign, c.num_clusters, dtype=jnp.float32)
+        nearest_BxRxTxD = jnp.einsum("brtc,rcd->brtd", onehot_BxRxTxC, mu)
+        if c.commitment_weight:
+            gap = x_hat.transpose(0, 2, 1, 3) - nearest_BxRxTxD
+            report_loss(self, "commitment", c.commitment_weight * jnp.mean(jnp.sum(gap * gap, axis=-1)))
+        counts_RxC = onehot_BxRxTxC.sum(axis=(0, 2))
+        sums_RxCxD = jnp.einsum("brtc,btrd->rcd", onehot_BxRxTxC, jax.lax.stop_gradient(x_hat))
+        means = sums_RxCxD / jnp.maximum(counts_RxC, 1.0)[..., None]
+        moved = _unit(c.kmeans_decay * mu + (1.0 - c.kmeans_decay) * means)
+        self.centroids[...] = jnp.where(counts_RxC[..., None] > 0, moved, mu)
+        report_metric(self, "cluster_load_max_over_mean", jnp.max(counts_RxC) / jnp.mean(counts_RxC))
+
+    # -- forward ---------------------------------------------------------------------------------
+    def __call__(self, x_BxTxD, *, segment_ids=None, positions=None, cache=None):
+        if cache is not None:
+            if segment_ids is not None:
+                raise ValueError("segment_ids are not supported while decoding with a cache; decode one sequence per row")
+            return self._decode(x_BxTxD, cache)
+        c = self.config
+        B, T, _ = x_BxTxD.shape
+        b = c.block_size
+        N = -(-T // b)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+        q, k, v, q_hat, k_hat = self._project(x_BxTxD, positions)
+        k_hat_routed = self._routing_keys(k_hat)
+        first_BxN = jnp.arange(N) * b
+        q_cluster_BxRxN = jnp.argmax(self._centroid_scores(q_hat[:, first_BxN]), axis=-1)
+        kbar_BxRxMxD = key_block_summaries(k_hat_routed, b)
+        key_scores = jnp.einsum("brmd,rcd->brmc", kbar_BxRxMxD, jax.lax.stop_gradient(self.centroids[...]))
+        seg = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids
+        key_block_segment = seg[:, jnp.minimum(first_BxN + b - 1, T - 1)]
+        routed = routed_block_indices(q_cluster_BxRxN, jnp.arange(N), key_scores, key_block_segment,
+                                      seg[:, first_BxN], c.top_k)
+        local = local_block_indices(B, c.num_local_heads, N, routed.shape[-1])
+        block_indices = jax.lax.stop_gradient(jnp.concatenate([local, routed], axis=1))
+        o_BxTxHxK = block_sparse_attention(q, k, v, block_indices, block_size=b, causal=True,
+                                           segment_ids=segment_ids, implementation=c.implementation)
+        if not self.deterministic:
+            self._update_centroids(q_hat, k_hat_routed)
+        return project("bthk,hkd->btd", o_BxTxHxK, self.w_o, c.dtype)
+
+    # -- decoding ----------------------------------------------------------------------------------
+    def init_cache(self, batch: int, max_len: int) -> dict:
+        c = self.config
+        shape = (batch, max_len, c.num_kv_heads, c.head_dim)
+        return {"k": jnp.zeros(shape, c.dtype), "v": jnp.zeros(shape, c.dtype),
+                "k_hat": jnp.zeros(shape, jnp.float32),
+                "cluster": jnp.zeros((batch, c.num_routing_heads), jnp.int32), "end": jnp.zeros((), jnp.int32)}
+
+    def _decode(self, x_BxTxD, cache):
+        """One token at a time (a scan over the given tokens), reading the same blocks as the
+        parallel form: the routing cluster of the current block is kept from its first token."""
+        def one(cache, x_Bx1xD):
+            y, cache = self._decode_token(x_Bx1xD, cache)
+            return cache, y
+        cache, ys = jax.lax.scan(one, cache, x_BxTxD.transpose(1, 0, 2)[:, :, None])
+        return ys[:, :, 0].transpose(1, 0, 2), cache
+
+    def _decode_token(self, x_Bx1xD, cache):
+        c = self.config
+        b, R = c.block_size, c.num_routing_heads
+        B = x_Bx1xD.shape[0]
+        t = cache["end"]
+        q, k, v, q_hat, k_hat = self._project(x_Bx1xD, jnp.full((B, 1), t))
+        k_cache = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, t, 0, 0))
+        v_cache = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, t, 0, 0))
+        k_hat_cache = jax.lax.dynamic_update_slice(cache["k_hat"], k_hat, (0, t, 0, 0))
+        S = k_cache.shape[1]
+        n = t // b
+        new_cluster = jnp.argmax(self._centroid_scores(q_hat)[:, :, 0], axis=-1)
+        cluster_BxR = jnp.where(t % b == 0, new_cluster, cache["cluster"])
+        kbar = key_block_summaries(self._routing_keys(k_hat_cache), b)                 # [B, R, M, D]
+        key_scores = jnp.einsum("brmd,rcd->brmc", kbar, self.centroids[...])
+        M = kbar.shape[2]
+        routed_blocks = routed_block_indices(cluster_BxR[..., None], n[None], key_scores, jnp.zeros((B, M), jnp.int32),
+                                             jnp.zeros((B, 1), jnp.int32), c.top_k)[:, :, 0]   # [B, R, top_k + 1]
+        key_block_S = jnp.arange(S) // b
+        local_visible = (key_block_S == n) | (key_block_S == n - 1)
+        routed_visible = jnp.any(key_block_S[None, None, :, None] == routed_blocks[:, :, None, :], axis=-1)
+        visible_BxHxS = jnp.concatenate([jnp.broadcast_to(local_visible, (B, c.num_local_heads, S)),
+                                         routed_visible], axis=1) & (jnp.arange(S) <= t)
+        group = c.num_heads // c.num_kv_heads
+        k_BxSxHxK = jnp.repeat(k_cache, group, axis=2).astype(jnp.float32)
+        v_BxSxHxK = jnp.repeat(v_cache, group, axis=2).astype(jnp.float32)
+        scores_BxHxS = jnp.einsum("bhk,bshk->bhs", q[:, 0].astype(jnp.float32), k_BxSxHxK) * c.head_dim ** -0.5
+        weights = jax.nn.softmax(jnp.where(visible_BxHxS, scores_BxHxS, -jnp.inf), axis=-1)
+        o = jnp.einsum("bhs,bshk->bhk", weights, v_BxSxHxK)[:, None].astype(q.dtype)
+        y = project("bthk,hkd->btd", o, self.w_o, c.dtype)
+        return y, {"k": k_cache, "v": v_cache, "k_hat": k_hat_cache, "cluster": cluster_BxR, "end": t + 1}
