@@ -20,8 +20,8 @@ are preprocessed with jnp: slots that are -1, repeated, or (causal) wholly in th
 query block are dropped, the rest sorted ascending and packed to the front with a count per row,
 so a kernel loops `fori_loop(0, count)` over useful blocks only. Rows that see no key output zeros
 and store lse = +inf (so exp(s - lse) = 0 in the backward, never NaN). Softmax statistics are
-float32; bfloat16 inputs give bfloat16 dot operands with float32 accumulation, float32 inputs
-float32 operands at IEEE precision (not TF32).
+float32; bfloat16 (float16) inputs give 16-bit dot operands (p and ds rounded too) with float32
+accumulation, float32 inputs float32 operands at IEEE precision (not TF32).
 
 Backend: Pallas' Triton lowering, written with generic Pallas ops only (block loads by index,
 jnp arithmetic, `jnp.dot`, `lax.fori_loop`), so the kernels would port to Mosaic GPU, jax's
@@ -64,7 +64,7 @@ class Config:
     scale: float
     has_segments: bool
     interpret: bool
-    mxu_dtype: str = "float32"  # "bfloat16" when q, k, v are: dots take bf16 operands
+    mxu_dtype: str = "float32"  # "bfloat16" / "float16" when q, k, v all are: 16-bit dot operands
 
     @property
     def groups(self) -> int:
@@ -79,16 +79,16 @@ class Config:
         return -(-self.kv_len // self.block_k)
 
     def dot(self, x, y):
-        """x @ y accumulated in float32: bf16 operands (tensor cores), or float32 ones at full
+        """x @ y accumulated in float32: 16-bit operands (tensor cores), or float32 ones at full
         IEEE precision (Triton's default for float32 would be TF32, ~1e-3 relative error)."""
-        if self.mxu_dtype == "bfloat16":
-            return jnp.dot(x.astype(jnp.bfloat16), y.astype(jnp.bfloat16), preferred_element_type=F32)
+        if self.mxu_dtype != "float32":
+            return jnp.dot(self.operand(x), self.operand(y), preferred_element_type=F32)
         return jnp.dot(x.astype(F32), y.astype(F32), precision=lax.Precision.HIGHEST,
                        preferred_element_type=F32)
 
     def operand(self, x):
         """x rounded to the dot operand dtype (p and ds before their second dot)."""
-        return x.astype(jnp.bfloat16 if self.mxu_dtype == "bfloat16" else F32)
+        return x.astype(jnp.dtype(self.mxu_dtype))
 
 
 def compiler_params(config: Config):
@@ -246,10 +246,10 @@ def block_sparse_attention_kernel(q, k, v, block_indices, *, block_size, causal:
     B, T, H, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     block_q, block_k = block_size
-    low_precision = all(x.dtype == jnp.bfloat16 for x in (q, k, v))
+    low_precision = q.dtype in (jnp.bfloat16, jnp.float16) and q.dtype == k.dtype == v.dtype
     config = Config(B, H, Hkv, T, S, block_q, block_k, _pow2_at_least_16(block_q),
                     _pow2_at_least_16(block_k), _pow2_at_least_16(D), bool(causal), float(scale),
-                    segment_ids is not None, interpret, "bfloat16" if low_precision else "float32")
+                    segment_ids is not None, interpret, q.dtype.name if low_precision else "float32")
     dtype, out_dtype = jnp.result_type(q, k, v), q.dtype
     q, k, v = (x.astype(dtype) for x in (q, k, v))
     segments = () if segment_ids is None else segment_blocks(segment_ids, config)

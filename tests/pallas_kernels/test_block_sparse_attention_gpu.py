@@ -65,7 +65,8 @@ def _loss(q, k, v, block_indices, segment_ids):
 
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("dtype,D,segments", [(jnp.float32, 64, True), (jnp.float32, 128, False),
-                                              (jnp.bfloat16, 64, False), (jnp.bfloat16, 128, True)])
+                                              (jnp.bfloat16, 64, False), (jnp.bfloat16, 128, True),
+                                              (jnp.float16, 128, False)])
 def test_gpu_lowers_to_triton(dtype, D, segments):
     """Forward, dq and dk/dv kernels lower through Pallas' Triton backend for an (abstract) H100."""
     B, T, H, Hkv = 1, 256, 4, 2
