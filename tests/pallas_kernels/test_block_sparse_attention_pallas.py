@@ -1,0 +1,94 @@
+"""The Pallas TPU kernels of block_sparse_attention (pallas_kernels/block_sparse_attention/tpu.py,
+tpu_backward.py); the GPU kernels have their own file.
+
+- every shared case (block_sparse_attention_cases.CASES: T = 1, 63, 65, 257, unequal blocks, GQA,
+  S != T, packed segments, empty rows, duplicates, bf16) against the dense reference, output and
+  dq, dk, dv, in interpret mode on the CPU;
+- two cases under the TPU-semantics interpreter (`pltpu.InterpretParams`: DMAs, semaphores);
+- the scalar-prefetched lists obey their law: each slot code names exactly the listed, not entirely
+  future, deduplicated blocks, empty slots repeat the previous block (no new DMA), and the inverse
+  lists name exactly the (query head, query block) pairs that list each key block;
+- Mosaic compilation for a TPU v5e topology through libtpu (`tpu_compile`): forward + backward,
+  D = 128, blocks (128, 128), float32 and bfloat16, with and without segments, causal, GQA.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+
+from block_sparse_attention_cases import CASES, Case, assert_matches_reference
+from pallas_kernels.block_sparse_attention import tpu
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
+def test_matches_reference(case):
+    assert_matches_reference("pallas_tpu", case)
+
+
+@pytest.mark.parametrize("case", [Case(40, lists="causal_random", segments=True, B=1),
+                                  Case(33, causal=False, dtype="bfloat16", B=1, H=2, Hkv=1)],
+                         ids=lambda case: case.id)
+def test_tpu_semantics_interpreter_matches_reference(monkeypatch, case):
+    monkeypatch.setattr(tpu, "INTERPRET", pltpu.InterpretParams())
+    assert_matches_reference("pallas_tpu", case)
+
+
+def _config(T, S, block_q, block_k, n_sel, causal, B=2, H=4, Hkv=2):
+    return tpu.Config(B, H, Hkv, T, S, 8, block_q, block_k, n_sel, causal, 1.0, False, True, "float32")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_slot_codes_and_inverse_lists_obey_their_law(causal):
+    """T = 70, S = 90, blocks (16, 8): 5 query blocks, 12 key blocks, 6 slots with -1 and repeats."""
+    config = _config(70, 90, 16, 8, 6, causal)
+    rng = np.random.default_rng(0)
+    lists = rng.integers(-1, config.num_kv_blocks, (2, 4, config.num_q_blocks, 6)).astype(np.int32)
+    lists[:, :, ::2, 1] = lists[:, :, ::2, 0]
+    codes, pairs = jax.jit(lambda x: (lambda c: (c, tpu.inverse_lists(c, config)))(tpu.forward_lists(x, config)))(
+        jnp.asarray(lists))
+    codes, pairs = np.asarray(codes), np.asarray(pairs)
+    G, nq = config.groups, config.num_q_blocks
+    for b, h, n in np.ndindex(*codes.shape[:3]):
+        wanted = {int(m) for m in lists[b, h, n] if m >= 0 and (not causal or m * 8 <= n * 16 + 15)}
+        row = codes[b, h, n]
+        used = [int(c) for c in row if c >= 0]
+        assert sorted(used) == used and set(used) == wanted and len(used) == len(wanted)
+        fetched = np.where(row >= 0, row, -1 - row)
+        for j in range(1, len(row)):  # an empty slot repeats the block before it
+            assert row[j] >= 0 or fetched[j] == fetched[j - 1]
+    for b, kh, m in np.ndindex(*pairs.shape[:3]):
+        want = {g * nq + n for g in range(G) for n in range(nq) if m in codes[b, kh * G + g, n]}
+        assert {int(p) for p in pairs[b, kh, m] if p >= 0} == want
+
+
+def _v5e_device():
+    pytest.importorskip("libtpu", reason="libtpu not installed (pip install -e '.[test]')")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other jax processes may hold the lock
+    from jax.experimental import topologies
+    return topologies.get_topology_desc("v5e:2x2", "tpu").devices[0]
+
+
+@pytest.mark.tpu_compile
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("segments", [False, True], ids=["dense", "segments"])
+def test_tpu_aot_compile_forward_and_backward(dtype, segments):
+    """Mosaic compiles forward, dq and dk/dv for D = 128, blocks (128, 128), causal, H = 4 over
+    Hkv = 2, T = 512 with 3 listed blocks per query block, on a v5e topology (no TPU needed)."""
+    B, T, H, Hkv, D, n_sel = 1, 512, 4, 2, 128, 3
+    sharding = jax.sharding.SingleDeviceSharding(_v5e_device())
+    spec = lambda shape, dt=dtype: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
+    args = (spec((B, T, H, D)), spec((B, T, Hkv, D)), spec((B, T, Hkv, D)),
+            spec((B, H, T // 128, n_sel), jnp.int32), spec((B, T), jnp.int32) if segments else None)
+
+    def loss(q, k, v, block_indices, segment_ids):
+        o = tpu.block_sparse_attention(q, k, v, block_indices, block_size=(128, 128), causal=True,
+                                       scale=D ** -0.5, segment_ids=segment_ids, interpret=False)
+        return jnp.sum(o.astype(jnp.float32))
+
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile().as_text()
+    for kernel in ["block_sparse_attention_fwd", "block_sparse_attention_bwd_dq", "block_sparse_attention_bwd_dkv"]:
+        assert kernel in compiled
