@@ -70,17 +70,17 @@ def same_segment_candidates(segment_ids_BxT: jnp.ndarray, query_positions_Q: jnp
 
 
 def causal_top_k_blocks(scores_BxHxQxM: jnp.ndarray, query_block_Q: jnp.ndarray, top_k: int,
-                        valid_BxQxM: jnp.ndarray | None = None) -> jnp.ndarray:
+                        valid: jnp.ndarray | None = None) -> jnp.ndarray:
     """int32 `[B, H, Q, top_k + 1]` block lists: for each routing query q (of query block
-    `query_block_Q[q]` = n), the top_k key blocks m < n by score (restricted to `valid` when given;
-    -1 where fewer candidates exist), then n itself. The parallel form passes Q = N routing queries
-    with query_block = arange(N); decoding passes one row per token."""
+    `query_block_Q[q]` = n), the top_k key blocks m < n by score (restricted to `valid` when given,
+    `[B, Q, M]` or per head `[B, H, Q, M]`; -1 where fewer candidates exist), then n itself. The
+    parallel form passes Q = N routing queries with query_block = arange(N); decoding passes one row
+    per token."""
     B, H, Q, M = scores_BxHxQxM.shape
     candidate_QxM = jnp.arange(M)[None, :] < query_block_Q[:, None]
-    candidate = jnp.broadcast_to(candidate_QxM, (B, Q, M))
-    if valid_BxQxM is not None:
-        candidate = candidate & valid_BxQxM
-    candidate_BxHxQxM = jnp.broadcast_to(candidate[:, None], scores_BxHxQxM.shape)
+    candidate_BxHxQxM = jnp.broadcast_to(candidate_QxM, (B, H, Q, M))
+    if valid is not None:
+        candidate_BxHxQxM = candidate_BxHxQxM & (valid if valid.ndim == 4 else valid[:, None])
     current_BxHxQx1 = jnp.broadcast_to(query_block_Q.astype(jnp.int32)[:, None], (B, H, Q, 1))
     k = min(top_k, M)
     if k == 0:

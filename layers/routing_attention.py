@@ -36,6 +36,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers.auxiliary import RouterState, report_loss, report_metric
+from layers.block_selection import (attend_with_mask, block_mean, causal_top_k_blocks, local_blocks,
+                                    same_segment_candidates, selection_mask)
 from layers.embeddings import apply_rotary
 from layers.parameters import logical_param, normal
 from layers.projection import project
@@ -100,43 +102,17 @@ def _unit(x, axis=-1):
     return x * jax.lax.rsqrt(jnp.sum(x * x, axis=axis, keepdims=True) + 1e-12)
 
 
-def key_block_summaries(k_hat_BxSxGxD, block: int):
-    """Unit mean of the unit keys of each block: [B, G, M, D] (the last block may be partial)."""
-    B, S, G, D = k_hat_BxSxGxD.shape
-    M = -(-S // block)
-    padded = jnp.pad(k_hat_BxSxGxD, ((0, 0), (0, M * block - S), (0, 0), (0, 0)))
-    return _unit(padded.reshape(B, M, block, G, D).sum(axis=2).transpose(0, 2, 1, 3))
+def routed_block_indices(q_cluster_BxHxQ, query_block_Q, key_scores_BxHxMxC, valid_BxQxM, top_k: int):
+    """In-cluster top_k complete past blocks plus the current block: int32 [B, H, Q, top_k + 1].
 
-
-def routed_block_indices(q_cluster_BxHxN, query_block_N, key_scores_BxHxMxC, key_block_segment_BxM,
-                         query_segment_BxN, top_k: int):
-    """In-cluster top_k complete past blocks plus the current block: int32 [B, H, N, top_k + 1].
-
-    Row n is query block `query_block_N[n]`; key_scores[b, h, m, c] = mu_{h, c} . kbar_m. Key block m
-    may be taken when m < the query block, its cluster equals the query block's cluster, and it ends
-    in the segment of the query block's first position."""
-    M = key_scores_BxHxMxC.shape[2]
+    Row q is query block `query_block_Q[q]` with cluster q_cluster; key_scores[b, h, m, c] =
+    mu_{h, c} . kbar_m. Key block m may be taken when m < the query block, its cluster (argmax over
+    c) equals the query block's, and `valid` holds (same segment); ranked by mu_{c_n} . kbar_m."""
     key_cluster_BxHxM = jnp.argmax(key_scores_BxHxMxC, axis=-1)
-    # score of key block m for query block n: mu_{c_n} . kbar_m
-    score_BxHxNxM = jnp.take_along_axis(key_scores_BxHxMxC, q_cluster_BxHxN[:, :, None, :], axis=3)
-    score_BxHxNxM = score_BxHxNxM.transpose(0, 1, 3, 2)
-    allowed = (jnp.arange(M)[None, :] < query_block_N[:, None])[None, None]
-    allowed &= key_cluster_BxHxM[:, :, None, :] == q_cluster_BxHxN[..., None]
-    allowed &= (key_block_segment_BxM[:, None, :] == query_segment_BxN[:, :, None])[:, None]
-    score_BxHxNxM = jnp.where(allowed, score_BxHxNxM, -jnp.inf)
-    k = min(top_k, M)
-    best, chosen = jax.lax.top_k(score_BxHxNxM, k)
-    chosen = jnp.where(best > -jnp.inf, chosen, -1).astype(jnp.int32)
-    current = jnp.broadcast_to(query_block_N[:, None], chosen.shape[:3] + (1,)).astype(jnp.int32)
-    return jnp.concatenate([chosen, current], axis=-1)
-
-
-def local_block_indices(batch: int, heads: int, num_blocks: int, width: int):
-    """Blocks n - 1 and n (the previous one -1 for n = 0), padded with -1 to `width` slots."""
-    n = jnp.arange(num_blocks)
-    idx = jnp.stack([n, n - 1], axis=-1)
-    idx = jnp.pad(idx, ((0, 0), (0, width - 2)), constant_values=-1)
-    return jnp.broadcast_to(idx, (batch, heads, num_blocks, width)).astype(jnp.int32)
+    score_BxHxMxQ = jnp.take_along_axis(key_scores_BxHxMxC, q_cluster_BxHxQ[:, :, None, :], axis=3)
+    same_cluster_BxHxQxM = key_cluster_BxHxM[:, :, None, :] == q_cluster_BxHxQ[..., None]
+    return causal_top_k_blocks(score_BxHxMxQ.transpose(0, 1, 3, 2), query_block_Q, top_k,
+                               same_cluster_BxHxQxM & valid_BxQxM[:, None])
 
 
 class RoutingAttention(nnx.Module):
@@ -178,6 +154,11 @@ class RoutingAttention(nnx.Module):
     def _centroid_scores(self, x_hat_BxTxRxD):
         return jnp.einsum("btrd,rcd->brtc", x_hat_BxTxRxD, jax.lax.stop_gradient(self.centroids[...]))
 
+    def _key_block_scores(self, k_hat_BxTxRxD):
+        """mu_{h, c} . kbar_m, [B, Hr, M, C], with kbar_m the unit mean of block m's unit keys."""
+        kbar_BxMxRxD = _unit(block_mean(k_hat_BxTxRxD, self.config.block_size))
+        return jnp.einsum("bmrd,rcd->brmc", kbar_BxMxRxD, jax.lax.stop_gradient(self.centroids[...]))
+
     # -- training-time k-means -------------------------------------------------------------------
     def _update_centroids(self, q_hat_BxTxRxD, k_hat_BxTxRxD):
         c = self.config
@@ -210,15 +191,14 @@ class RoutingAttention(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(T), (B, T))
         q, k, v, q_hat, k_hat = self._project(x_BxTxD, positions)
         k_hat_routed = self._routing_keys(k_hat)
-        first_BxN = jnp.arange(N) * b
-        q_cluster_BxRxN = jnp.argmax(self._centroid_scores(q_hat[:, first_BxN]), axis=-1)
-        kbar_BxRxMxD = key_block_summaries(k_hat_routed, b)
-        key_scores = jnp.einsum("brmd,rcd->brmc", kbar_BxRxMxD, jax.lax.stop_gradient(self.centroids[...]))
+        first_N = jnp.arange(N) * b
+        q_cluster_BxRxN = jnp.argmax(self._centroid_scores(q_hat[:, first_N]), axis=-1)
+        key_scores = self._key_block_scores(k_hat_routed)
         seg = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids
-        key_block_segment = seg[:, jnp.minimum(first_BxN + b - 1, T - 1)]
-        routed = routed_block_indices(q_cluster_BxRxN, jnp.arange(N), key_scores, key_block_segment,
-                                      seg[:, first_BxN], c.top_k)
-        local = local_block_indices(B, c.num_local_heads, N, routed.shape[-1])
+        routed = routed_block_indices(q_cluster_BxRxN, jnp.arange(N), key_scores,
+                                      same_segment_candidates(seg, first_N, b), c.top_k)
+        local = jnp.full((N, c.top_k + 1), -1, jnp.int32).at[:, :2].set(local_blocks(jnp.arange(N), 1))
+        local = jnp.broadcast_to(local, (B, c.num_local_heads, N, c.top_k + 1))
         block_indices = jax.lax.stop_gradient(jnp.concatenate([local, routed], axis=1))
         o_BxTxHxK = block_sparse_attention(q, k, v, block_indices, block_size=b, causal=True,
                                            segment_ids=segment_ids, implementation=c.implementation)
@@ -256,21 +236,12 @@ class RoutingAttention(nnx.Module):
         n = t // b
         new_cluster = jnp.argmax(self._centroid_scores(q_hat)[:, :, 0], axis=-1)
         cluster_BxR = jnp.where(t % b == 0, new_cluster, cache["cluster"])
-        kbar = key_block_summaries(self._routing_keys(k_hat_cache), b)                 # [B, R, M, D]
-        key_scores = jnp.einsum("brmd,rcd->brmc", kbar, self.centroids[...])
-        M = kbar.shape[2]
-        routed_blocks = routed_block_indices(cluster_BxR[..., None], n[None], key_scores, jnp.zeros((B, M), jnp.int32),
-                                             jnp.zeros((B, 1), jnp.int32), c.top_k)[:, :, 0]   # [B, R, top_k + 1]
-        key_block_S = jnp.arange(S) // b
-        local_visible = (key_block_S == n) | (key_block_S == n - 1)
-        routed_visible = jnp.any(key_block_S[None, None, :, None] == routed_blocks[:, :, None, :], axis=-1)
-        visible_BxHxS = jnp.concatenate([jnp.broadcast_to(local_visible, (B, c.num_local_heads, S)),
-                                         routed_visible], axis=1) & (jnp.arange(S) <= t)
-        group = c.num_heads // c.num_kv_heads
-        k_BxSxHxK = jnp.repeat(k_cache, group, axis=2).astype(jnp.float32)
-        v_BxSxHxK = jnp.repeat(v_cache, group, axis=2).astype(jnp.float32)
-        scores_BxHxS = jnp.einsum("bhk,bshk->bhs", q[:, 0].astype(jnp.float32), k_BxSxHxK) * c.head_dim ** -0.5
-        weights = jax.nn.softmax(jnp.where(visible_BxHxS, scores_BxHxS, -jnp.inf), axis=-1)
-        o = jnp.einsum("bhs,bshk->bhk", weights, v_BxSxHxK)[:, None].astype(q.dtype)
+        key_scores = self._key_block_scores(self._routing_keys(k_hat_cache))         # [B, R, M, C]
+        M = key_scores.shape[2]
+        routed = routed_block_indices(cluster_BxR[..., None], n[None], key_scores, jnp.ones((B, 1, M), bool), c.top_k)
+        local = jnp.broadcast_to(local_blocks(n[None], 1), (B, c.num_local_heads, 1, 2))
+        visible_BxHx1xS = jnp.concatenate([selection_mask(local, t[None], S, b), selection_mask(routed, t[None], S, b)],
+                                          axis=1)
+        o = attend_with_mask(q, k_cache, v_cache, visible_BxHx1xS, implementation="xla")
         y = project("bthk,hkd->btd", o, self.w_o, c.dtype)
         return y, {"k": k_cache, "v": v_cache, "k_hat": k_hat_cache, "cluster": cluster_BxR, "end": t + 1}

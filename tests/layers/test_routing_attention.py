@@ -14,6 +14,7 @@ from flax import nnx
 
 from arch import ModelConfig
 from layers.auxiliary import RouterState, forward_with_auxiliaries
+from layers.block_selection import same_segment_candidates
 from layers.routing_attention import RoutingAttention, RoutingAttentionConfig, routed_block_indices
 
 D = 32
@@ -42,12 +43,13 @@ def test_routed_blocks_stay_in_cluster_past_and_segment():
     """A hand-made case: query blocks 0..3, key blocks 0..3 with clusters [0, 1, 0, 0]."""
     key_scores = jnp.asarray([[0.9, 0.1], [0.2, 0.8], [0.5, 0.4], [0.7, 0.3]])[None, None]  # [1, 1, M, C]
     q_cluster = jnp.asarray([[[0, 1, 0, 0]]])
-    same = jnp.zeros((1, 4), jnp.int32)
-    got = routed_block_indices(q_cluster, jnp.arange(4), key_scores, same, same, top_k=2)[0, 0]
+    anywhere = jnp.ones((1, 4, 4), bool)
+    got = routed_block_indices(q_cluster, jnp.arange(4), key_scores, anywhere, top_k=2)[0, 0]
     # block 3 (cluster 0): past blocks of cluster 0 are 0 (0.9) and 2 (0.5); block 2: only 0; block 1 (cluster 1): none
     np.testing.assert_array_equal(got, [[-1, -1, 0], [-1, -1, 1], [0, -1, 2], [0, 2, 3]])
-    segments = jnp.asarray([[1, 1, 2, 2]])   # block 0 lies in another segment than block 3's start
-    got = routed_block_indices(q_cluster, jnp.arange(4), key_scores, segments, segments, top_k=2)[0, 0]
+    segments = jnp.asarray([[1, 1, 2, 2]])   # blocks of one token; block 0 is in another segment than block 3
+    valid = same_segment_candidates(segments, jnp.arange(4), 1)
+    got = routed_block_indices(q_cluster, jnp.arange(4), key_scores, valid, top_k=2)[0, 0]
     np.testing.assert_array_equal(got[3], [2, -1, 3])
 
 
