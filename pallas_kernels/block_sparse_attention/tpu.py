@@ -12,7 +12,7 @@ list (deduplicated, future blocks dropped when causal) is scalar-prefetched into
 the K / V index maps, so only listed blocks are DMA'd. Online softmax: running max m, sum l and
 accumulator acc [bq, D] in float32 VMEM scratch; an empty slot is skipped with `pl.when` and its
 index map repeats the previous block (no new DMA). The forward also writes lse for the backward
-(tpu_backward.py: dq on this grid, dk/dv over key blocks with the inverse lists).
+(tpu_backward.py: dq on this grid, dk/dv over the listed pairs grouped by key block).
 
 Layout: q, o [B, H, Tq, D] and k, v [B, Hkv, Sk, D] (Tq, Sk padded to the blocks), blocks
 (bq, D) and (bk, D); query-side vectors are columns ([.., Tq, 1]: lse, delta, query segment ids),
@@ -23,8 +23,8 @@ On a real TPU bq and bk must be multiples of 8 (16 for bfloat16) unless they cov
 Precision: scores, softmax statistics and accumulators are float32. With bfloat16 q, k, v the MXU
 takes bfloat16 operands (q k^T, and p v with p rounded to bfloat16, as in flash attention).
 
-SMEM holds B * H * num_q_blocks * n_sel int32 (forward, dq) and B * H * num_kv_blocks *
-num_q_blocks int32 (dk/dv): fine for thousands of blocks, not for millions.
+SMEM holds B * H * num_q_blocks * n_sel int32 (forward, dq; three times that for dk/dv): fine for
+thousands of blocks, not for millions.
 Off TPU the kernels run in Pallas interpret mode (`INTERPRET`).
 """
 
@@ -84,8 +84,9 @@ def dot(config: Config, x, y, dims=NN):
     return lax.dot_general(x.astype(operand), y.astype(operand), dims, preferred_element_type=F32)
 
 
-def compiler_params():
-    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+def compiler_params(grid_rank: int = 4):
+    """Every grid axis parallel but the last (the one that accumulates)."""
+    return pltpu.CompilerParams(dimension_semantics=("parallel",) * (grid_rank - 1) + ("arbitrary",))
 
 
 def fetched_block(code):
@@ -116,24 +117,39 @@ def forward_lists(block_indices, config: Config):
     return encode_slots(jnp.where(repeat, nk, blocks), nk)
 
 
-def listed_mask(codes, config: Config):
-    """Slot codes [B, H, nq, n_sel] -> bool [B, H, nq, nk]: key block m is listed for query block n."""
-    B, H, nq, n_sel = codes.shape
-    target = jnp.where(codes >= 0, codes, config.num_kv_blocks)  # out of range: dropped
-    b, h, n, _ = jnp.meshgrid(*(jnp.arange(s) for s in codes.shape), indexing="ij")
-    listed = jnp.zeros((B, H, nq, config.num_kv_blocks), bool)
-    return listed.at[b, h, n, target].set(True, mode="drop")
+def key_major_pairs(codes, config: Config):
+    """The listed (query block, key block) pairs of each key/value head, grouped by key block: the
+    dk/dv kernel's schedule. -> (key_block, query, flags), int32 [B, Hkv, W], W = G nq min(n_sel, nk).
 
-
-def inverse_lists(codes, config: Config):
-    """For each key block and key/value head, the (query head in its group, query block) pairs that
-    list it, as codes g * nq + n in [B, Hkv, nk, G * nq] (ascending, unused slots last)."""
+    Pair t of kv head kh: key block key_block[t], query = g * nq + n (query head kh G + g, query
+    block n); pairs sorted by (key block, query), unused ones last. flags: 1 used, 2 first pair of
+    its key block (zero the accumulators), 4 last pair (write dk, dv). Unused pairs repeat the last
+    used key block and query, so they trigger no DMA and no write-back. Key blocks nobody lists get
+    no pair: their dk, dv are zeroed by the caller (`visited_key_blocks`)."""
     B, Hkv, G, nq, nk = config.batch, config.kv_heads, config.groups, config.num_q_blocks, config.num_kv_blocks
-    listed_BxKxGxNxM = listed_mask(codes, config).reshape(B, Hkv, G, nq, nk)
-    listed_BxKxMxW = jnp.transpose(listed_BxKxGxNxM, (0, 1, 4, 2, 3)).reshape(B, Hkv, nk, G * nq)
-    width = G * nq
-    pairs = jnp.sort(jnp.where(listed_BxKxMxW, jnp.arange(width, dtype=jnp.int32), width), axis=-1)
-    return encode_slots(pairs, width)
+    n_sel = codes.shape[-1]
+    query = jnp.arange(G * nq, dtype=jnp.int32).reshape(G, nq, 1)
+    key_BxKxGxNxJ = jnp.where(codes >= 0, codes, nk).reshape(B, Hkv, G, nq, n_sel)
+    order_key = (key_BxKxGxNxJ * (G * nq) + query).reshape(B, Hkv, G * nq * n_sel)
+    order_key = jnp.sort(order_key, axis=-1)[..., :G * nq * min(n_sel, nk)]  # at most nk used per list
+    key, query = order_key // (G * nq), order_key % (G * nq)
+    used = key < nk
+    first = used & jnp.concatenate([jnp.ones_like(used[..., :1]), key[..., 1:] != key[..., :-1]], -1)
+    last = used & jnp.concatenate([key[..., 1:] != key[..., :-1], jnp.ones_like(used[..., :1])], -1)
+    count = jnp.sum(used, axis=-1, keepdims=True)  # used pairs come first: repeat pair count - 1
+    last_used = lambda x: jnp.where(count > 0, jnp.take_along_axis(x, jnp.maximum(count - 1, 0), axis=-1), 0)
+    repeat = lambda x: jnp.where(used, x, last_used(x))
+    flags = used.astype(jnp.int32) + 2 * first.astype(jnp.int32) + 4 * last.astype(jnp.int32)
+    return repeat(key).astype(jnp.int32), repeat(query).astype(jnp.int32), flags
+
+
+def visited_key_blocks(codes, config: Config):
+    """bool [B, Hkv, nk]: some query block of the group lists key block m."""
+    B, H, nq, n_sel = codes.shape
+    target = jnp.where(codes >= 0, codes, config.num_kv_blocks).reshape(B, config.kv_heads, -1)
+    b, kh, _ = jnp.meshgrid(*(jnp.arange(s) for s in target.shape), indexing="ij")
+    visited = jnp.zeros((B, config.kv_heads, config.num_kv_blocks), bool)
+    return visited.at[b, kh, target].set(True, mode="drop")
 
 
 def segment_inputs(segment_ids, config: Config):

@@ -7,10 +7,12 @@ With p_tj = exp(s_tj - lse_t) on visible pairs (0 elsewhere), delta_t = sum_d o_
 
 - dq: the forward's grid (B, H, num_q_blocks, n_sel) and slot codes; dq [bq, D] accumulates in
   float32 VMEM over the listed key blocks.
-- dk, dv: grid (B, Hkv, num_kv_blocks, G * num_q_blocks). For each key block the inverse list
-  (built in jnp by tpu.inverse_lists, scalar-prefetched) names the (query head of the group, query
-  block) pairs that list it; q, do, lse and delta are DMA'd only for those, and dk, dv of the
-  whole GQA group accumulate in one float32 VMEM block (no per-query-head copies to sum).
+- dk, dv: grid (B, Hkv, W) over the listed (query head of the group, query block, key block)
+  triples of each kv head, sorted by key block (tpu.key_major_pairs, built in jnp and
+  scalar-prefetched; W = G num_q_blocks min(n_sel, num_kv_blocks), the forward's step count, not
+  the dense G num_q_blocks num_kv_blocks). The pairs of one key block are consecutive, so its dk, dv
+  accumulate in float32 VMEM over the whole GQA group (no per-query-head copies to sum) and are
+  written once when its run ends; q, do, lse, delta are DMA'd only for listed pairs.
 
 bfloat16 inputs: p and ds are rounded to bfloat16 as MXU operands, accumulation is float32.
 """
@@ -25,7 +27,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.block_sparse_attention.tpu import (F32, NT, TN, Config, compiler_params, dot,
                                                        fetched_block, forward_slot, forward_specs,
-                                                       inverse_lists, row_specs, visible)
+                                                       key_major_pairs, row_specs, visible,
+                                                       visited_key_blocks)
 
 
 def probabilities(config: Config, q_block, k_block, q, k, lse_Qx1, segment_refs):
@@ -77,72 +80,85 @@ def dq(config: Config, q, k, v, codes, segments, do, lse, delta):
     )(codes.reshape(-1), q, k, v, *segments, do, lse, delta)
 
 
-def dkv_specs(config: Config):
-    """Specs on grid (b, kv head, key block m, t) with t indexing the inverse list of (b, kv head, m)."""
-    bq, bk, D, G, nq = config.block_q, config.block_k, config.head_dim, config.groups, config.num_q_blocks
-    Hkv, nk = config.kv_heads, config.num_kv_blocks
-    width = G * nq
+def dkv_specs(config: Config, width: int):
+    """Specs on grid (b, kv head, pair t) over tpu.key_major_pairs (prefetched: key_block, query, flags)."""
+    bq, bk, D, G, nq, Hkv = (config.block_q, config.block_k, config.head_dim, config.groups,
+                             config.num_q_blocks, config.kv_heads)
 
-    def query(b, kh, m, t, pairs):
-        pair = fetched_block(pairs[((b * Hkv + kh) * nk + m) * width + t])
+    def query(b, kh, t, key_block, pair_query, flags):
+        pair = pair_query[(b * Hkv + kh) * width + t]
         return b, kh * G + lax.div(pair, nq), lax.rem(pair, nq)  # pair >= 0: no sign fix-ups
+
+    def key(b, kh, t, key_block, pair_query, flags):
+        return b, key_block[(b * Hkv + kh) * width + t]
 
     def head_map(*args):
         b, h, n = query(*args)
         return b, h, n, 0
 
-    rows = row_specs(config, query, lambda b, kh, m, t, pairs: (b, m))
-    kv_spec = pl.BlockSpec((None, None, bk, D), lambda b, kh, m, t, pairs: (b, kh, m, 0))
+    def kv_map(*args):
+        b, m = key(*args)
+        return b, args[1], m, 0
+
+    rows = row_specs(config, query, key)
     segments = [rows["q_seg"], rows["k_seg"]] if config.has_segments else []
-    return pl.BlockSpec((None, None, bq, D), head_map), kv_spec, rows["head_column"], segments
+    return (pl.BlockSpec((None, None, bq, D), head_map), pl.BlockSpec((None, None, bk, D), kv_map),
+            rows["head_column"], segments)
 
 
-def _dkv_kernel(config: Config, pairs_ref, q_ref, k_ref, v_ref, *refs):
+def _dkv_kernel(config: Config, width: int, key_block_ref, pair_query_ref, flags_ref, q_ref, k_ref, v_ref,
+                *refs):
     segment_refs = refs[:2] if config.has_segments else ()
     do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_acc_ref, dv_acc_ref = refs[len(segment_refs):]
-    b, kh, m, t = (pl.program_id(axis) for axis in range(4))
-    width = config.groups * config.num_q_blocks
-    code = pairs_ref[((b * config.kv_heads + kh) * config.num_kv_blocks + m) * width + t]
+    b, kh, t = (pl.program_id(axis) for axis in range(3))
+    slot = (b * config.kv_heads + kh) * width + t
+    flags = flags_ref[slot]
 
-    @pl.when(t == 0)
+    @pl.when(lax.rem(lax.div(flags, 2), 2) == 1)  # first pair of this key block
     def _init():
         dk_acc_ref[...] = jnp.zeros(dk_acc_ref.shape, F32)
         dv_acc_ref[...] = jnp.zeros(dv_acc_ref.shape, F32)
 
-    @pl.when(code >= 0)
+    @pl.when(lax.rem(flags, 2) == 1)
     def _accumulate():
-        n = lax.rem(code, config.num_q_blocks)
+        n = lax.rem(pair_query_ref[slot], config.num_q_blocks)
         q, do = q_ref[...], do_ref[...]
-        p_QxK = probabilities(config, n, m, q, k_ref[...], lse_ref[...], segment_refs)
+        p_QxK = probabilities(config, n, key_block_ref[slot], q, k_ref[...], lse_ref[...], segment_refs)
         dv_acc_ref[...] += dot(config, p_QxK, do, TN)
         dp_QxK = dot(config, do, v_ref[...], NT)
         ds_QxK = p_QxK * (dp_QxK - delta_ref[...])
         dk_acc_ref[...] += dot(config, ds_QxK, q, TN)
 
-    @pl.when(t == width - 1)
+    @pl.when(flags >= 4)  # last pair of this key block
     def _finish():
         dk_ref[...] = (config.scale * dk_acc_ref[...]).astype(dk_ref.dtype)
         dv_ref[...] = dv_acc_ref[...].astype(dv_ref.dtype)
 
 
 def dkv(config: Config, q, k, v, codes, segments, do, lse, delta):
-    B, Hkv, nk, bk, D = config.batch, config.kv_heads, config.num_kv_blocks, config.block_k, config.head_dim
-    q_spec, kv_spec, column_spec, segment_specs = dkv_specs(config)
+    """dk, dv [B, Hkv, Sk, D]; key blocks no query block lists are zero."""
+    B, Hkv, bk, D = config.batch, config.kv_heads, config.block_k, config.head_dim
+    schedule = key_major_pairs(codes, config)
+    width = schedule[0].shape[-1]
+    q_spec, kv_spec, column_spec, segment_specs = dkv_specs(config, width)
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=1,
-        grid=(B, Hkv, nk, config.groups * config.num_q_blocks),
+        num_scalar_prefetch=3,
+        grid=(B, Hkv, width),
         in_specs=[q_spec, kv_spec, kv_spec, *segment_specs, q_spec, column_spec, column_spec],
         out_specs=[kv_spec, kv_spec],
         scratch_shapes=[pltpu.VMEM((bk, D), F32), pltpu.VMEM((bk, D), F32)],
     )
-    return pl.pallas_call(
-        functools.partial(_dkv_kernel, config),
+    dk_, dv_ = pl.pallas_call(
+        functools.partial(_dkv_kernel, config, width),
         grid_spec=grid_spec,
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=compiler_params(),
+        compiler_params=compiler_params(grid_rank=3),
         interpret=config.interpret,
         name="block_sparse_attention_bwd_dkv",
-    )(inverse_lists(codes, config).reshape(-1), q, k, v, *segments, do, lse, delta)
+    )(*(x.reshape(-1) for x in schedule), q, k, v, *segments, do, lse, delta)
+    # Blocks without pairs were never written: zero them.
+    visited_Sk = jnp.repeat(visited_key_blocks(codes, config), bk, axis=-1)[..., None]
+    return jnp.where(visited_Sk, dk_, 0), jnp.where(visited_Sk, dv_, 0)
 
 
 def backward(config: Config, q, k, v, codes, segments, o, lse, do):

@@ -5,9 +5,9 @@ tpu_backward.py); the GPU kernels have their own file.
   S != T, packed segments, empty rows, duplicates, bf16) against the dense reference, output and
   dq, dk, dv, in interpret mode on the CPU;
 - two cases under the TPU-semantics interpreter (`pltpu.InterpretParams`: DMAs, semaphores);
-- the scalar-prefetched lists obey their law: each slot code names exactly the listed, not entirely
-  future, deduplicated blocks, empty slots repeat the previous block (no new DMA), and the inverse
-  lists name exactly the (query head, query block) pairs that list each key block;
+- the scalar-prefetched schedules obey their law: forward slot codes name exactly the listed, not
+  entirely future, deduplicated blocks, empty slots repeat the previous block (no new DMA), and
+  the dk/dv schedule holds exactly the same (query, key block) pairs grouped by key block;
 - Mosaic compilation for a TPU v5e topology through libtpu (`tpu_compile`): forward + backward,
   D = 128, blocks (128, 128), float32 and bfloat16, with and without segments, causal, GQA.
 """
@@ -42,27 +42,45 @@ def _config(T, S, block_q, block_k, n_sel, causal, B=2, H=4, Hkv=2):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_slot_codes_and_inverse_lists_obey_their_law(causal):
-    """T = 70, S = 90, blocks (16, 8): 5 query blocks, 12 key blocks, 6 slots with -1 and repeats."""
+def test_prefetched_schedules_obey_their_law(causal):
+    """T = 70, S = 90, blocks (16, 8): 5 query blocks, 12 key blocks, 6 slots with -1 and repeats.
+    Forward slots name exactly the listed, deduplicated, not entirely future blocks (ascending);
+    an empty slot repeats the block before it (no DMA). The dk/dv schedule holds exactly the
+    (query head, query block, key block) triples of the forward, each key block in one run
+    flagged first / last, and unused pairs repeat the last used one."""
     config = _config(70, 90, 16, 8, 6, causal)
     rng = np.random.default_rng(0)
     lists = rng.integers(-1, config.num_kv_blocks, (2, 4, config.num_q_blocks, 6)).astype(np.int32)
     lists[:, :, ::2, 1] = lists[:, :, ::2, 0]
-    codes, pairs = jax.jit(lambda x: (lambda c: (c, tpu.inverse_lists(c, config)))(tpu.forward_lists(x, config)))(
-        jnp.asarray(lists))
-    codes, pairs = np.asarray(codes), np.asarray(pairs)
+    lists[1, 2:] = -1  # key/value head 1 of batch 1: no query head lists anything
+    codes, (key, query, flags) = jax.jit(
+        lambda x: (lambda c: (c, tpu.key_major_pairs(c, config)))(tpu.forward_lists(x, config)))(jnp.asarray(lists))
+    codes, key, query, flags = map(np.asarray, (codes, key, query, flags))
     G, nq = config.groups, config.num_q_blocks
+    triples = set()
     for b, h, n in np.ndindex(*codes.shape[:3]):
         wanted = {int(m) for m in lists[b, h, n] if m >= 0 and (not causal or m * 8 <= n * 16 + 15)}
         row = codes[b, h, n]
         used = [int(c) for c in row if c >= 0]
         assert sorted(used) == used and set(used) == wanted and len(used) == len(wanted)
         fetched = np.where(row >= 0, row, -1 - row)
-        for j in range(1, len(row)):  # an empty slot repeats the block before it
+        for j in range(1, len(row)):
             assert row[j] >= 0 or fetched[j] == fetched[j - 1]
-    for b, kh, m in np.ndindex(*pairs.shape[:3]):
-        want = {g * nq + n for g in range(G) for n in range(nq) if m in codes[b, kh * G + g, n]}
-        assert {int(p) for p in pairs[b, kh, m] if p >= 0} == want
+        triples |= {(b, h // G, (h % G) * nq + n, m) for m in used}
+    got = set()
+    for b, kh in np.ndindex(*key.shape[:2]):
+        used = flags[b, kh] & 1 == 1
+        count = int(used.sum())
+        assert used[:count].all() and not used[count:].any()
+        k_used = key[b, kh, :count]
+        assert np.all(np.diff(k_used) >= 0)
+        run_ends = k_used[1:] != k_used[:-1]
+        np.testing.assert_array_equal(flags[b, kh, :count] & 2 == 2, np.r_[True, run_ends][:count])
+        np.testing.assert_array_equal(flags[b, kh, :count] & 4 == 4, np.r_[run_ends, True][:count])
+        last = (key[b, kh, count - 1], query[b, kh, count - 1]) if count else (0, 0)
+        assert np.all(key[b, kh, count:] == last[0]) and np.all(query[b, kh, count:] == last[1])
+        got |= {(b, kh, int(qq), int(m)) for m, qq in zip(k_used, query[b, kh, :count])}
+    assert got == triples
 
 
 def _v5e_device():
