@@ -16,6 +16,9 @@ CONFIGS = {
     "hybrid_gla": ModelConfig(d_model=32, num_layers=3, num_heads=2, mixers=["gla", "gla", "attention"]),
     "mamba2": ModelConfig(d_model=32, num_layers=1, num_heads=2, mixers=["mamba2"]),
     "lightning_hybrid": ModelConfig(d_model=32, num_layers=2, num_heads=2, mixers=["linear_attention", "attention"]),
+    "sparse_mixers": ModelConfig(d_model=32, num_layers=4, num_heads=4, num_kv_heads=2,
+                                 mixers=["moba", "nsa", "bilevel_routing_attention", "routing_attention"],
+                                 sparse={"block_size": 4, "top_k": 1, "window": 8}),
 }
 
 
@@ -34,6 +37,9 @@ def test_num_params_matches_model(name):
     (ModelConfig(d_model=128, num_layers=3, num_heads=4, num_kv_heads=2, tie_embeddings=False), 256),
     (ModelConfig(d_model=256, num_layers=4, num_heads=4, mixers=["gla", "gla", "gla", "attention"]), 128),
     (ModelConfig(d_model=256, num_layers=1, num_heads=4, mixers=["mamba2"]), 128),
+    # sparse mixers: only the selected blocks count, so FLOPs per token are flat in the length
+    (ModelConfig(d_model=256, num_layers=4, num_heads=4,
+                 mixers=["moba", "nsa", "bilevel_routing_attention", "routing_attention"]), 1024),
 ])
 def test_flops_per_token_matches_xla_cost_analysis(config, seq_len):
     model = CausalLM(config, rngs=nnx.Rngs(0))
@@ -58,7 +64,7 @@ def test_model_is_causal():
     assert not np.allclose(base[:, 12:], changed[:, 12:])
 
 
-@pytest.mark.parametrize("name", ["untied_gqa", "hybrid_gla", "mamba2", "lightning_hybrid"])
+@pytest.mark.parametrize("name", ["untied_gqa", "hybrid_gla", "mamba2", "lightning_hybrid", "sparse_mixers"])
 def test_cached_decoding_matches_full_forward(name):
     """Prefill then one token at a time, through every registered mixer's cache."""
     config = CONFIGS[name]
