@@ -26,9 +26,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.block_sparse_attention.tpu import (F32, NT, TN, Config, compiler_params, dot,
-                                                       fetched_block, forward_slot, forward_specs,
-                                                       key_major_pairs, row_specs, visible,
-                                                       visited_key_blocks)
+                                                       forward_slot, forward_specs, key_major_pairs,
+                                                       row_specs, visible, visited_key_blocks)
 
 
 def probabilities(config: Config, q_block, k_block, q, k, lse_Qx1, segment_refs):
