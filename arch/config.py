@@ -69,7 +69,17 @@ class ModelConfig(StrictConfig):
             raise ValueError(f"model.head_dim={self.head_size} must be even for rotary embeddings")
         if not self.mixers or not self.ffns:
             raise ValueError("model.mixers and model.ffns need at least one name each")
-        self.layer_configs()  # unknown layer names and each layer's own checks fail here, before compute
+        from arch.registry import FFNS, MIXERS  # the registry imports this module
+        for key, registry in (("mixers", MIXERS), ("ffns", FFNS)):
+            for name in getattr(self, key):
+                if name not in registry.names():
+                    raise ValueError(f"model.{key}: unknown {registry.kind} {name!r}; registered: {registry.names()}")
+            for name in set(getattr(self, key)):  # each layer's own checks, before any compute
+                try:
+                    registry.config_for(name, self)
+                except ValueError as e:
+                    raise ValueError(f"model.{key}: {registry.kind} {name!r}: {e} (see model.sparse and the shapes)")
+        return self
         return self
 
     @property

@@ -124,11 +124,6 @@ class Config(StrictConfig):
 
     @model_validator(mode="after")
     def _check(self):
-        from arch.registry import FFNS, MIXERS
-        for key, registry in (("mixers", MIXERS), ("ffns", FFNS)):
-            for name in getattr(self.model, key):
-                if name not in registry.names():
-                    raise ValueError(f"model.{key}: unknown {registry.kind} {name!r}; registered: {registry.names()}")
         if self.data.batch_size % self.train.grad_accum:
             raise ValueError(f"train.grad_accum={self.train.grad_accum} does not divide "
                              f"data.batch_size={self.data.batch_size}")
