@@ -54,19 +54,26 @@ class AttentionConfig:
         return 2 * self.num_params() + 4 * seq_len * self.num_heads * self.head_dim
 
 
+def declare_projections(module: nnx.Module, c, rngs: nnx.Rngs) -> None:
+    """The q, k, v and output projections of every softmax-attention family (attention, moba, nsa,
+    bilevel routing, routing attention): w_q [d, H, D], w_k and w_v [d, Hkv, D], w_o [H, D, d], from
+    a config with d_model, num_heads, num_kv_heads, head_dim, init_std and param_dtype."""
+    init = normal(c.init_std)
+    module.w_q = logical_param(rngs, init, (c.d_model, c.num_heads, c.head_dim), c.param_dtype,
+                               ("embed", "heads", "head_dim"))
+    module.w_k = logical_param(rngs, init, (c.d_model, c.num_kv_heads, c.head_dim), c.param_dtype,
+                               ("embed", "kv_heads", "head_dim"))
+    module.w_v = logical_param(rngs, init, (c.d_model, c.num_kv_heads, c.head_dim), c.param_dtype,
+                               ("embed", "kv_heads", "head_dim"))
+    module.w_o = logical_param(rngs, init, (c.num_heads, c.head_dim, c.d_model), c.param_dtype,
+                               ("heads", "head_dim", "embed"))
+
+
 class Attention(nnx.Module):
     def __init__(self, config: AttentionConfig, *, rngs: nnx.Rngs):
         c = config
         self.config = c
-        init = normal(c.init_std)
-        self.w_q = logical_param(rngs, init, (c.d_model, c.num_heads, c.head_dim), c.param_dtype,
-                                 ("embed", "heads", "head_dim"))
-        self.w_k = logical_param(rngs, init, (c.d_model, c.num_kv_heads, c.head_dim), c.param_dtype,
-                                 ("embed", "kv_heads", "head_dim"))
-        self.w_v = logical_param(rngs, init, (c.d_model, c.num_kv_heads, c.head_dim), c.param_dtype,
-                                 ("embed", "kv_heads", "head_dim"))
-        self.w_o = logical_param(rngs, init, (c.num_heads, c.head_dim, c.d_model), c.param_dtype,
-                                 ("heads", "head_dim", "embed"))
+        declare_projections(self, c, rngs)
 
     def init_cache(self, batch: int, max_len: int) -> dict:
         c = self.config

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers import block_selection as bs
+from layers.attention import declare_projections
 from layers.embeddings import apply_rotary
-from layers.parameters import logical_param, normal
 from layers.projection import project
 from pallas_kernels.block_sparse_attention import block_sparse_attention
 
@@ -83,15 +83,7 @@ class MoBA(nnx.Module):
     def __init__(self, config: MoBAConfig, *, rngs: nnx.Rngs):
         c = config
         self.config = c
-        init = normal(c.init_std)
-        self.w_q = logical_param(rngs, init, (c.d_model, c.num_heads, c.head_dim), c.param_dtype,
-                                 ("embed", "heads", "head_dim"))
-        self.w_k = logical_param(rngs, init, (c.d_model, c.num_kv_heads, c.head_dim), c.param_dtype,
-                                 ("embed", "kv_heads", "head_dim"))
-        self.w_v = logical_param(rngs, init, (c.d_model, c.num_kv_heads, c.head_dim), c.param_dtype,
-                                 ("embed", "kv_heads", "head_dim"))
-        self.w_o = logical_param(rngs, init, (c.num_heads, c.head_dim, c.d_model), c.param_dtype,
-                                 ("heads", "head_dim", "embed"))
+        declare_projections(self, c, rngs)
 
     # ---- what the subclasses change ----------------------------------------------------------
 

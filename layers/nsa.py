@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers import block_selection as bs
+from layers.attention import declare_projections
 from layers.embeddings import apply_rotary
 from layers.parameters import logical_param, normal
 from layers.projection import project
@@ -115,20 +116,12 @@ class NSA(nnx.Module):
     def __init__(self, config: NSAConfig, *, rngs: nnx.Rngs):
         c = config
         self.config = c
-        init = normal(c.init_std)
-        self.w_q = logical_param(rngs, init, (c.d_model, c.num_heads, c.head_dim), c.param_dtype,
-                                 ("embed", "heads", "head_dim"))
-        self.w_k = logical_param(rngs, init, (c.d_model, c.num_kv_heads, c.head_dim), c.param_dtype,
-                                 ("embed", "kv_heads", "head_dim"))
-        self.w_v = logical_param(rngs, init, (c.d_model, c.num_kv_heads, c.head_dim), c.param_dtype,
-                                 ("embed", "kv_heads", "head_dim"))
-        self.w_o = logical_param(rngs, init, (c.num_heads, c.head_dim, c.d_model), c.param_dtype,
-                                 ("heads", "head_dim", "embed"))
+        declare_projections(self, c, rngs)
         mean = lambda key, shape, dtype: jnp.full(shape, 1.0 / c.compress_block, dtype)  # noqa: E731
         compress_shape = (c.compress_block, c.num_kv_heads, c.head_dim)
         self.compress_k = logical_param(rngs, mean, compress_shape, c.param_dtype, ("conv", "kv_heads", "head_dim"))
         self.compress_v = logical_param(rngs, mean, compress_shape, c.param_dtype, ("conv", "kv_heads", "head_dim"))
-        self.w_gate = logical_param(rngs, init, (c.d_model, 3, c.num_heads), c.param_dtype, ("embed", None, "heads"))
+        self.w_gate = logical_param(rngs, normal(c.init_std), (c.d_model, 3, c.num_heads), c.param_dtype, ("embed", None, "heads"))
 
     def init_cache(self, batch: int, max_len: int) -> dict:
         c = self.config

@@ -35,11 +35,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from layers.attention import declare_projections
 from layers.auxiliary import RouterState, report_loss, report_metric
 from layers.block_selection import (attend_with_mask, block_mean, causal_top_k_blocks, local_blocks,
                                     same_segment_candidates, selection_mask)
 from layers.embeddings import apply_rotary
-from layers.parameters import logical_param, normal
 from layers.projection import project
 from pallas_kernels.block_sparse_attention import block_sparse_attention
 
@@ -119,15 +119,7 @@ class RoutingAttention(nnx.Module):
     def __init__(self, config: RoutingAttentionConfig, *, rngs: nnx.Rngs):
         c = config
         self.config = c
-        init = normal(c.init_std)
-        self.w_q = logical_param(rngs, init, (c.d_model, c.num_heads, c.head_dim), c.param_dtype,
-                                 ("embed", "heads", "head_dim"))
-        self.w_k = logical_param(rngs, init, (c.d_model, c.num_kv_heads, c.head_dim), c.param_dtype,
-                                 ("embed", "kv_heads", "head_dim"))
-        self.w_v = logical_param(rngs, init, (c.d_model, c.num_kv_heads, c.head_dim), c.param_dtype,
-                                 ("embed", "kv_heads", "head_dim"))
-        self.w_o = logical_param(rngs, init, (c.num_heads, c.head_dim, c.d_model), c.param_dtype,
-                                 ("heads", "head_dim", "embed"))
+        declare_projections(self, c, rngs)
         centroids = jax.random.normal(rngs.params(), (c.num_routing_heads, c.num_clusters, c.head_dim))
         self.centroids = RouterState(_unit(centroids))
         self.deterministic = True   # training mode (model.train()) updates the centroids
@@ -225,7 +217,7 @@ class RoutingAttention(nnx.Module):
 
     def _decode_token(self, x_Bx1xD, cache):
         c = self.config
-        b, R = c.block_size, c.num_routing_heads
+        b = c.block_size
         B = x_Bx1xD.shape[0]
         t = cache["end"]
         q, k, v, q_hat, k_hat = self._project(x_Bx1xD, jnp.full((B, 1), t))

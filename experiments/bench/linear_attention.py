@@ -17,7 +17,6 @@ gates, xla >= 10x faster than causal softmax at T=4k and than the reference at T
 import argparse
 import pathlib
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +24,7 @@ import jax.numpy as jnp
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 from pallas_kernels.linear_attention import linear_attention  # noqa: E402
+from experiments.bench.timing import best_time  # noqa: E402
 
 
 def make_inputs(T: int, B: int, H: int, D: int, gates: str | None):
@@ -51,16 +51,6 @@ def forward_backward(row: str, chunk_size: int):
             return jnp.sum(o * w)
     argnums = (0, 1, 2) if row == "softmax" else (0, 1, 2, 3)  # linear attention: also d log_decay
     return jax.jit(jax.value_and_grad(loss, argnums=argnums))
-
-
-def best_time(fn, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 ROWS = {  # row -> (gates, label)

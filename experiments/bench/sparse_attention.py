@@ -20,7 +20,6 @@ sparse op is >= 4x faster than dense causal attention.
 import argparse
 import pathlib
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +29,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 from pallas_kernels.block_sparse_attention import block_sparse_attention  # noqa: E402
 from pallas_kernels.dot_product_attention import dot_product_attention  # noqa: E402
+from experiments.bench.timing import best_time  # noqa: E402
 
 
 def causal_block_lists(B: int, H: int, num_blocks: int, n_sel: int, seed: int = 0) -> np.ndarray:
@@ -55,16 +55,6 @@ def programs(attend):
     forward = jax.jit(attend)
     loss = lambda q, k, v, w: jnp.sum(attend(q, k, v) * w)
     return forward, jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-
-
-def best_time(fn, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def main(argv=None) -> int:

@@ -20,7 +20,6 @@ tested in interpret mode on a CPU.
 import argparse
 import pathlib
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +29,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 from pallas_kernels.block_sparse_attention import block_sparse_attention  # noqa: E402
 from pallas_kernels.dot_product_attention import dot_product_attention  # noqa: E402
+from experiments.bench.timing import best_time  # noqa: E402
 
 
 def causal_block_lists(rng, B: int, H: int, num_blocks: int, density: int) -> np.ndarray:
@@ -42,16 +42,6 @@ def causal_block_lists(rng, B: int, H: int, num_blocks: int, density: int) -> np
     priority = np.where(n[None, :] <= n[:, None], priority, -1.0)       # only causal blocks
     order = np.argsort(-priority, axis=-1)[..., :want.max()].astype(np.int32)
     return np.where(np.arange(want.max()) < want[:, None], order, -1)
-
-
-def best_time(fn, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def timed_pair(attention, q, k, v, w, *extra, repeats: int) -> tuple[float, float]:

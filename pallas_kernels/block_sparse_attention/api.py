@@ -23,7 +23,6 @@ needs the values, so it runs only on concrete arrays (eager calls); under jit th
 tracers and go unchecked (out-of-range entries must not be passed).
 """
 
-import importlib
 from collections.abc import Sequence
 
 import jax
@@ -31,41 +30,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.block_sparse_attention import reference
-from pallas_kernels.implementation import dispatch
+from pallas_kernels.implementation import dispatch, lazy_backend, pallas_for_backend
 
 
-def _lazy(module: str):
-    """Call `<module>.block_sparse_attention`, importing the module only when first used (the
-    kernel modules import Pallas; a backend file that does not exist yet falls through)."""
-    def call(*args, **kwargs):
-        full_name = f"pallas_kernels.block_sparse_attention.{module}"
-        try:
-            backend = importlib.import_module(full_name)
-        except ModuleNotFoundError as e:
-            if e.name != full_name:
-                raise
-            raise NotImplementedError(f"module {full_name} does not exist") from e
-        return backend.block_sparse_attention(*args, **kwargs)
-    return call
-
-
-_pallas_tpu = _lazy("tpu")
-_pallas_gpu = _lazy("gpu")
-
-
-def _pallas(*args, **kwargs):
-    backend = jax.default_backend()
-    if backend == "tpu":
-        return _pallas_tpu(*args, **kwargs)
-    if backend == "gpu":
-        return _pallas_gpu(*args, **kwargs)
-    raise NotImplementedError(f"implementation='pallas' needs a TPU or GPU backend; got {backend!r} "
-                              "(force 'pallas_tpu' or 'pallas_gpu' for interpret mode)")
+_pallas_tpu = lazy_backend("pallas_kernels.block_sparse_attention", "tpu", "block_sparse_attention")
+_pallas_gpu = lazy_backend("pallas_kernels.block_sparse_attention", "gpu", "block_sparse_attention")
+_pallas = pallas_for_backend(_pallas_tpu, _pallas_gpu)
 
 
 IMPLEMENTATIONS = {
     "reference": reference.block_sparse_attention,
-    "xla": _lazy("xla"),
+    "xla": lazy_backend("pallas_kernels.block_sparse_attention", "xla", "block_sparse_attention"),
     "pallas_tpu": _pallas_tpu,
     "pallas_gpu": _pallas_gpu,
     "pallas": _pallas,

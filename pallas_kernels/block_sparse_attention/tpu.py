@@ -315,6 +315,10 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_indic
         raise NotImplementedError(f"pallas_tpu block_sparse_attention takes float32 or bfloat16; got {dtype}")
     if interpret is None:
         interpret = INTERPRET if INTERPRET is not None else jax.default_backend() != "tpu"
+    sublanes = 16 if dtype == jnp.bfloat16 else 8   # Mosaic tiles: a block's rows come in multiples of these
+    if not interpret and any(b % sublanes for b in block_size):
+        raise NotImplementedError(f"pallas_tpu needs block_size={tuple(block_size)} in multiples of {sublanes} "
+                                  f"for {jnp.dtype(dtype).name} on a TPU")
     # One jit around the list preparation, layout glue and kernels: eager callers compile one
     # program instead of dispatching each small jnp op.
     return _jitted(q, k, v, block_indices, segment_ids, tuple(block_size), bool(causal), float(scale),

@@ -22,44 +22,19 @@ the values, so it runs only on concrete arrays (eager calls); under `jax.jit`, `
 values are tracers and go unchecked.
 """
 
-import importlib
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.implementation import dispatch
+from pallas_kernels.implementation import dispatch, lazy_backend, pallas_for_backend
 from pallas_kernels.linear_attention import reference, xla
 
 
-def _lazy(module: str):
-    """Call `<module>.linear_attention`, importing the module only when first used: the kernel
-    modules import Pallas, which the reference and xla paths do not need."""
-    def call(*args, **kwargs):
-        full_name = f"pallas_kernels.linear_attention.{module}"
-        try:
-            backend = importlib.import_module(full_name)
-        except ModuleNotFoundError as e:
-            if e.name != full_name:
-                raise
-            raise NotImplementedError(f"module {full_name} does not exist") from e
-        return backend.linear_attention(*args, **kwargs)
-    return call
-
-
-_pallas_tpu = _lazy("tpu")
-_pallas_gpu = _lazy("gpu")
-
-
-def _pallas(*args, **kwargs):
-    backend = jax.default_backend()
-    if backend == "tpu":
-        return _pallas_tpu(*args, **kwargs)
-    if backend == "gpu":
-        return _pallas_gpu(*args, **kwargs)
-    raise NotImplementedError(f"implementation='pallas' needs a TPU or GPU backend; got {backend!r} "
-                              "(force 'pallas_tpu' or 'pallas_gpu' for interpret mode)")
+_pallas_tpu = lazy_backend("pallas_kernels.linear_attention", "tpu", "linear_attention")
+_pallas_gpu = lazy_backend("pallas_kernels.linear_attention", "gpu", "linear_attention")
+_pallas = pallas_for_backend(_pallas_tpu, _pallas_gpu)
 
 
 IMPLEMENTATIONS = {

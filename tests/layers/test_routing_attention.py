@@ -54,8 +54,7 @@ def test_routed_blocks_stay_in_cluster_past_and_segment():
 
 
 def test_causal_through_gradients_and_perturbation():
-    layer, T, x = build(), 37, x_input(37)
-    layer = jitted(layer)
+    layer, x = jitted(build()), x_input(37)
     y = layer(x)
     jac = jax.jit(jax.jacrev(lambda x: layer(x)[0, 20]))(x)                     # output 20 w.r.t. every input
     assert float(jnp.max(jnp.abs(jac[:, 0, 21:]))) == 0.0 and float(jnp.max(jnp.abs(jac[:, 0, :21]))) > 0

@@ -110,3 +110,13 @@ def test_tpu_aot_compile_forward_and_backward(dtype, segments):
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile().as_text()
     for kernel in ["block_sparse_attention_fwd", "block_sparse_attention_bwd_dq", "block_sparse_attention_bwd_dkv"]:
         assert kernel in compiled
+
+
+def test_tpu_block_sizes_off_the_mosaic_tiling_fall_through():
+    """On a TPU (interpret=False), blocks that are not whole sublane tiles raise NotImplementedError
+    (so the api falls through to xla) before anything reaches Mosaic."""
+    q = jnp.zeros((1, 48, 2, 128), jnp.bfloat16)
+    block_indices = jnp.zeros((1, 2, 2, 1), jnp.int32)
+    with pytest.raises(NotImplementedError, match=r"block_size=\(24, 24\) in multiples of 16 for bfloat16"):
+        tpu.block_sparse_attention(q, q, q, block_indices, block_size=(24, 24), causal=True, scale=1.0,
+                                   segment_ids=None, interpret=False)
