@@ -36,6 +36,24 @@ class SparseAttentionConfig(StrictConfig):
     commitment_weight: float = 1e-4     # weight of the auxiliary k-means commitment loss (0: off)
 
 
+class MoEOptions(StrictConfig):
+    """Knobs of the `moe` FFN (layers/moe): routing, dispatch and balancing."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    expert_hidden: int | None = None    # width of each expert (None: mlp_hidden / (top_k + shared), a multiple of 8)
+    num_shared_experts: int = 0         # always-on experts added to the routed output
+    score: Literal["softmax", "sigmoid"] = "softmax"
+    renormalize: bool = True            # divide the top_k weights by their sum
+    dispatch: Literal["dropless", "capacity"] = "dropless"
+    capacity_factor: float = 1.25       # capacity mode: C = ceil(T * top_k / num_experts * capacity_factor)
+    balance_loss_weight: float = 0.01   # switch loss E sum_i f_i p_i (0: off)
+    balance_scope: Literal["sequence", "micro", "global"] = "micro"
+    z_loss_weight: float = 0.0          # router z-loss (1e-3 in ST-MoE; 0: off)
+    bias_update_rate: float = 0.0       # auxiliary-loss-free balancing (1e-3 in Wang et al. 2024; 0: off)
+    implementation: str | None = None   # grouped_matmul implementation (None: best for the backend)
+
+
 class ModelConfig(StrictConfig):
     vocab_size: int = 259
     d_model: int = 256
@@ -55,6 +73,7 @@ class ModelConfig(StrictConfig):
     param_dtype: DType = "float32"
     remat: bool = False                 # recompute each block's activations in the backward pass
     sparse: SparseAttentionConfig = SparseAttentionConfig()
+    moe: MoEOptions = MoEOptions()
 
     @model_validator(mode="after")
     def _check_shapes(self):
@@ -78,8 +97,8 @@ class ModelConfig(StrictConfig):
                 try:
                     registry.config_for(name, self)
                 except ValueError as e:
-                    raise ValueError(f"model.{key}: {registry.kind} {name!r}: {e} (see model.sparse and the shapes)")
-        return self
+                    raise ValueError(f"model.{key}: {registry.kind} {name!r}: {e} (see model.sparse, model.moe "
+                                     "and the shapes)")
         return self
 
     @property
@@ -103,12 +122,24 @@ class ModelConfig(StrictConfig):
         return [(MIXERS.config_for(m, self), FFNS.config_for(f, self)) for m, f in self.layer_pattern()]
 
     def num_params(self) -> int:
+        return self._embeddings_and_norms() + sum(m.num_params() + f.num_params() for m, f in self.layer_configs())
+
+    def num_active_params(self) -> int:
+        """Parameters one token uses (mixture-of-experts layers count their router, top_k and shared
+        experts only); equal to num_params() for a dense model."""
+        return self._embeddings_and_norms() + sum(_active(m) + _active(f) for m, f in self.layer_configs())
+
+    def _embeddings_and_norms(self) -> int:
         norms = (2 * self.num_layers + 1) * self.d_model
-        embed = self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
-        layers = sum(m.num_params() + f.num_params() for m, f in self.layer_configs())
-        return norms + embed + layers
+        return norms + self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
 
     def flops_per_token(self, seq_len: int) -> int:
         """Forward-pass FLOPs per token (matmuls, 2 per multiply-add). Training is 3x this."""
         layers = sum(m.flops_per_token(seq_len) + f.flops_per_token(seq_len) for m, f in self.layer_configs())
         return layers + 2 * self.d_model * self.vocab_size
+
+
+def _active(layer_config) -> int:
+    """A layer config's active parameters: `num_active_params()` where it routes, else all."""
+    count = getattr(layer_config, "num_active_params", None)
+    return count() if count is not None else layer_config.num_params()

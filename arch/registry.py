@@ -15,6 +15,7 @@ from layers.linear_attention import LinearAttention, LinearAttentionConfig
 from layers.mamba2 import Mamba2, Mamba2Config
 from layers.mlp import MLPConfig, SwiGLU
 from layers.moba import MoBA, MoBAConfig
+from layers.moe import MoE, MoEConfig
 from layers.nsa import NSA, NSAConfig
 from layers.routing_attention import RoutingAttention, RoutingAttentionConfig
 
@@ -120,6 +121,18 @@ def _swiglu_config(m: ModelConfig) -> MLPConfig:
                      param_dtype=m.param_dtype)
 
 
+def _moe_config(m: ModelConfig) -> MoEConfig:
+    """Experts default to the dense FFN's active width: mlp_hidden / (top_k + shared), a multiple of 8."""
+    o = m.moe
+    hidden = o.expert_hidden or max(8, m.mlp_size // (o.top_k + o.num_shared_experts) // 8 * 8)
+    return MoEConfig(d_model=m.d_model, num_experts=o.num_experts, top_k=o.top_k, expert_hidden=hidden,
+                     num_shared_experts=o.num_shared_experts, score=o.score, renormalize=o.renormalize,
+                     dispatch=o.dispatch, capacity_factor=o.capacity_factor,
+                     balance_loss_weight=o.balance_loss_weight, balance_scope=o.balance_scope,
+                     z_loss_weight=o.z_loss_weight, bias_update_rate=o.bias_update_rate,
+                     implementation=o.implementation, init_std=m.init_std, dtype=m.dtype, param_dtype=m.param_dtype)
+
+
 MIXERS.register("attention", _attention_config, Attention)
 MIXERS.register("linear_attention", _linear_attention_config, LinearAttention)
 MIXERS.register("gla", _gla_config, GLA)
@@ -129,3 +142,4 @@ MIXERS.register("nsa", _nsa_config, NSA)
 MIXERS.register("bilevel_routing_attention", _bilevel_routing_config, BilevelRoutingAttention)
 MIXERS.register("routing_attention", _routing_attention_config, RoutingAttention)
 FFNS.register("swiglu", _swiglu_config, SwiGLU)
+FFNS.register("moe", _moe_config, MoE)

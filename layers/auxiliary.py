@@ -8,6 +8,11 @@ centroids, expert selection bias).
 - `RouterState`: a variable that the forward pass rewrites in training mode (k-means centroids,
   expert bias). It is not an `nnx.Param`: the optimiser never sees it, gradients never reach it,
   and it lives in `TrainState.model_state`, so checkpoints save and restore it with the model.
+- `BatchStatistic`: a RouterState holding a sum over the whole global batch that a layer needs
+  before its loss can be computed (expert counts for global-batch balancing). With gradient
+  accumulation the train step fills it in a statistics pass over all micro-batches before the
+  gradient pass: it sets each layer's `batch_statistics` attribute to "collect" (the layer adds its
+  share and reports nothing), then to "use"; "own" (the default) means the call is the batch.
 
 Training mode is flax's `deterministic` attribute: layers with routing state are built with
 `deterministic=True` (evaluation: no state update, nothing reported) and `model.train()` /
@@ -31,6 +36,10 @@ class AuxMetric(nnx.Intermediate):
 
 class RouterState(nnx.Variable):
     """Non-gradient state updated by the forward pass in training mode; checkpointed with the model."""
+
+
+class BatchStatistic(RouterState):
+    """A sum over the global batch, filled by the train step's statistics pass (see above)."""
 
 
 def _last(_, value):

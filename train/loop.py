@@ -18,7 +18,7 @@ from train.checkpoint import CheckpointMismatch, Checkpointer
 from train.config import Config, check_devices
 from train.data import build_datasets, validation_batches
 from train.hardware import peak_flops_per_device
-from train.metrics import MetricsWriter, console_line, is_finite
+from train.metrics import MetricsWriter, console_line, is_finite, plain
 from train.optim import learning_rate_schedule, make_optimizer
 from train.sample import generate
 from train.step import (BATCH_KEYS, create_model, init_state, make_eval_step, make_train_step, merge_model,
@@ -85,12 +85,13 @@ def train(config: Config, run_dir: str | pathlib.Path, *, log=print) -> int:
     compile_s = time.perf_counter() - t0
     eval_step = make_eval_step(graphdef)
 
-    num_params = config.model.num_params()
+    num_params, active_params = config.model.num_params(), config.model.num_active_params()
     train_flops_per_token = 3 * config.model.flops_per_token(T)
     peak, peak_source = peak_flops_per_device(config.model.dtype)
     peak *= jax.device_count()
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
-    log(f"model: {num_params:,} parameters, {train_flops_per_token / 1e6:.1f} MFLOP/token (train), "
+    active = f" ({active_params:,} active per token)" if active_params != num_params else ""
+    log(f"model: {num_params:,} parameters{active}, {train_flops_per_token / 1e6:.1f} MFLOP/token (train), "
         f"state {state_bytes / 2**20:.1f} MiB | data: {data.train_bytes:,} train bytes, {data.val_bytes:,} val bytes"
         f" | mesh {mesh_shape} | compile {compile_s:.1f}s | peak {peak / 1e12:.3f} TFLOP/s ({peak_source})")
 
@@ -117,7 +118,7 @@ def train(config: Config, run_dir: str | pathlib.Path, *, log=print) -> int:
                 record = {"loss": loss, "lr": float(metrics["lr"]), "grad_norm": float(metrics["grad_norm"]),
                           "tokens_per_s": rate, "tflops": rate * train_flops_per_token / 1e12,
                           "mfu": rate * train_flops_per_token / peak,
-                          **{k: float(v) for k, v in metrics.items() if k.startswith("aux")}}
+                          **{k: plain(v) for k, v in metrics.items() if k.startswith("aux")}}
                 writer.write(step, record)
                 bar.write(console_line(step, steps, record))
                 window_tokens, window_time = 0, 0.0

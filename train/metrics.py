@@ -1,9 +1,12 @@
 """Run outputs with the same numbers everywhere: `metrics.jsonl` (one JSON object per line),
-TensorBoard scalars, and one console line per log step."""
+TensorBoard scalars, and one console line per log step. A vector metric (e.g. a MoE layer's load
+per expert) is a list in `metrics.jsonl` and a histogram in TensorBoard."""
 
 import json
 import math
 import pathlib
+
+import numpy as np
 
 
 class MetricsWriter:
@@ -16,13 +19,15 @@ class MetricsWriter:
             self.tensorboard = SummaryWriter(str(pathlib.Path(run_dir) / "tensorboard"))
 
     def write(self, step: int, metrics: dict) -> None:
-        record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        record = {"step": int(step), **{k: plain(v) for k, v in metrics.items()}}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.tensorboard is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.tensorboard.add_scalar(key, value, step)
+                elif isinstance(value, list):
+                    self.tensorboard.add_histogram(key, np.asarray(value), step)
 
     def close(self) -> None:
         self.file.close()
@@ -30,7 +35,10 @@ class MetricsWriter:
             self.tensorboard.close()
 
 
-def _plain(value):
+def plain(value):
+    """A JSON value: int, str or float for scalars, a list of floats for vectors."""
+    if isinstance(value, (list, tuple)) or (hasattr(value, "ndim") and value.ndim > 0):
+        return [float(v) for v in np.asarray(value).ravel()]
     value = value.item() if hasattr(value, "item") else value
     return value if isinstance(value, (int, str)) else float(value)
 
@@ -41,6 +49,9 @@ def console_line(step: int, total: int, m: dict) -> str:
         parts.append(f"val_loss {m['val_loss']:.4f} val_bpb {m['val_bpb']:.3f}")
     if any(k.startswith("aux/") for k in m):
         parts.append(f"aux_loss {m.get('aux_loss', 0.0):.4f}")
+        imbalances = [v for k, v in m.items() if k.endswith("/imbalance")]
+        if imbalances:
+            parts.append(f"max load/mean {max(imbalances):.2f}")
     if "tokens_per_s" in m:
         parts += [f"tok/s {m['tokens_per_s']:,.0f}", f"TFLOP/s {m['tflops']:.3f}", f"MFU {100 * m['mfu']:.1f}%"]
     if "lr" in m:

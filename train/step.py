@@ -9,6 +9,9 @@ Layers may report auxiliary losses and metrics and keep non-gradient state (laye
 the train step runs the model in training mode, adds the reported losses to the mean token loss
 (each weighted by its microbatch's share of the tokens), logs them under `aux/<path>`, and carries
 the updated `RouterState` variables from one microbatch to the next into `TrainState.model_state`.
+When layers need a statistic of the whole global batch before their loss (`BatchStatistic`, e.g.
+expert counts for global-batch balancing) and the batch is split into microbatches, a forward-only
+statistics pass over all microbatches fills it first (one extra forward pass per step).
 """
 
 import math
@@ -21,7 +24,7 @@ import optax
 from flax import nnx
 
 from arch import CausalLM, ModelConfig
-from layers.auxiliary import RouterState, forward_with_auxiliaries
+from layers.auxiliary import BatchStatistic, RouterState, forward_with_auxiliaries
 from train.tokenizer import BOS
 
 BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
@@ -58,11 +61,15 @@ def merge_model(graphdef: nnx.GraphDef, state: TrainState) -> CausalLM:
     return nnx.merge(graphdef, state.params, state.model_state)
 
 
-def forward(graphdef: nnx.GraphDef, params: nnx.State, model_state: nnx.State, batch: dict, *, training: bool):
+def forward(graphdef: nnx.GraphDef, params: nnx.State, model_state: nnx.State, batch: dict, *, training: bool,
+            batch_statistics: str = "own"):
     """(cross-entropy in nats per position [B, T] float32 (unmasked), reported aux losses {path: scalar},
-    reported metrics {path: scalar}, the model state after this forward pass)."""
+    reported metrics {path: scalar}, the model state after this forward pass). `batch_statistics`
+    ("own", "collect", "use") is set on every layer that keeps a BatchStatistic."""
     model = nnx.merge(graphdef, params, model_state, copy=True)
     model.train() if training else model.eval()
+    if batch_statistics != "own":
+        model.set_attributes(batch_statistics=batch_statistics, raise_if_not_found=False)
     logits_BxTxV, losses, metrics = forward_with_auxiliaries(
         model, batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"])
     nll_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV.astype(jnp.float32), batch["targets"])
@@ -74,12 +81,40 @@ def token_losses(graphdef: nnx.GraphDef, params: nnx.State, model_state: nnx.Sta
     return forward(graphdef, params, model_state, batch, training=False)[0]
 
 
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def has_batch_statistics(model_state: nnx.State) -> bool:
+    return any(isinstance(v, BatchStatistic) for v in jax.tree.leaves(model_state, is_leaf=_is_variable))
+
+
+def _map_statistics(fn: Callable, model_state: nnx.State, other: nnx.State | None = None) -> nnx.State:
+    """model_state with each BatchStatistic variable v replaced by fn(v, other's v)."""
+    other = model_state if other is None else other
+    return jax.tree.map(lambda v, o: v.replace(fn(v[...], o[...])) if isinstance(v, BatchStatistic) else v,
+                        model_state, other, is_leaf=_is_variable)
+
+
+def collect_batch_statistics(graphdef: nnx.GraphDef, params: nnx.State, model_state: nnx.State,
+                             microbatches: dict) -> nnx.State:
+    """model_state with every BatchStatistic summed over all microbatches (a forward-only pass in
+    training mode; everything else the pass changes, e.g. routing state, is discarded)."""
+    def add(ms, mb):
+        return forward(graphdef, params, ms, mb, training=True, batch_statistics="collect")[3], None
+
+    zeroed = _map_statistics(lambda v, _: jnp.zeros_like(v), model_state)
+    collected, _ = jax.lax.scan(add, zeroed, microbatches)
+    return _map_statistics(lambda _, new: new, model_state, collected)
+
+
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, grad_accum: int) -> Callable:
-    def objective(params, model_state, micro):
+    def objective(params, model_state, micro, batch_statistics):
         """Summed token losses + (sum of aux losses) x tokens: divided by all tokens of the batch
         later, this is the mean token loss plus the token-weighted mean of the aux losses."""
-        nll_BxT, losses, metrics, model_state = forward(graphdef, params, model_state, micro, training=True)
+        nll_BxT, losses, metrics, model_state = forward(graphdef, params, model_state, micro, training=True,
+                                                        batch_statistics=batch_statistics)
         mask = micro["loss_mask"]
         count, nll_sum = jnp.sum(mask), jnp.sum(nll_BxT * mask)
         aux_loss = sum(losses.values(), jnp.zeros((), jnp.float32))
@@ -90,15 +125,19 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
     def train_step(state: TrainState, batch: dict):
         micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
+        model_state, batch_statistics = state.model_state, "own"   # with one microbatch, it is the batch
+        if grad_accum > 1 and has_batch_statistics(model_state):
+            model_state = collect_batch_statistics(graphdef, state.params, model_state, micro)
+            batch_statistics = "use"
 
         def accumulate(carry, mb):
             loss_sum, count, grads, model_state = carry
-            g, (l, n, reported, model_state) = grad_fn(state.params, model_state, mb)
+            g, (l, n, reported, model_state) = grad_fn(state.params, model_state, mb, batch_statistics)
             return (loss_sum + l, count + n, jax.tree.map(jnp.add, grads, g), model_state), reported
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         (loss_sum, count, grads, model_state), reported = jax.lax.scan(
-            accumulate, (0.0, 0.0, zeros, state.model_state), micro)
+            accumulate, (0.0, 0.0, zeros, model_state), micro)
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

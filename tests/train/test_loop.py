@@ -20,13 +20,13 @@ TINY = ["model.d_model=64", "model.num_layers=2", "model.num_heads=2", "data.seq
 pytestmark = pytest.mark.slow
 
 
-def command(run_dir, *overrides):
-    return [sys.executable, "-m", "train", "--config", "configs/quickstart.yaml", "--run-dir", str(run_dir),
-            *TINY, *overrides]
+def command(run_dir, *overrides, config="configs/quickstart.yaml"):
+    return [sys.executable, "-m", "train", "--config", config, "--run-dir", str(run_dir), *TINY, *overrides]
 
 
-def run(run_dir, *overrides, timeout=300):
-    return subprocess.run(command(run_dir, *overrides), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+def run(run_dir, *overrides, timeout=300, config="configs/quickstart.yaml"):
+    return subprocess.run(command(run_dir, *overrides, config=config), cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def metrics(run_dir) -> list[dict]:
@@ -128,3 +128,25 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert line and "stopped without saving, the last good checkpoint is step 8" in line[0]
     assert finished_checkpoints(tmp_path) == [4, 8]
     assert tree_digest(tmp_path / "checkpoints") == digest
+
+
+def test_moe_run_logs_load_per_layer_and_resumes(tmp_path):
+    """configs/moe.yaml on a tiny shape (2 layers: ffns [swiglu, moe] puts the MoE at layer 1): the
+    layer logs its load per expert (a list in metrics.jsonl, a histogram in TensorBoard), imbalance
+    and aux losses; a rerun with more steps resumes from the checkpoint, router state included."""
+    moe = ["model.moe.num_experts=4", "model.moe.expert_hidden=32", "model.moe.bias_update_rate=1e-3"]
+    result = run(tmp_path, *moe, "train.steps=4", config="configs/moe.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "active per token" in result.stdout and "max load/mean" in result.stdout
+    record = [r for r in metrics(tmp_path) if "tokens_per_s" in r][-1]
+    load = record["aux/blocks/1/ffn/load"]
+    assert len(load) == 4 and abs(sum(load) - 1.0) < 1e-5
+    assert abs(record["aux/blocks/1/ffn/imbalance"] - max(load) * 4) < 1e-5
+    assert record["aux/blocks/1/ffn/balance_loss"] > 0 and record["aux/blocks/1/ffn/router_z_loss"] > 0
+    assert not any(key.startswith("aux/blocks/0/") for key in record)
+    events = b"".join(p.read_bytes() for p in (tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert b"aux/blocks/1/ffn/load" in events   # a vector is written only as a histogram
+    resumed = run(tmp_path, *moe, "train.steps=6", config="configs/moe.yaml")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed from checkpoint at step 4" in resumed.stdout
+    assert sorted(train_losses(metrics(tmp_path))) == list(range(1, 7))

@@ -1,0 +1,44 @@
+"""Dropless dispatch: sort the N k assignments by expert and run the experts as grouped matmuls
+over the sorted rows (`pallas_kernels.grouped_matmul`), so every assignment is computed whatever
+the load; then unsort and combine with the weights.
+
+    order      = argsort(experts, stable)        rows of expert 0 first, token order within an expert
+    rows       = x[order // k]                   [N k, D]
+    group_size = assignments per expert          [E]
+    h          = silu(gmm(rows, W_gate)) * gmm(rows, W_up);  out = gmm(h, W_down)
+    y_n        = sum_j weights[n, j] out[position of assignment (n, j)]
+"""
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.grouped_matmul import grouped_matmul
+
+
+def sort_by_expert(experts_NxK: jax.Array, num_experts: int):
+    """(order [N k] of the flat assignments sorted by expert, token of each sorted row, group sizes [E])."""
+    flat = experts_NxK.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    group_sizes = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1)
+    return order, order // experts_NxK.shape[1], group_sizes
+
+
+def expert_ffn_grouped(rows_MxD, group_sizes_E, w_gate, w_up, w_down, dtype, implementation):
+    """SwiGLU of each sorted row with its group's expert, in `dtype` with float32 accumulation."""
+    dtype = jnp.dtype(dtype)
+
+    def gmm(lhs, rhs):
+        return grouped_matmul(lhs.astype(dtype), rhs.astype(dtype), group_sizes_E,
+                              preferred_element_type=jnp.float32, implementation=implementation)
+
+    h_MxF = (jax.nn.silu(gmm(rows_MxD, w_gate)) * gmm(rows_MxD, w_up)).astype(dtype)
+    return gmm(h_MxF, w_down)
+
+
+def dropless(x_NxD, experts_NxK, weights_NxK, w_gate, w_up, w_down, *, dtype, implementation=None):
+    """float32 [N, D]: the routed output with nothing dropped."""
+    N, K = experts_NxK.shape
+    order, token, group_sizes = sort_by_expert(experts_NxK, w_gate.shape[0])
+    out_MxD = expert_ffn_grouped(x_NxD[token], group_sizes, w_gate, w_up, w_down, dtype, implementation)
+    unsorted_NxKxD = jnp.zeros_like(out_MxD).at[order].set(out_MxD, unique_indices=True).reshape(N, K, -1)
+    return jnp.einsum("nk,nkd->nd", weights_NxK.astype(jnp.float32), unsorted_NxKxD)
