@@ -52,6 +52,9 @@ class MoEOptions(StrictConfig):
     z_loss_weight: float = 0.0          # router z-loss (1e-3 in ST-MoE; 0: off)
     bias_update_rate: float = 0.0       # auxiliary-loss-free balancing (1e-3 in Wang et al. 2024; 0: off)
     implementation: str | None = None   # grouped_matmul implementation (None: best for the backend)
+    # expert parallelism (mesh axis `expert`): a padded all_to_all (runs anywhere; the tested one) or
+    # ragged_all_to_all (GPU/TPU only; compiled for TPU in the tests, not yet run on hardware)
+    exchange: Literal["padded", "ragged"] = "padded"
 
 
 class ModelConfig(StrictConfig):

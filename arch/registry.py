@@ -130,7 +130,7 @@ def _moe_config(m: ModelConfig) -> MoEConfig:
                      dispatch=o.dispatch, capacity_factor=o.capacity_factor,
                      balance_loss_weight=o.balance_loss_weight, balance_scope=o.balance_scope,
                      z_loss_weight=o.z_loss_weight, bias_update_rate=o.bias_update_rate,
-                     implementation=o.implementation, init_std=m.init_std, dtype=m.dtype, param_dtype=m.param_dtype)
+                     exchange=o.exchange, implementation=o.implementation, init_std=m.init_std, dtype=m.dtype, param_dtype=m.param_dtype)
 
 
 MIXERS.register("attention", _attention_config, Attention)

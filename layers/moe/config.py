@@ -6,6 +6,7 @@ import math
 SCORES = ("softmax", "sigmoid")
 DISPATCHES = ("dropless", "capacity")
 BALANCE_SCOPES = ("sequence", "micro", "global")
+EXCHANGES = ("padded", "ragged")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +29,7 @@ class MoEConfig:
     balance_scope: str = "micro"             # sequence | micro | global: the tokens f_i and p_i are taken over
     z_loss_weight: float = 0.0               # router z-loss mean(logsumexp(logits)^2) (0: off)
     bias_update_rate: float = 0.0            # auxiliary-loss-free balancing: bias step per update (0: off)
+    exchange: str = "padded"                 # expert parallelism: padded all_to_all | ragged_all_to_all (GPU/TPU)
     init_std: float = 0.02
     implementation: str | None = None        # grouped_matmul implementation (None: best for the backend)
     dtype: str = "float32"
@@ -39,7 +41,8 @@ class MoEConfig:
         if self.expert_hidden < 1 or self.num_shared_experts < 0:
             raise ValueError(f"expert_hidden={self.expert_hidden} must be >= 1 and "
                              f"num_shared_experts={self.num_shared_experts} >= 0")
-        for key, valid in (("score", SCORES), ("dispatch", DISPATCHES), ("balance_scope", BALANCE_SCOPES)):
+        for key, valid in (("score", SCORES), ("dispatch", DISPATCHES), ("balance_scope", BALANCE_SCOPES),
+                           ("exchange", EXCHANGES)):
             if getattr(self, key) not in valid:
                 raise ValueError(f"{key}={getattr(self, key)!r} is not one of {valid}")
         if self.capacity_factor <= 0:

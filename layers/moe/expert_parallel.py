@@ -5,12 +5,15 @@ The layer uses this whenever the current mesh (`jax.set_mesh`) has an `expert` a
 Tokens are split over the mesh axes `data`, `fsdp` and `expert` (those of size > 1); weights of
 expert e live on expert shard e // (E / ep). Each device:
 
-- dropless: sorts its N_l k assignments by expert, packs the rows for expert shard d into block d
-  of a send buffer [ep, N_l k, D] (padded: a block can hold all of them, so nothing is ever
-  dropped), exchanges blocks with `all_to_all`, runs its local experts as grouped matmuls over
-  the received rows (padding rows carry no group and give 0), and sends the results back the same
-  way. XLA:CPU has no `ragged_all_to_all`, so this padded exchange is the one used (and tested)
-  here; it moves ep times the rows that a ragged exchange would.
+- dropless: sorts its N_l k assignments by expert and sends each expert shard its rows, runs its
+  local experts as grouped matmuls over the received rows (padding rows carry no group and give 0),
+  and sends the results back the same way. Two exchanges (`MoEConfig.exchange`):
+  - `padded` (default): the rows for shard d go to block d of a send buffer [ep, N_l k, D] (a block
+    can hold all of them, so nothing is ever dropped) and one `all_to_all` swaps the blocks. It
+    moves ep times the rows that are needed; it is the one XLA:CPU can run, and the tested one.
+  - `ragged`: `jax.lax.ragged_all_to_all` moves exactly the rows (sizes exchanged first with one
+    all_gather of [ep] counts). XLA:CPU has no such op, so here it is only compiled for a TPU
+    topology in the tests; its numbers are unverified until it runs on a GPU or TPU.
 - capacity: builds its [B_l, E, C, D] slots locally, exchanges the expert dimension with one
   `all_to_all` (each device gets [ep B_l, E / ep, C, D]), runs its experts and exchanges back.
 
@@ -57,35 +60,80 @@ def _all_to_all(x, split_axis, concat_axis):
     return jax.lax.all_to_all(x, AXIS, split_axis, concat_axis, tiled=True)
 
 
-def _dropless_local(x_nxD, experts_nxK, weights_nxK, w_gate, w_up, w_down, *, ep, dtype, implementation):
+def _local_experts(rows_RxD, ids_R, w_gate, w_up, w_down, dtype, implementation):
+    """Received rows through their local expert (id = local expert; id >= E_l: padding, gives 0),
+    float32 [R, D] in the received order."""
+    local_experts = w_gate.shape[0]
+    order = jnp.argsort(ids_R, stable=True)
+    group_sizes = jnp.zeros((local_experts,), jnp.int32).at[ids_R].add(1, mode="drop")
+    out_sorted = expert_ffn_grouped(rows_RxD[order], group_sizes, w_gate, w_up, w_down, dtype, implementation)
+    return jnp.zeros_like(out_sorted).at[order].set(out_sorted, unique_indices=True)
+
+
+def _padded_exchange(rows_MxD, sorted_expert_M, local_experts, ep, compute):
+    """Rows sorted by expert -> their experts' outputs, float32 [M, D], through blocks of M rows."""
+    M, D = rows_MxD.shape
+    dest = sorted_expert_M // local_experts
+    send_sizes = jnp.zeros((ep,), jnp.int32).at[dest].add(1)
+    slot = jnp.arange(M) - (jnp.cumsum(send_sizes) - send_sizes)[dest]
+    send_x = jnp.zeros((ep, M, D), rows_MxD.dtype).at[dest, slot].set(rows_MxD)
+    send_id = jnp.full((ep, M), local_experts, jnp.int32).at[dest, slot].set(sorted_expert_M % local_experts)
+    recv_x = _all_to_all(send_x, 0, 0).reshape(ep * M, D)       # block s came from expert shard s
+    recv_id = _all_to_all(send_id, 0, 0).reshape(ep * M)        # local expert, or local_experts = padding
+    back = _all_to_all(compute(recv_x, recv_id).reshape(ep, M, D), 0, 0)   # block d: my rows, done by shard d
+    return back[dest, slot]
+
+
+def _ragged_exchange(rows_MxD, sorted_expert_M, local_experts, ep, compute):
+    """As `_padded_exchange`, moving only the rows each shard needs (ragged_all_to_all)."""
+    M, D = rows_MxD.shape
+    dest = sorted_expert_M // local_experts
+    send_sizes = jnp.zeros((ep,), jnp.int32).at[dest].add(1)
+    send_offsets = jnp.cumsum(send_sizes) - send_sizes                   # in my sorted rows
+    sizes = jax.lax.all_gather(send_sizes, AXIS)                        # [source, destination]
+    offsets_at_destination = jnp.cumsum(sizes, axis=0) - sizes          # source's block in destination's buffer
+    offsets_at_source = jnp.cumsum(sizes, axis=1) - sizes               # source's rows for destination
+    me = jax.lax.axis_index(AXIS)
+    recv_sizes = sizes[:, me]
+
+    def exchange(operand, output, input_offsets, send, output_offsets, recv):
+        return jax.lax.ragged_all_to_all(operand, output, input_offsets, send, output_offsets, recv, axis_name=AXIS)
+
+    recv_x = exchange(rows_MxD, jnp.zeros((ep * M, D), rows_MxD.dtype), send_offsets, send_sizes,
+                      offsets_at_destination[me], recv_sizes)
+    recv_id = exchange(sorted_expert_M % local_experts, jnp.full((ep * M,), local_experts, jnp.int32), send_offsets,
+                       send_sizes, offsets_at_destination[me], recv_sizes)
+    out = compute(recv_x, recv_id)
+    return exchange(out, jnp.zeros((M, D), out.dtype), offsets_at_destination[:, me], recv_sizes,
+                    offsets_at_source[:, me], send_sizes)
+
+
+EXCHANGES = {"padded": _padded_exchange, "ragged": _ragged_exchange}
+
+
+def _dropless_local(x_nxD, experts_nxK, weights_nxK, w_gate, w_up, w_down, *, ep, dtype, implementation, exchange):
     n, K = experts_nxK.shape
     D = x_nxD.shape[1]
-    local_experts = w_gate.shape[0]
     M = n * K
     flat = experts_nxK.reshape(M)
     order = jnp.argsort(flat, stable=True)            # sorted by expert, hence by destination shard
-    sorted_expert = flat[order]
-    dest = sorted_expert // local_experts
-    send_sizes = jnp.zeros((ep,), jnp.int32).at[dest].add(1)
-    slot = jnp.arange(M) - (jnp.cumsum(send_sizes) - send_sizes)[dest]
-    send_x = jnp.zeros((ep, M, D), x_nxD.dtype).at[dest, slot].set(x_nxD[order // K])
-    send_id = jnp.full((ep, M), local_experts, jnp.int32).at[dest, slot].set(sorted_expert % local_experts)
-    recv_x = _all_to_all(send_x, 0, 0).reshape(ep * M, D)       # block s came from expert shard s
-    recv_id = _all_to_all(send_id, 0, 0).reshape(ep * M)        # local expert, or local_experts = padding
-    order_recv = jnp.argsort(recv_id, stable=True)
-    group_sizes = jnp.zeros((local_experts,), jnp.int32).at[recv_id].add(1, mode="drop")
-    out_sorted = expert_ffn_grouped(recv_x[order_recv], group_sizes, w_gate, w_up, w_down, dtype, implementation)
-    out = jnp.zeros_like(out_sorted).at[order_recv].set(out_sorted, unique_indices=True).reshape(ep, M, D)
-    back = _all_to_all(out, 0, 0)                                # block d: my rows, computed by shard d
-    out_MxD = jnp.zeros((M, D), back.dtype).at[order].set(back[dest, slot], unique_indices=True)
+
+    def compute(rows, ids):
+        return _local_experts(rows, ids, w_gate, w_up, w_down, dtype, implementation)
+
+    out_sorted = EXCHANGES[exchange](x_nxD[order // K], flat[order], w_gate.shape[0], ep, compute)
+    out_MxD = jnp.zeros((M, D), out_sorted.dtype).at[order].set(out_sorted, unique_indices=True)
     return jnp.einsum("nk,nkd->nd", weights_nxK.astype(jnp.float32), out_MxD.reshape(n, K, D))
 
 
-def dropless(x_NxD, experts_NxK, weights_NxK, w_gate, w_up, w_down, *, dtype, implementation=None):
+def dropless(x_NxD, experts_NxK, weights_NxK, w_gate, w_up, w_down, *, dtype, implementation=None,
+             exchange="padded"):
     """Expert-parallel `layers.moe.dropless.dropless`: float32 [N, D]."""
+    if exchange not in EXCHANGES:
+        raise ValueError(f"exchange={exchange!r} must be one of {sorted(EXCHANGES)}")
     ep, token_axes = _layout(w_gate.shape[0], x_NxD.shape[0], "tokens per call (batch * length)")
     tokens, weights = P(token_axes, None), P(AXIS, None, None)
-    local = functools.partial(_dropless_local, ep=ep, dtype=dtype, implementation=implementation)
+    local = functools.partial(_dropless_local, ep=ep, dtype=dtype, implementation=implementation, exchange=exchange)
     return jax.shard_map(local, in_specs=(tokens, tokens, tokens, weights, weights, weights), out_specs=tokens,
                          check_vma=False)(x_NxD, experts_NxK, weights_NxK, w_gate, w_up, w_down)
 

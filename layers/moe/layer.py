@@ -61,9 +61,14 @@ class MoE(nnx.Module):
         experts = (self.w_gate[...], self.w_up[...], self.w_down[...])
         kept_BxTxK = None
         if c.dispatch == "dropless":
-            y = expert_parallel.dropless if expert_parallel.expert_axis_size() > 1 else dropless
-            y_BxTxD = y(x_BxTxD.reshape(B * T, D), r.experts_NxK, r.weights_NxK, *experts, dtype=c.dtype,
-                        implementation=c.implementation).reshape(B, T, D)
+            x_NxD = x_BxTxD.reshape(B * T, D)
+            if expert_parallel.expert_axis_size() > 1:
+                y_NxD = expert_parallel.dropless(x_NxD, r.experts_NxK, r.weights_NxK, *experts, dtype=c.dtype,
+                                                 implementation=c.implementation, exchange=c.exchange)
+            else:
+                y_NxD = dropless(x_NxD, r.experts_NxK, r.weights_NxK, *experts, dtype=c.dtype,
+                                 implementation=c.implementation)
+            y_BxTxD = y_NxD.reshape(B, T, D)
         else:
             y = expert_parallel.capacity if expert_parallel.expert_axis_size() > 1 else capacity
             y_BxTxD, kept_BxTxK = y(x_BxTxD, r.experts_NxK.reshape(B, T, K), r.weights_NxK.reshape(B, T, K),

@@ -248,3 +248,21 @@ def test_param_counts_total_and_active():
 def test_bad_moe_config_is_refused(moe, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         ModelConfig(ffns=["moe"], moe=moe)
+
+
+def test_flops_per_token_matches_xla_cost_analysis():
+    """Capacity mode at capacity_factor 1 computes exactly T k slots per row, so XLA's count is the
+    router and the active experts (the formula) plus the dispatch and combine einsums, 2 E C D
+    FLOPs per token each (the one-hot products are a further T k E C / T per token: < 1%)."""
+    T, D, E, k = 128, 256, 8, 2
+    config = MoEConfig(d_model=D, num_experts=E, top_k=k, expert_hidden=256, num_shared_experts=1,
+                       dispatch="capacity", capacity_factor=1.0)
+    moe = MoE(config, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(moe)
+    x = jnp.zeros((2, T, D), jnp.float32)
+    analysis = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, x).compile().cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    C = config.capacity(T)
+    assert E * C == T * k
+    expected = config.flops_per_token(T) + 2 * (2 * E * C * D)
+    np.testing.assert_allclose(analysis["flops"] / (2 * T), expected, rtol=0.01)
