@@ -1,5 +1,6 @@
 """Expert parallelism on 8 fake CPU devices: the MoE layer under a mesh with an `expert` axis gives
-the single-device output and gradients (fp32, relative error <= 1e-5), dropless and capacity. The
+the single-device output, auxiliary losses and gradients (fp32, relative error <= 1e-5), dropless
+and capacity. The
 ragged exchange (ragged_all_to_all, which XLA:CPU lacks) is compiled for a 4-chip TPU topology."""
 
 import os
@@ -19,6 +20,7 @@ CHECK = r"""
 import json
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
+from layers.auxiliary import forward_with_auxiliaries
 from layers.moe import MoE, MoEConfig
 
 def rel(a, b):
@@ -30,13 +32,15 @@ x = jax.random.normal(jax.random.key(1), (8, 12, 32), jnp.float32)
 cot = jax.random.normal(jax.random.key(2), x.shape, jnp.float32)
 for dispatch in ("dropless", "capacity"):
     config = MoEConfig(d_model=32, num_experts=8, top_k=2, expert_hidden=16, num_shared_experts=1,
-                       dispatch=dispatch, capacity_factor=1.0)
+                       dispatch=dispatch, capacity_factor=1.0, balance_loss_weight=0.1, z_loss_weight=0.01)
     moe = MoE(config, rngs=nnx.Rngs(0))
+    moe.train()   # the balance and z losses (over all data shards' tokens) join the objective
     moe.expert_bias[...] = jnp.linspace(0.0, 0.05, 8)    # uneven load (capacity mode drops)
     graphdef, params, rest = nnx.split(moe, nnx.Param, ...)
 
     def loss(params, x):
-        return jnp.sum(nnx.merge(graphdef, params, rest)(x) * cot)
+        y, losses, _ = forward_with_auxiliaries(nnx.merge(graphdef, params, rest, copy=True), x)
+        return jnp.sum(y * cot) + 100.0 * sum(losses.values())
 
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     single = step(params, x)
