@@ -5,6 +5,8 @@ dispatch and combine are one-hot einsums.
 Groups are the rows of the batch (T tokens each), C = ceil(T k / E * capacity_factor). Priority is
 first choices before second choices, then token order: assignment (t, j) gets the slot
 `#{(t', j') before it in that order with the same expert}`, and is kept if the slot is < C.
+Decoding one token per row never drops (its k experts are distinct), so a capacity-mode model
+decodes like its dropless twin, not like its own parallel forward.
 """
 
 import jax

@@ -19,6 +19,8 @@ CONFIGS = {
     "sparse_mixers": ModelConfig(d_model=32, num_layers=4, num_heads=4, num_kv_heads=2,
                                  mixers=["moba", "nsa", "bilevel_routing_attention", "routing_attention"],
                                  sparse={"block_size": 4, "top_k": 1, "window": 8}),
+    "moe": ModelConfig(d_model=32, num_layers=2, num_heads=2, ffns=["swiglu", "moe"],
+                       moe={"num_experts": 4, "expert_hidden": 16, "num_shared_experts": 1}),
 }
 
 
@@ -64,7 +66,7 @@ def test_model_is_causal():
     assert not np.allclose(base[:, 12:], changed[:, 12:])
 
 
-@pytest.mark.parametrize("name", ["untied_gqa", "hybrid_gla", "mamba2", "lightning_hybrid", "sparse_mixers"])
+@pytest.mark.parametrize("name", ["untied_gqa", "hybrid_gla", "mamba2", "lightning_hybrid", "sparse_mixers", "moe"])
 def test_cached_decoding_matches_full_forward(name):
     """Prefill then one token at a time, through every registered mixer's cache."""
     config = CONFIGS[name]
