@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/quickstart.yaml
 ARGS ?=
 
-.PHONY: train test test-fast bench clean
+.PHONY: train test test-slow bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,12 @@ $(VENV)/.installed-test: pyproject.toml | $(PY)
 train: $(VENV)/.installed-base
 	$(PY) -m train --config $(CONFIG) $(ARGS)
 
+# The suite without the end-to-end runs marked slow (about 12 minutes on 2 cores); CI runs both.
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+test-slow: $(VENV)/.installed-test
+	$(PY) -m pytest -q -m slow $(ARGS)
 
 bench: $(VENV)/.installed-base
 	$(PY) experiments/bench/train_step.py $(ARGS)
