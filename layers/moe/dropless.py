@@ -12,14 +12,14 @@ the load; then unsort and combine with the weights.
 import jax
 import jax.numpy as jnp
 
+from layers.moe.balancing import assignment_counts
 from pallas_kernels.grouped_matmul import grouped_matmul
 
 
 def sort_by_expert(experts_NxK: jax.Array, num_experts: int):
     """(order [N k] of the flat assignments sorted by expert, token of each sorted row, group sizes [E])."""
-    flat = experts_NxK.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    group_sizes = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1)
+    order = jnp.argsort(experts_NxK.reshape(-1), stable=True)
+    group_sizes = assignment_counts(experts_NxK, num_experts).astype(jnp.int32)
     return order, order // experts_NxK.shape[1], group_sizes
 
 

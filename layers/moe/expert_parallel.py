@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from layers.moe.capacity import dispatch_and_combine, expert_ffn_slots, gather_slots
-from layers.moe.dropless import expert_ffn_grouped
+from layers.moe.dropless import expert_ffn_grouped, sort_by_expert
 
 AXIS = "expert"
 TOKEN_AXES = ("data", "fsdp", AXIS)
@@ -115,13 +115,12 @@ def _dropless_local(x_nxD, experts_nxK, weights_nxK, w_gate, w_up, w_down, *, ep
     n, K = experts_nxK.shape
     D = x_nxD.shape[1]
     M = n * K
-    flat = experts_nxK.reshape(M)
-    order = jnp.argsort(flat, stable=True)            # sorted by expert, hence by destination shard
+    order, token, _ = sort_by_expert(experts_nxK, w_gate.shape[0] * ep)   # by expert, hence by destination
 
     def compute(rows, ids):
         return _local_experts(rows, ids, w_gate, w_up, w_down, dtype, implementation)
 
-    out_sorted = EXCHANGES[exchange](x_nxD[order // K], flat[order], w_gate.shape[0], ep, compute)
+    out_sorted = EXCHANGES[exchange](x_nxD[token], experts_nxK.reshape(M)[order], w_gate.shape[0], ep, compute)
     out_MxD = jnp.zeros((M, D), out_sorted.dtype).at[order].set(out_sorted, unique_indices=True)
     return jnp.einsum("nk,nkd->nd", weights_nxK.astype(jnp.float32), out_MxD.reshape(n, K, D))
 
