@@ -2,7 +2,9 @@
 
 The per-layer mixer and FFN names come from `ModelConfig.mixers` / `ffns` through the registry.
 Logits are float32 `[B, T, vocab]`. With a `cache` (from `init_cache`) the call also returns the
-new cache, for decoding.
+new cache, for decoding. Under a mesh, the residual stream is constrained to ("batch", "length",
+"act_embed") and the logits to ("batch", "length", "vocab") (layers.sharding.RULES); without one
+the constraints are no-ops.
 """
 
 import jax.numpy as jnp
@@ -13,6 +15,9 @@ from arch.registry import FFNS, MIXERS
 from layers.embeddings import TokenEmbedding
 from layers.norms import RMSNorm
 from layers.parameters import logical_param, normal
+from layers.sharding import constrain
+
+RESIDUAL = ("batch", "length", "act_embed")
 
 
 class Block(nnx.Module):
@@ -49,7 +54,7 @@ class CausalLM(nnx.Module):
         return [block.mixer.init_cache(batch, max_len) for block in self.blocks]
 
     def __call__(self, tokens_BxT, *, segment_ids=None, positions=None, cache=None):
-        x_BxTxD = self.embed(tokens_BxT)
+        x_BxTxD = constrain(self.embed(tokens_BxT), RESIDUAL)
         new_caches = []
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache[i]
@@ -57,6 +62,7 @@ class CausalLM(nnx.Module):
                 x_BxTxD, _ = nnx.remat(lambda blk, x: blk(x, segment_ids=segment_ids, positions=positions))(block, x_BxTxD)
             else:
                 x_BxTxD, layer_cache = block(x_BxTxD, segment_ids=segment_ids, positions=positions, cache=layer_cache)
+            x_BxTxD = constrain(x_BxTxD, RESIDUAL)
             new_caches.append(layer_cache)
         x_BxTxD = self.final_norm(x_BxTxD)
         if self.config.tie_embeddings:
@@ -65,4 +71,5 @@ class CausalLM(nnx.Module):
             dtype = jnp.dtype(self.config.dtype)
             logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD.astype(dtype), self.head[...].astype(dtype),
                                       preferred_element_type=jnp.float32)
+        logits_BxTxV = constrain(logits_BxTxV, ("batch", "length", "vocab"))
         return logits_BxTxV if cache is None else (logits_BxTxV, new_caches)

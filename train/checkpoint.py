@@ -38,7 +38,7 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state):
         """(state shaped like `abstract_state`, data iterator state) of checkpoint `step`."""
-        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)  # keeps given shardings
         self._check_fits(step, target)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),

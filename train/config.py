@@ -17,8 +17,7 @@ import yaml
 from pydantic import model_validator
 
 from arch.config import ModelConfig, StrictConfig
-
-MESH_AXES = ("data", "fsdp", "tensor", "seq", "expert")
+from layers.sharding import MESH_AXES
 
 
 class ConfigError(ValueError):
@@ -221,11 +220,16 @@ def load_config(path: str | pathlib.Path, overrides: list[str] = ()) -> Config:
 
 
 def check_devices(config: Config, num_devices: int) -> dict[str, int]:
-    """Checks that need the device count; returns the resolved mesh shape."""
+    """Checks that need the device count; returns the resolved mesh shape. Rows split over the
+    mesh axes data, fsdp and expert (layers.sharding.RULES["batch"]); the sequence over seq, in
+    2 * seq zigzag chunks (layers.sequence_parallel.layout)."""
     shape = config.mesh.shape(num_devices)
-    shards = shape["data"] * shape["fsdp"]
+    shards = shape["data"] * shape["fsdp"] * shape["expert"]
     micro = config.data.batch_size // config.train.grad_accum
     if micro % shards:
         raise ConfigError(f"data.batch_size={config.data.batch_size} (per microbatch {micro}) is not divisible "
-                          f"by the {shards} data shards (mesh.data * mesh.fsdp)")
+                          f"by the {shards} row shards (mesh.data * mesh.fsdp * mesh.expert)")
+    if config.data.seq_len % (2 * shape["seq"]):
+        raise ConfigError(f"data.seq_len={config.data.seq_len} is not divisible by 2 * mesh.seq = {2 * shape['seq']} "
+                          f"(sequence parallelism splits it into 2 * seq zigzag chunks)")
     return shape

@@ -1,5 +1,11 @@
 """The training loop: build, resume, step, log, evaluate, checkpoint, sample.
 
+Everything runs under the mesh of the `mesh` config (`jax.set_mesh`): the state is created (or
+restored, onto whatever mesh shape this run has) already sharded, batches are placed in zigzag
+order (train.sharding), and the step keeps the state's layout. In a multi-process run
+(`jax.distributed`, train.distributed) every process runs this same loop; only process 0 writes
+the log, metrics, config and samples, and all of them write the checkpoint together.
+
 Exit codes: 0 when the run finishes or stops on SIGTERM (after saving a checkpoint); 1 when the
 loss stops being finite (nothing is saved, so the last good checkpoint stays the latest).
 """
@@ -12,6 +18,8 @@ import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from train.checkpoint import CheckpointMismatch, Checkpointer
@@ -21,6 +29,8 @@ from train.hardware import peak_flops_per_device
 from train.metrics import MetricsWriter, console_line, is_finite, plain
 from train.optim import learning_rate_schedule, make_optimizer
 from train.sample import generate
+from train.sharding import (batch_sharding, create_sharded, make_mesh, shard_batch, state_shardings, to_host,
+                            with_shardings)
 from train.step import (BATCH_KEYS, create_model, init_state, make_eval_step, make_train_step, merge_model,
                         summarize_eval)
 from train.step import abstract_state as abstract_train_state
@@ -44,10 +54,10 @@ def _write_atomically(path: pathlib.Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def evaluate(eval_step, state, batches) -> dict:
+def evaluate(eval_step, state, batches, mesh) -> dict:
     sums = {"nll": 0.0, "tokens": 0.0, "byte_nll": 0.0, "bytes": 0.0}
     for batch in batches:
-        out = jax.device_get(eval_step(state.params, state.model_state, batch))
+        out = to_host(eval_step(state.params, state.model_state, shard_batch(batch, mesh)))
         for key in sums:
             sums[key] += float(out[key])
     return summarize_eval(sums)
@@ -56,54 +66,91 @@ def evaluate(eval_step, state, batches) -> dict:
 def train(config: Config, run_dir: str | pathlib.Path, *, log=print) -> int:
     run_dir = pathlib.Path(run_dir)
     mesh_shape = check_devices(config, jax.device_count())
-    run_dir.mkdir(parents=True, exist_ok=True)
+    mesh = make_mesh(config.mesh)
+    lead = jax.process_index() == 0
+    if not lead:
+        log = lambda *args, **kwargs: None  # noqa: E731 (only process 0 logs)
+    optimizer = make_optimizer(config.optim, config.train.steps)
+    graphdef, abstract = abstract_train_state(config.model, optimizer)  # outside the mesh: nnx would apply
+    with jax.set_mesh(mesh):                                             # the logical names as mesh axes
+        code, state = _train(config, run_dir, mesh, mesh_shape, optimizer, graphdef, abstract, lead, log)
+    if code == 0 and state is not None and config.log.sample_tokens > 0:
+        _sample(config, run_dir, graphdef, state, lead, log)
+    return code
+
+
+def _sample(config: Config, run_dir: pathlib.Path, graphdef, state, lead: bool, log) -> None:
+    """A sample from process 0, on one device, from a full host copy of the (sharded) state."""
+    params = multihost_utils.process_allgather(state.params, tiled=True)
+    model_state = multihost_utils.process_allgather(state.model_state, tiled=True)
+    if not lead:
+        return
+    model = merge_model(graphdef, state.replace(params=params, model_state=model_state))
+    text = generate(model, config.log.sample_prompt, max_new_tokens=config.log.sample_tokens, seed=config.train.seed)
+    _write_atomically(run_dir / "samples.txt", text + "\n")
+    log(f"sample ({run_dir / 'samples.txt'}):\n{text}")
+
+
+def _train(config: Config, run_dir: pathlib.Path, mesh, mesh_shape: dict, optimizer, graphdef, abstract,
+           lead: bool, log):
+    """(exit code, final state or None when stopped early)."""
+    if lead:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    multihost_utils.sync_global_devices("run directory")
     log(f"resolved config:\n{config.to_yaml()}")
 
     data = build_datasets(config.data, config.train.seed)
     steps, seed = config.train.steps, config.train.seed
-    optimizer = make_optimizer(config.optim, steps)
     schedule = learning_rate_schedule(config.optim, steps)
     checkpointer = Checkpointer(run_dir, config.checkpoint)
     start = checkpointer.latest_step() or 0
+    shardings = state_shardings(abstract, mesh)
     if start:
-        graphdef, target = abstract_train_state(config.model, optimizer)
         try:
-            state, data_state = checkpointer.restore(start, target)
+            state, data_state = checkpointer.restore(start, with_shardings(abstract, shardings))
         except CheckpointMismatch:
             checkpointer.close()
             raise
         data.train.restore(data_state)
         log(f"resumed from checkpoint at step {start} ({checkpointer.directory})")
     else:
-        graphdef, state = init_state(create_model(config.model, seed), optimizer)
-    _write_atomically(run_dir / "config.yaml", config.to_yaml())  # only once the checkpoint fits it
+        state = create_sharded(lambda: init_state(create_model(config.model, seed), optimizer)[1], shardings)
+    if lead:
+        _write_atomically(run_dir / "config.yaml", config.to_yaml())  # only once the checkpoint fits it
 
     B, T = config.data.batch_size, config.data.seq_len
-    batch_spec = {k: jax.ShapeDtypeStruct((B, T), np.float32 if k == "loss_mask" else np.int32) for k in BATCH_KEYS}
+    batch_spec = {k: jax.ShapeDtypeStruct((B, T), np.float32 if k == "loss_mask" else np.int32,
+                                          sharding=batch_sharding(mesh, (B, T))) for k in BATCH_KEYS}
+    replicated = NamedSharding(mesh, PartitionSpec())
     t0 = time.perf_counter()
-    train_step = make_train_step(graphdef, optimizer, schedule, config.train.grad_accum).lower(state, batch_spec).compile()
+    train_step = make_train_step(graphdef, optimizer, schedule, config.train.grad_accum, state_sharding=shardings,
+                                 metrics_sharding=replicated).lower(state, batch_spec).compile()
     compile_s = time.perf_counter() - t0
-    eval_step = make_eval_step(graphdef)
+    eval_step = make_eval_step(graphdef, metrics_sharding=replicated)
 
     num_params, active_params = config.model.num_params(), config.model.num_active_params()
     train_flops_per_token = 3 * config.model.flops_per_token(T)
     peak, peak_source = peak_flops_per_device(config.model.dtype)
-    peak *= jax.device_count()
+    # a measured CPU peak is the whole host's (every core); fake CPU devices share it
+    peak *= jax.process_count() if jax.default_backend() == "cpu" else jax.device_count()
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
     active = f" ({active_params:,} active per token)" if active_params != num_params else ""
     log(f"model: {num_params:,} parameters{active}, {train_flops_per_token / 1e6:.1f} MFLOP/token (train), "
         f"state {state_bytes / 2**20:.1f} MiB | data: {data.train_bytes:,} train bytes, {data.val_bytes:,} val bytes"
-        f" | mesh {mesh_shape} | compile {compile_s:.1f}s | peak {peak / 1e12:.3f} TFLOP/s ({peak_source})")
+        f" | mesh {mesh_shape} ({jax.process_count()} processes) | compile {compile_s:.1f}s"
+        f" | peak {peak / 1e12:.3f} TFLOP/s ({peak_source})")
 
-    writer = MetricsWriter(run_dir, tensorboard=config.log.tensorboard)
+    writer = MetricsWriter(run_dir, tensorboard=config.log.tensorboard) if lead else None
     termination = _Termination()
-    bar = tqdm(total=steps, initial=start, disable=not config.log.progress_bar, dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(total=steps, initial=start, disable=not (lead and config.log.progress_bar), dynamic_ncols=True,
+               mininterval=1.0)
     window_tokens, window_time = 0, 0.0
     try:
         for step in range(start + 1, steps + 1):
-            batch = next(data.train)
+            batch = shard_batch(next(data.train), mesh)
             t = time.perf_counter()
             state, metrics = train_step(state, batch)
+            metrics = to_host(metrics)
             loss = float(metrics["loss"])
             window_time += time.perf_counter() - t
             window_tokens += B * T
@@ -111,9 +158,9 @@ def train(config: Config, run_dir: str | pathlib.Path, *, log=print) -> int:
                 last = checkpointer.latest_step()
                 log(f"error: loss is {loss} at step {step}; stopped without saving, the last good checkpoint "
                     f"is step {last} in {checkpointer.directory}")
-                return 1
+                return 1, None
             bar.update(1)
-            if step % config.train.log_every == 0 or step == steps:
+            if lead and (step % config.train.log_every == 0 or step == steps):
                 rate = window_tokens / window_time
                 record = {"loss": loss, "lr": float(metrics["lr"]), "grad_norm": float(metrics["grad_norm"]),
                           "tokens_per_s": rate, "tflops": rate * train_flops_per_token / 1e12,
@@ -124,22 +171,19 @@ def train(config: Config, run_dir: str | pathlib.Path, *, log=print) -> int:
                 window_tokens, window_time = 0, 0.0
             if step % config.train.eval_every == 0 or step == steps:
                 batches = validation_batches(data, config.data, config.train.eval_batches)
-                record = evaluate(eval_step, state, batches)
-                writer.write(step, record)
-                bar.write(console_line(step, steps, {"loss": loss, **record}))
+                record = evaluate(eval_step, state, batches, mesh)
+                if lead:
+                    writer.write(step, record)
+                    bar.write(console_line(step, steps, {"loss": loss, **record}))
             if step % config.checkpoint.every == 0 or step == steps or termination.requested:
                 checkpointer.save(step, state, data.train.state(), wait=termination.requested)
             if termination.requested:
                 log(f"SIGTERM: saved checkpoint at step {step} in {checkpointer.directory}; exiting")
-                return 0
+                return 0, None
     finally:
         bar.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
         checkpointer.close()
 
-    model = merge_model(graphdef, state)
-    if config.log.sample_tokens > 0:
-        text = generate(model, config.log.sample_prompt, max_new_tokens=config.log.sample_tokens, seed=seed)
-        _write_atomically(run_dir / "samples.txt", text + "\n")
-        log(f"sample ({run_dir / 'samples.txt'}):\n{text}")
-    return 0
+    return 0, state

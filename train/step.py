@@ -108,49 +108,64 @@ def collect_batch_statistics(graphdef: nnx.GraphDef, params: nnx.State, model_st
     return _map_statistics(lambda _, new: new, model_state, collected)
 
 
-def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, grad_accum: int) -> Callable:
-    def objective(params, model_state, micro, batch_statistics):
-        """Summed token losses + (sum of aux losses) x tokens: divided by all tokens of the batch
-        later, this is the mean token loss plus the token-weighted mean of the aux losses."""
-        nll_BxT, losses, metrics, model_state = forward(graphdef, params, model_state, micro, training=True,
-                                                        batch_statistics=batch_statistics)
-        mask = micro["loss_mask"]
-        count, nll_sum = jnp.sum(mask), jnp.sum(nll_BxT * mask)
-        aux_loss = sum(losses.values(), jnp.zeros((), jnp.float32))
-        reported = {"aux_loss": aux_loss, **{f"aux/{k}": v for k, v in {**metrics, **losses}.items()}}
-        return nll_sum + aux_loss * count, (nll_sum, count, reported, model_state)
+def _objective(graphdef, params, model_state, micro, batch_statistics):
+    """Summed token losses + (sum of aux losses) x tokens: divided by all tokens of the batch
+    later, this is the mean token loss plus the token-weighted mean of the aux losses."""
+    nll_BxT, losses, metrics, model_state = forward(graphdef, params, model_state, micro, training=True,
+                                                    batch_statistics=batch_statistics)
+    mask = micro["loss_mask"]
+    count, nll_sum = jnp.sum(mask), jnp.sum(nll_BxT * mask)
+    aux_loss = sum(losses.values(), jnp.zeros((), jnp.float32))
+    reported = {"aux_loss": aux_loss, **{f"aux/{k}": v for k, v in {**metrics, **losses}.items()}}
+    return nll_sum + aux_loss * count, (nll_sum, count, reported, model_state)
 
-    grad_fn = jax.grad(objective, has_aux=True)
+
+def accumulate_gradients(graphdef: nnx.GraphDef, params: nnx.State, model_state: nnx.State, batch: dict,
+                         grad_accum: int):
+    """Mean-token-loss gradients of one batch split into `grad_accum` microbatches:
+    (grads, mean loss, scored tokens, reported aux values per microbatch, new model state)."""
+    micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
+    batch_statistics = "own"   # with one microbatch, it is the batch
+    if grad_accum > 1 and has_batch_statistics(model_state):
+        model_state = collect_batch_statistics(graphdef, params, model_state, micro)
+        batch_statistics = "use"
+    grad_fn = jax.grad(_objective, argnums=1, has_aux=True)
+
+    def accumulate(carry, mb):
+        loss_sum, count, grads, model_state = carry
+        g, (l, n, reported, model_state) = grad_fn(graphdef, params, model_state, mb, batch_statistics)
+        return (loss_sum + l, count + n, jax.tree.map(jnp.add, grads, g), model_state), reported
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (loss_sum, count, grads, model_state), reported = jax.lax.scan(
+        accumulate, (0.0, 0.0, zeros, model_state), micro)
+    count = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)
+    return grads, loss_sum / count, count, reported, model_state
+
+
+def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule, grad_accum: int, *, state_sharding=None,
+                    metrics_sharding=None) -> Callable:
+    """The jitted step (state, batch) -> (state, metrics); the state is donated. With shardings
+    (train.sharding), the new state keeps the old one's layout and the metrics are replicated."""
 
     def train_step(state: TrainState, batch: dict):
-        micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
-        model_state, batch_statistics = state.model_state, "own"   # with one microbatch, it is the batch
-        if grad_accum > 1 and has_batch_statistics(model_state):
-            model_state = collect_batch_statistics(graphdef, state.params, model_state, micro)
-            batch_statistics = "use"
-
-        def accumulate(carry, mb):
-            loss_sum, count, grads, model_state = carry
-            g, (l, n, reported, model_state) = grad_fn(state.params, model_state, mb, batch_statistics)
-            return (loss_sum + l, count + n, jax.tree.map(jnp.add, grads, g), model_state), reported
-
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (loss_sum, count, grads, model_state), reported = jax.lax.scan(
-            accumulate, (0.0, 0.0, zeros, model_state), micro)
-        count = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g: g / count, grads)
+        grads, loss, count, reported, model_state = accumulate_gradients(
+            graphdef, state.params, state.model_state, batch, grad_accum)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads),
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                    "lr": schedule(state.step), "loss_tokens": count,
                    **jax.tree.map(lambda x: jnp.mean(x, axis=0), reported)}
         return TrainState(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state), metrics
 
-    return jax.jit(train_step, donate_argnums=0)
+    if state_sharding is None:
+        return jax.jit(train_step, donate_argnums=0)
+    return jax.jit(train_step, donate_argnums=0, out_shardings=(state_sharding, metrics_sharding))
 
 
-def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
+def make_eval_step(graphdef: nnx.GraphDef, *, metrics_sharding=None) -> Callable:
     """Sums for validation: nats over all scored targets and over byte targets (ids < 256)."""
 
     def eval_step(params, model_state, batch):
@@ -160,7 +175,7 @@ def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
         return {"nll": jnp.sum(nll_BxT * mask), "tokens": jnp.sum(mask),
                 "byte_nll": jnp.sum(nll_BxT * byte_mask), "bytes": jnp.sum(byte_mask)}
 
-    return jax.jit(eval_step)
+    return jax.jit(eval_step) if metrics_sharding is None else jax.jit(eval_step, out_shardings=metrics_sharding)
 
 
 def summarize_eval(sums: dict) -> dict:

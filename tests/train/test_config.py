@@ -61,9 +61,10 @@ def test_missing_config_file():
 
 
 @pytest.mark.parametrize("devices,overrides,message", [
-    (4, ["data.batch_size=30"], "data.batch_size=30 (per microbatch 30) is not divisible by the 4 data shards"),
+    (4, ["data.batch_size=30"], "data.batch_size=30 (per microbatch 30) is not divisible by the 4 row shards"),
     (2, ["mesh.data=1", "mesh.tensor=4"], "has 4 devices, but 2 are available"),
     (6, ["mesh.tensor=4"], "mesh.data=-1 cannot fill 6 devices"),
+    (8, ["mesh.seq=8", "data.seq_len=120"], "data.seq_len=120 is not divisible by 2 * mesh.seq = 16"),
 ])
 def test_device_dependent_checks(devices, overrides, message):
     config = load_config(ROOT / "configs/quickstart.yaml", overrides)
