@@ -1,4 +1,9 @@
-"""python -m train --config configs/quickstart.yaml [--run-dir DIR] [key=value ...]"""
+"""python -m train --config configs/quickstart.yaml [--run-dir DIR] [key=value ...]
+
+Multi-process (train.distributed): add --coordinator HOST:PORT --num-processes N --process-id I
+(or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), or --distributed on a cluster
+JAX detects by itself.
+"""
 
 import argparse
 import pathlib
@@ -11,11 +16,23 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m train", description="Train a hybrax model from a YAML preset.")
     p.add_argument("--config", required=True, help="YAML preset, e.g. configs/quickstart.yaml")
     p.add_argument("--run-dir", default=None, help="run directory (default: runs/<config name>)")
+    p.add_argument("--coordinator", default=None, help="multi-process: address host:port of process 0")
+    p.add_argument("--num-processes", type=int, default=None, help="multi-process: number of processes")
+    p.add_argument("--process-id", type=int, default=None, help="multi-process: this process's id")
+    p.add_argument("--distributed", action="store_true", help="multi-process with cluster auto-detection")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.num_layers=6 optim.lr=1e-3")
     args = p.parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
-    except ConfigError as e:  # reported before jax is even imported
+    except ConfigError as e:  # reported before any compute
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from train import distributed
+
+    try:
+        distributed.initialize(distributed.settings(args.coordinator, args.num_processes, args.process_id),
+                               auto=args.distributed)
+    except distributed.DistributedConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from train.checkpoint import CheckpointMismatch
