@@ -2,7 +2,8 @@
 
 `block_sparse_attention(q [B, T, H, D], k [B, S, Hkv, D], v [B, S, Hkv, D], block_indices
 int32 [B, H, ceil(T / block_q), n_sel], *, block_size=(block_q, block_k), causal=True, scale=None,
-segment_ids=None [B, T], implementation=None) -> o [B, T, H, D]`
+segment_ids=None [B, T], query_blocks=None [ceil(T / block_q)], kv_segment_ids=None [B, S],
+implementation=None) -> o [B, T, H, D]`
 
 Query block n = rows [n * block_q, (n + 1) * block_q) attends only to the key blocks listed in
 `block_indices[b, h, n]` (key block m = keys [m * block_k, (m + 1) * block_k)); -1 marks an unused
@@ -11,6 +12,14 @@ intersected with the causal mask (query position >= key position, both counted f
 `segment_ids` (same segment) when given; all three must hold. A query row with no visible key
 outputs zeros. `scale` defaults to D ** -0.5. H must be a multiple of Hkv (grouped queries:
 query head h reads key/value head h // (H // Hkv)).
+
+Queries at other positions than 0..T-1 (a device's rows under sequence parallelism, with all S
+keys gathered): `query_blocks` int32 [ceil(T / block_q)] gives the block index, in key positions,
+of each query block, so query row i sits at position query_blocks[i // block_q] * block_q +
+i % block_q for the causal mask; `kv_segment_ids` [B, S] then gives the keys' segments
+(`segment_ids` [B, T] stays the queries'). Without them the queries are the keys' own positions
+and T == S is required with segment_ids. Only `reference` and `xla` take them; the Pallas kernels
+raise NotImplementedError, so the default order falls through to xla.
 
 Implementations: `reference` (dense masked attention, the oracle), `xla` (gathers only the listed
 blocks: memory and time grow with n_sel, not with S), `pallas_tpu`, `pallas_gpu` (flash-style
@@ -46,6 +55,13 @@ IMPLEMENTATIONS = {
     "pallas": _pallas,
 }
 DEFAULTS = {"tpu": ("pallas_tpu", "xla"), "gpu": ("pallas_gpu", "xla"), "default": ("xla",)}
+QUERY_BLOCK_IMPLEMENTATIONS = ("reference", "xla")   # the ones that take query_blocks / kv_segment_ids
+
+
+def _natural_queries_only(name: str):
+    def refuse(*args, **kwargs):
+        raise NotImplementedError(f"{name} takes queries at positions 0..T-1 only (no query_blocks, kv_segment_ids)")
+    return refuse
 
 
 def _block_size(block_size) -> tuple[int, int]:
@@ -57,7 +73,7 @@ def _block_size(block_size) -> tuple[int, int]:
     return int(block_size[0]), int(block_size[1])
 
 
-def check_inputs(q, k, v, block_indices, block_size, segment_ids) -> None:
+def check_inputs(q, k, v, block_indices, block_size, segment_ids, query_blocks=None, kv_segment_ids=None) -> None:
     """Raise a one-line ValueError for inputs the op does not accept."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"q, k, v must be [batch, time, heads, dim]; got shapes {q.shape}, {k.shape}, {v.shape}")
@@ -80,22 +96,37 @@ def check_inputs(q, k, v, block_indices, block_size, segment_ids) -> None:
         if low < -1 or high >= num_kv_blocks:
             raise ValueError(f"block_indices range [{low}, {high}] must lie in [-1, {num_kv_blocks - 1}] "
                              f"(S={S} keys in blocks of {block_k}; -1 = unused slot)")
+    if query_blocks is not None and (query_blocks.shape != (num_q_blocks,)
+                                     or not jnp.issubdtype(query_blocks.dtype, jnp.integer)):
+        raise ValueError(f"query_blocks shape {query_blocks.shape} dtype {query_blocks.dtype} must be integer "
+                         f"[ceil(T / block_q)] = [{num_q_blocks}]")
+    if kv_segment_ids is not None:
+        integer = jnp.issubdtype(kv_segment_ids.dtype, jnp.integer)
+        if segment_ids is None or kv_segment_ids.shape != (B, S) or not integer:
+            raise ValueError(f"kv_segment_ids {kv_segment_ids.shape} {kv_segment_ids.dtype} must be integer [B, S] = "
+                             f"{(B, S)} and come with the queries' segment_ids")
     if segment_ids is not None:
-        if T != S or segment_ids.shape != (B, T):
+        if segment_ids.shape != (B, T) or (kv_segment_ids is None and T != S):
             raise ValueError(f"segment_ids shape {segment_ids.shape} must be [B, T] = {(B, T)} with as many keys "
-                             f"as queries (S={S})")
+                             f"as queries (S={S}) unless kv_segment_ids are given")
         if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
             raise ValueError(f"segment_ids dtype {segment_ids.dtype} must be an integer dtype")
 
 
 def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_indices: jax.Array, *,
                            block_size: int | tuple[int, int], causal: bool = True, scale: float | None = None,
-                           segment_ids: jax.Array | None = None,
+                           segment_ids: jax.Array | None = None, query_blocks: jax.Array | None = None,
+                           kv_segment_ids: jax.Array | None = None,
                            implementation: str | Sequence[str] | None = None) -> jax.Array:
     """Softmax attention over the listed key blocks; see the module docstring for the contract."""
     block_size = _block_size(block_size)
-    check_inputs(q, k, v, block_indices, block_size, segment_ids)
+    check_inputs(q, k, v, block_indices, block_size, segment_ids, query_blocks, kv_segment_ids)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    return dispatch("block_sparse_attention", IMPLEMENTATIONS, DEFAULTS, implementation, q, k, v,
-                    block_indices.astype(jnp.int32), block_size=block_size, causal=bool(causal), scale=scale,
-                    segment_ids=segment_ids)
+    args = (q, k, v, block_indices.astype(jnp.int32))
+    options = dict(block_size=block_size, causal=bool(causal), scale=scale, segment_ids=segment_ids)
+    if query_blocks is None and kv_segment_ids is None:
+        return dispatch("block_sparse_attention", IMPLEMENTATIONS, DEFAULTS, implementation, *args, **options)
+    table = {name: fn if name in QUERY_BLOCK_IMPLEMENTATIONS else _natural_queries_only(name)
+             for name, fn in IMPLEMENTATIONS.items()}
+    return dispatch("block_sparse_attention", table, DEFAULTS, implementation, *args, **options,
+                    query_blocks=query_blocks, kv_segment_ids=kv_segment_ids)

@@ -13,9 +13,12 @@ the kv head h // (H / Hkv) directly (K is never repeated per query head):
     s_r = scale q_r K_r^T                                    [bq, n_sel bk]   (float32)
     p_r = softmax over the visible keys, 0 elsewhere;        o_r = p_r V_r    [bq, D]
 
+Query row i of block n sits at position query_blocks[n] bq + i (n bq + i by default: the queries
+may be a subset of the positions, e.g. one device's rows under sequence parallelism); key j at j.
 A key (slot s, position j) is visible to query i when the slot is used (index >= 0), is the first
 slot of its row holding that block (duplicates count once), the key is a real key (< S), and
-(causal) i >= key position and (segments) same segment. Rows with no visible key give o = 0.
+(causal) the query's position >= j and (segments) same segment (kv_segment_ids for the keys when
+given). Rows with no visible key give o = 0.
 
 Rows are processed in chunks of about SCORE_BUDGET score elements by `lax.map`/`lax.scan`, so at
 T = 8k, n_sel = 16, blocks of 64 the scores live at a time take about 1 MB (4 rows; smaller chunks
@@ -184,7 +187,8 @@ def _row_lists(block_indices, num_kv_heads: int, num_kv_blocks: int):
 
 # One compiled program per shape also in eager calls (the layers' tests call the op eagerly).
 @functools.partial(jax.jit, static_argnames=("block_size", "causal", "scale"))
-def block_sparse_attention(q, k, v, block_indices, *, block_size, causal, scale, segment_ids):
+def block_sparse_attention(q, k, v, block_indices, *, block_size, causal, scale, segment_ids, query_blocks=None,
+                           kv_segment_ids=None):
     B, T, H, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     bq, bk = block_size
@@ -206,11 +210,13 @@ def block_sparse_attention(q, k, v, block_indices, *, block_size, causal, scale,
     k_M, v_M = to_blocks(k), to_blocks(v)
 
     idx_RxN, used_RxN, flat_RxN = _row_lists(block_indices, Hkv, nk)
-    qblock_R = jnp.broadcast_to(jnp.arange(nq), (B, H, nq)).reshape(R)
-    if segment_ids is not None:  # T == S (checked by the api)
+    qblock_nq = jnp.arange(nq) if query_blocks is None else query_blocks.astype(jnp.int32)
+    qblock_R = jnp.broadcast_to(qblock_nq, (B, H, nq)).reshape(R)
+    if segment_ids is not None:  # kv_segment_ids [B, S], or T == S (checked by the api)
+        kv_segment_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
         seg_BxTp = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, nq * bq - T)), constant_values=-1)
         segq_Rxbq = jnp.broadcast_to(seg_BxTp.reshape(B, 1, nq, bq), (B, H, nq, bq)).reshape(R, bq)
-        seg_BxSp = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, nk * bk - S)), constant_values=-2)
+        seg_BxSp = jnp.pad(kv_segment_ids.astype(jnp.int32), ((0, 0), (0, nk * bk - S)), constant_values=-2)
         # The flat block table is [B, Hkv, nk]: segment blocks repeated per kv head (small ints).
         segk_M = jnp.broadcast_to(seg_BxSp.reshape(B, 1, nk, bk), (B, Hkv, nk, bk)).reshape(-1, bk)
     else:

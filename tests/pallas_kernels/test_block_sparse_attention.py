@@ -1,7 +1,8 @@
 """block_sparse_attention: laws of the reference (every block listed == dense causal attention,
 empty rows give zeros with finite gradients, duplicates count once, GQA == repeated k/v heads),
 the xla implementation against the reference on every shared case (outputs and dq, dk, dv) and
-under jit and vmap, the one-line input errors, and the implementation switch."""
+under jit and vmap, queries at a block offset (query_blocks, kv_segment_ids), the one-line input
+errors, and the implementation switch."""
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ import pytest
 
 from pallas_kernels.block_sparse_attention import block_sparse_attention
 from pallas_kernels.dot_product_attention import dot_product_attention
-from block_sparse_attention_cases import CASES, Case, assert_matches_reference, make_inputs
+from block_sparse_attention_cases import CASES, Case, assert_matches_reference, make_inputs, relative_error
 
 LAW_IMPLEMENTATIONS = ["reference", "xla"]  # the laws hold for the oracle and for the fast path
 
@@ -119,6 +120,45 @@ def test_xla_many_chunks_match_reference(monkeypatch):
     assert_matches_reference("xla", Case(65, lists="causal_random", segments=True, seed=5))
 
 
+# --- queries at a block offset (sequence parallelism: a device's rows against all keys) ----------
+
+def _query_subset(impl, rows_blocks, bq=16, bk=8):
+    """The op on the query blocks `rows_blocks` only (in that order, as a zigzag shard holds them),
+    with query_blocks and kv_segment_ids: (output, dq, dk, dv of sum(o * w))."""
+    q, k, v, idx, seg = _arrays(Case(64, block_q=bq, block_k=bk, lists="causal_random", n_sel=4, segments=True))
+    blocks = jnp.asarray(rows_blocks, jnp.int32)
+    rows = (blocks[:, None] * bq + jnp.arange(bq)).reshape(-1)
+    kw = dict(block_size=(bq, bk), segment_ids=seg[:, rows], kv_segment_ids=seg, query_blocks=blocks)
+    sub = lambda q, k, v: block_sparse_attention(q, k, v, idx[:, :, blocks], implementation=impl, **kw)  # noqa: E731
+    w = jnp.sin(jnp.arange(q[:, rows].size, dtype=jnp.float32)).reshape(q[:, rows].shape)
+    grads = jax.grad(lambda q, k, v: jnp.sum(sub(q, k, v) * w), argnums=(0, 1, 2))(q[:, rows], k, v)
+    full = block_sparse_attention(q, k, v, idx, block_size=(bq, bk), segment_ids=seg, implementation="reference")
+    return sub(q[:, rows], k, v), grads, full[:, rows]
+
+
+@pytest.mark.parametrize("rows_blocks", [[0, 3], [1, 2], [3, 1]])
+def test_query_blocks_give_the_rows_of_the_full_sequence(rows_blocks):
+    """Law: the op on a subset of the query blocks (zigzag shards [0, 3] and [1, 2] of 4 blocks, and
+    an arbitrary order) with query_blocks / kv_segment_ids == those rows of the full op; xla ==
+    reference there for the output and dq, dk, dv."""
+    o_ref, grads_ref, want = _query_subset("reference", rows_blocks)
+    np.testing.assert_allclose(o_ref, want, rtol=1e-6, atol=1e-6)
+    o_xla, grads_xla, _ = _query_subset("xla", rows_blocks)
+    assert relative_error(o_xla, o_ref) <= 1e-5
+    for got, ref in zip(grads_xla, grads_ref):
+        assert relative_error(got, ref) <= 1e-5
+
+
+def test_pallas_refuses_query_blocks_and_the_switch_falls_through_to_xla():
+    q, k, v, idx = _small()
+    blocks = jnp.asarray([1, 0], jnp.int32)
+    forced = lambda impl: block_sparse_attention(q, k, v, idx, block_size=16, query_blocks=blocks,  # noqa: E731
+                                                 implementation=impl)
+    with pytest.raises(NotImplementedError, match="query_blocks"):
+        forced("pallas_tpu")
+    np.testing.assert_array_equal(forced(["pallas_tpu", "xla"]), forced("xla"))
+
+
 # --- input errors and the implementation switch ------------------------------------------------
 
 def _small():
@@ -138,6 +178,11 @@ def _small():
     (lambda q, k, v, idx: dict(k=k[:, :, :1].repeat(3, axis=2), v=v[:, :, :1].repeat(3, axis=2)), "multiple"),
     (lambda q, k, v, idx: dict(k=k[:, :16], v=v[:, :16], block_indices=jnp.minimum(idx, 0),
                                segment_ids=jnp.zeros((1, 32), jnp.int32)), "segment_ids"),
+    (lambda q, k, v, idx: dict(query_blocks=jnp.zeros((3,), jnp.int32)), "query_blocks"),
+    (lambda q, k, v, idx: dict(query_blocks=jnp.zeros((2,), jnp.float32)), "query_blocks"),
+    (lambda q, k, v, idx: dict(kv_segment_ids=jnp.zeros((1, 32), jnp.int32)), "kv_segment_ids"),
+    (lambda q, k, v, idx: dict(segment_ids=jnp.zeros((1, 32), jnp.int32),
+                               kv_segment_ids=jnp.zeros((1, 16), jnp.int32)), "kv_segment_ids"),
 ])
 def test_invalid_inputs_raise_one_line_value_error(change, message):
     q, k, v, idx = _small()
