@@ -8,7 +8,7 @@ by names (`constrain`); the sequence-parallel mixers build their `jax.shard_map`
     heads, kv_heads, mlp, vocab -> tensor                 experts -> expert
     everything else (head_dim, low_rank, conv, act_embed, ...) -> not sharded
 
-Mesh axes missing from the current mesh are skipped, so one table serves every mesh shape and no
+Mesh axes missing from the current mesh (or of size 1) are skipped, so one table serves every mesh shape and no
 mesh at all (a notebook): `constrain` is then the identity. A dimension that the mesh axes do not
 divide stays whole on the trailing axes that do not fit (e.g. 3 heads over tensor=2 are
 replicated), so small layers never fail to shard. Two names of one array that land on the same
@@ -57,7 +57,7 @@ def spec(names: Sequence[str | None], shape: Sequence[int] | None = None, mesh=N
     used: dict[str, str] = {}
     entries = []
     for dim, name in enumerate(names):
-        axes = [a for a in rules.get(name, ()) if name is not None and a in mesh.axis_names]
+        axes = [a for a in rules.get(name, ()) if name is not None and a in mesh.axis_names and mesh.shape[a] > 1]
         if shape is not None:
             while axes and shape[dim] % _product(mesh, axes):
                 axes.pop()
