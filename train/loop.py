@@ -54,6 +54,18 @@ def _write_atomically(path: pathlib.Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _memory_line(compiled) -> str:
+    """XLA's compile-time account of one device's memory for a step (arguments, outputs, temporaries)."""
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return "not reported by this backend"
+    mib = lambda n: f"{n / 2**20:,.1f} MiB"  # noqa: E731
+    arguments, outputs = analysis.argument_size_in_bytes, analysis.output_size_in_bytes
+    temporaries, aliased = analysis.temp_size_in_bytes, analysis.alias_size_in_bytes
+    return (f"peak {mib(arguments + outputs - aliased + temporaries)} = arguments {mib(arguments)} + outputs "
+            f"{mib(outputs)} - donated {mib(aliased)} + temporaries {mib(temporaries)}")
+
+
 def evaluate(eval_step, state, batches, mesh) -> dict:
     sums = {"nll": 0.0, "tokens": 0.0, "byte_nll": 0.0, "bytes": 0.0}
     for batch in batches:
@@ -126,6 +138,7 @@ def _train(config: Config, run_dir: pathlib.Path, mesh, mesh_shape: dict, optimi
     train_step = make_train_step(graphdef, optimizer, schedule, config.train.grad_accum, state_sharding=shardings,
                                  metrics_sharding=replicated).lower(state, batch_spec).compile()
     compile_s = time.perf_counter() - t0
+    log(f"train step memory per device: {_memory_line(train_step)}")
     eval_step = make_eval_step(graphdef, metrics_sharding=replicated)
 
     num_params, active_params = config.model.num_params(), config.model.num_active_params()
