@@ -8,6 +8,8 @@ Decoding keeps a KV cache of fixed length (`init_cache`); each call appends its 
 With `sparse_prefill` set (a name in `layers.sparse_prefill.SELECTORS`), the no-cache path lets that
 training-free selector list key blocks and runs `block_sparse_attention` over them; decoding with a
 cache stays dense.
+Under a mesh with seq > 1 the dense no-cache path is ring attention (`layers.sequence_parallel`):
+x, segment_ids and positions come in zigzag order, split over seq.
 """
 
 import dataclasses
@@ -19,6 +21,8 @@ from flax import nnx
 from layers.embeddings import apply_rotary
 from layers.parameters import logical_param, normal
 from layers.projection import project
+from layers.sequence_parallel.layout import seq_size
+from layers.sequence_parallel.ring_attention import ring_attention
 from layers.sparse_prefill import check_options, sparse_prefill_attention
 from pallas_kernels.dot_product_attention import dot_product_attention
 
@@ -93,6 +97,9 @@ class Attention(nnx.Module):
             o_BxTxHxK = sparse_prefill_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, selector=c.sparse_prefill,
                                                  block_size=c.sparse_block_size, options=dict(c.sparse_options),
                                                  segment_ids=segment_ids, implementation=c.sparse_implementation)
+            return project("bthk,hkd->btd", o_BxTxHxK, self.w_o, c.dtype)
+        if cache is None and seq_size() > 1:   # sequence parallel: x is in zigzag order, split over seq
+            o_BxTxHxK = ring_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids=segment_ids)
             return project("bthk,hkd->btd", o_BxTxHxK, self.w_o, c.dtype)
         if cache is None:
             o_BxTxHxK = dot_product_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, causal=True, segment_ids=segment_ids,
