@@ -54,16 +54,27 @@ class BilevelRoutingAttention(MoBA):
             self.lce_bias = logical_param(rngs, jax.nn.initializers.zeros, (c.num_kv_heads, c.head_dim),
                                           c.param_dtype, ("kv_heads", "head_dim"))
 
-    def block_scores(self, route_q_BxQxHxD, k_BxSxGxD):
-        """Region affinity summed over heads (one choice for all heads), `[B, H, Q, M]`."""
+    def block_scores(self, route_q_BxQxHxD, k_BxSxGxD, head_axes=None):
+        """Region affinity summed over heads (one choice for all heads; over the devices of
+        `head_axes` too when the heads are split), `[B, H, Q, M]`."""
         scores_BxHxQxM = super().block_scores(route_q_BxQxHxD, k_BxSxGxD)
-        return jnp.broadcast_to(scores_BxHxQxM.sum(axis=1, keepdims=True), scores_BxHxQxM.shape)
+        total_Bx1xQxM = scores_BxHxQxM.sum(axis=1, keepdims=True)
+        if head_axes is not None:
+            total_Bx1xQxM = jax.lax.psum(total_Bx1xQxM, head_axes)
+        return jnp.broadcast_to(total_Bx1xQxM, scores_BxHxQxM.shape)
 
-    def local_context(self, v_BxSxGxD, segment_ids):
+    def context_parameters(self) -> dict:
         c = self.config
         if not c.lce_width:
+            return {}
+        return {"lce_weight": (self.lce_weight[...].astype(c.dtype), ("conv", "kv_heads", "head_dim")),
+                "lce_bias": (self.lce_bias[...].astype(c.dtype), ("kv_heads", "head_dim"))}
+
+    def local_context(self, v_BxSxGxD, segment_ids, lce_weight=None, lce_bias=None):
+        """The LCE conv over all S values (`[B, S, H, D]`, each value head's channels added to the
+        query heads that read it)."""
+        if lce_weight is None:
             return None
-        lce_BxSxGxD, _ = short_causal_conv(v_BxSxGxD, self.lce_weight[...].astype(c.dtype),
-                                           self.lce_bias[...].astype(c.dtype), segment_ids=segment_ids)
-        return jnp.repeat(lce_BxSxGxD, c.num_heads // c.num_kv_heads, axis=2)
+        lce_BxSxGxD, _ = short_causal_conv(v_BxSxGxD, lce_weight, lce_bias, segment_ids=segment_ids)
+        return jnp.repeat(lce_BxSxGxD, self.config.num_heads // self.config.num_kv_heads, axis=2)
 

@@ -31,6 +31,8 @@ from layers import block_selection as bs
 from layers.attention import declare_projections
 from layers.embeddings import apply_rotary
 from layers.projection import project
+from layers.sequence_parallel.gathered_keys import attend_with_gathered_keys, default_positions, offset_implementation
+from layers.sequence_parallel.layout import seq_size
 from pallas_kernels.block_sparse_attention import block_sparse_attention
 
 
@@ -87,13 +89,18 @@ class MoBA(nnx.Module):
 
     # ---- what the subclasses change ----------------------------------------------------------
 
-    def block_scores(self, route_q_BxQxHxD, k_BxSxGxD):
+    def block_scores(self, route_q_BxQxHxD, k_BxSxGxD, head_axes=None):
         """MoBA's gate: each head's routing query against its key head's mean key per block,
-        float32 `[B, H, Q, ceil(S / block)]`."""
+        float32 `[B, H, Q, ceil(S / block)]`. head_axes: the mesh axes the heads are split over
+        (inside shard_map), for a score shared across heads."""
         return bs.grouped_scores(route_q_BxQxHxD, bs.block_mean(k_BxSxGxD, self.config.block_size))
 
-    def local_context(self, v_BxSxGxD, segment_ids):
-        """A term added to the attention output per position (`[B, S, H, D]`), or None."""
+    def context_parameters(self) -> dict:
+        """The parameters of `local_context`: name -> (array in the compute dtype, logical axes)."""
+        return {}
+
+    def local_context(self, v_BxSxGxD, segment_ids, **parameters):
+        """A term added to the attention output per key position (`[B, S, H, D]`), or None."""
         return None
 
     # ---- shared ------------------------------------------------------------------------------
@@ -108,22 +115,20 @@ class MoBA(nnx.Module):
         c = self.config
         B, T, _ = x_BxTxD.shape
         b = c.block_size
+        sequence_shards = seq_size() if cache is None else 1
         if positions is None:
-            start = 0 if cache is None else cache["end"]
-            positions = jnp.broadcast_to(start + jnp.arange(T), (B, T))
+            positions = default_positions(B, T, sequence_shards, 0 if cache is None else cache["end"])
         q_BxTxHxD = apply_rotary(project("btd,dhk->bthk", x_BxTxD, self.w_q, c.dtype), positions, c.rope_theta)
         k_BxTxGxD = apply_rotary(project("btd,dhk->bthk", x_BxTxD, self.w_k, c.dtype), positions, c.rope_theta)
         v_BxTxGxD = project("btd,dhk->bthk", x_BxTxD, self.w_v, c.dtype)
+        context = self.context_parameters()
+        if cache is None and sequence_shards > 1:
+            o_BxTxHxD = attend_with_gathered_keys(self._attend, q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids, block=b,
+                                                  extras=context)
+            return project("bthk,hkd->btd", o_BxTxHxD, self.w_o, c.dtype)
         if cache is None:
-            N = bs.num_blocks(T, b)
-            scores_BxHxNxN = self.block_scores(bs.routing_queries(q_BxTxHxD, b), k_BxTxGxD)
-            valid = None if segment_ids is None else bs.same_segment_candidates(segment_ids, jnp.arange(N) * b, b)
-            indices_BxHxNxK = bs.causal_top_k_blocks(scores_BxHxNxN, jnp.arange(N), c.top_k, valid)
-            o_BxTxHxD = block_sparse_attention(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, indices_BxHxNxK, block_size=(b, b),
-                                               segment_ids=segment_ids, implementation=c.implementation)
-            local = self.local_context(v_BxTxGxD, segment_ids)
-            if local is not None:
-                o_BxTxHxD = o_BxTxHxD + local.astype(o_BxTxHxD.dtype)
+            o_BxTxHxD = self._attend(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids, segment_ids,
+                                     **{name: array for name, (array, _) in context.items()})
             return project("bthk,hkd->btd", o_BxTxHxD, self.w_o, c.dtype)
         if segment_ids is not None:
             raise ValueError("segment_ids are not supported while decoding with a KV cache; decode one sequence per row")
@@ -136,9 +141,32 @@ class MoBA(nnx.Module):
         indices_BxHxTxK = bs.causal_top_k_blocks(scores_BxHxTxM, position_T // b, c.top_k)
         visible_BxHxTxS = bs.selection_mask(indices_BxHxTxK, position_T, k_cache.shape[1], b)
         o_BxTxHxD = bs.attend_with_mask(q_BxTxHxD, k_cache, v_cache, visible_BxHxTxS)
-        local = self.local_context(v_cache, None)
+        local = self.local_context(v_cache, None, **{name: array for name, (array, _) in context.items()})
         if local is not None:
             local_BxTxHxD = jax.lax.dynamic_slice_in_dim(local, end, T, axis=1)
             o_BxTxHxD = o_BxTxHxD + local_BxTxHxD.astype(o_BxTxHxD.dtype)
         y = project("bthk,hkd->btd", o_BxTxHxD, self.w_o, c.dtype)
         return y, {"k": k_cache, "v": v_cache, "end": end + T, "route_q": route_q.astype(cache["route_q"].dtype)}
+
+    def _attend(self, q_BxTxHxD, k_BxSxGxD, v_BxSxGxD, q_segment_ids, kv_segment_ids, query_block_Q=None,
+                head_axes=None, **context):
+        """The parallel form for the query blocks `query_block_Q` (natural block index of each block
+        of q; None: q holds every position, T == S) against all S keys: select, attend, add the
+        local context of the query rows. Segment ids: the queries' [B, T] and the keys' [B, S]."""
+        c = self.config
+        b = c.block_size
+        offset = query_block_Q
+        query_block_Q = jnp.arange(bs.num_blocks(q_BxTxHxD.shape[1], b)) if offset is None else offset
+        scores_BxHxQxN = self.block_scores(bs.routing_queries(q_BxTxHxD, b), k_BxSxGxD, head_axes)
+        valid = None if kv_segment_ids is None else bs.same_segment_candidates(kv_segment_ids, query_block_Q * b, b)
+        indices_BxHxQxK = bs.causal_top_k_blocks(scores_BxHxQxN, query_block_Q, c.top_k, valid)
+        o_BxTxHxD = block_sparse_attention(
+            q_BxTxHxD, k_BxSxGxD, v_BxSxGxD, indices_BxHxQxK, block_size=(b, b), segment_ids=q_segment_ids,
+            kv_segment_ids=None if offset is None else kv_segment_ids, query_blocks=offset,
+            implementation=c.implementation if offset is None else offset_implementation(c.implementation))
+        local_BxSxHxD = self.local_context(v_BxSxGxD, kv_segment_ids, **context)
+        if local_BxSxHxD is None:
+            return o_BxTxHxD
+        if offset is not None:
+            local_BxSxHxD = jnp.take(local_BxSxHxD, (offset[:, None] * b + jnp.arange(b)).reshape(-1), axis=1)
+        return o_BxTxHxD + local_BxSxHxD.astype(o_BxTxHxD.dtype)
