@@ -39,6 +39,8 @@ from layers.attention import declare_projections
 from layers.embeddings import apply_rotary
 from layers.parameters import logical_param, normal
 from layers.projection import project
+from layers.sequence_parallel.gathered_keys import attend_with_gathered_keys, default_positions, offset_implementation
+from layers.sequence_parallel.layout import seq_size
 from pallas_kernels.block_sparse_attention import block_sparse_attention
 from pallas_kernels.dot_product_attention import dot_product_attention
 
@@ -129,13 +131,13 @@ class NSA(nnx.Module):
         return {"k": jnp.zeros(shape, c.dtype), "v": jnp.zeros(shape, c.dtype), "end": jnp.zeros((), jnp.int32),
                 "route_q": jnp.zeros((batch, c.num_heads, c.head_dim), c.dtype)}
 
-    def _selection_scores(self, route_q_BxQxHxD, route_position_Q, kc_BxMxGxD, visible, num_blocks):
+    def _selection_scores(self, route_q_BxQxHxD, kc_BxMxGxD, visible, num_blocks):
         """NSA's importance scores `[B, Hkv, Q, num_blocks]`: the routing query's compressed-attention
         probabilities, summed over the compressed blocks of each selection block and over the heads
         of each GQA group. No gradient flows through the choice."""
         c = self.config
         B, Q, H, D = route_q_BxQxHxD.shape
-        M, G = kc_BxMxGxD.shape[1], c.num_kv_heads
+        M, G = kc_BxMxGxD.shape[1:3]
         logits_BxHxQxM = bs.grouped_scores(jax.lax.stop_gradient(route_q_BxQxHxD),
                                            jax.lax.stop_gradient(kc_BxMxGxD)) * D ** -0.5
         visible_Bx1xQxM = visible[:, None]
@@ -149,60 +151,83 @@ class NSA(nnx.Module):
     def __call__(self, x_BxTxD, *, segment_ids=None, positions=None, cache=None):
         c = self.config
         B, T, _ = x_BxTxD.shape
-        b, l, groups = c.block_size, c.compress_block, c.num_heads // c.num_kv_heads
+        b = c.block_size
+        sequence_shards = seq_size() if cache is None else 1
         if positions is None:
-            start = 0 if cache is None else cache["end"]
-            positions = jnp.broadcast_to(start + jnp.arange(T), (B, T))
+            positions = default_positions(B, T, sequence_shards, 0 if cache is None else cache["end"])
         q_BxTxHxD = apply_rotary(project("btd,dhk->bthk", x_BxTxD, self.w_q, c.dtype), positions, c.rope_theta)
         k_BxTxGxD = apply_rotary(project("btd,dhk->bthk", x_BxTxD, self.w_k, c.dtype), positions, c.rope_theta)
         v_BxTxGxD = project("btd,dhk->bthk", x_BxTxD, self.w_v, c.dtype)
         gates_BxTx3xH = jax.nn.sigmoid(project("btd,dch->btch", x_BxTxD, self.w_gate, "float32"))
-        if cache is not None:
-            if segment_ids is not None:
-                raise ValueError("segment_ids are not supported while decoding with a KV cache; decode one sequence "
-                                 "per row")
-            end = cache["end"]
-            k_BxSxGxD = jax.lax.dynamic_update_slice(cache["k"], k_BxTxGxD.astype(cache["k"].dtype), (0, end, 0, 0))
-            v_BxSxGxD = jax.lax.dynamic_update_slice(cache["v"], v_BxTxGxD.astype(cache["v"].dtype), (0, end, 0, 0))
-            route_q_BxQxHxD, route_q = bs.cached_routing_queries(q_BxTxHxD, cache["route_q"], end, b)
-            position_Q = end + jnp.arange(T)  # one routing row per token
-        else:
-            k_BxSxGxD, v_BxSxGxD = k_BxTxGxD, v_BxTxGxD
-            route_q_BxQxHxD = bs.routing_queries(q_BxTxHxD, b)
-            position_Q = jnp.arange(bs.num_blocks(T, b)) * b  # one routing row per query block
-        S = k_BxSxGxD.shape[1]
+        weights = {"compress_k": self.compress_k[...], "compress_v": self.compress_v[...]}
+        if cache is None and sequence_shards > 1:
+            extras = {"gates_BxTx3xH": (gates_BxTx3xH, ("batch", "length", None, "heads")),
+                      **{name: (w, ("conv", "kv_heads", "head_dim")) for name, w in weights.items()}}
+            o_BxTxHxD = attend_with_gathered_keys(self._attend, q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids,
+                                                  block=b, extras=extras)
+            return project("bthk,hkd->btd", o_BxTxHxD, self.w_o, c.dtype)
+        if cache is None:
+            o_BxTxHxD = self._attend(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids, segment_ids,
+                                     gates_BxTx3xH=gates_BxTx3xH, **weights)
+            return project("bthk,hkd->btd", o_BxTxHxD, self.w_o, c.dtype)
+        if segment_ids is not None:
+            raise ValueError("segment_ids are not supported while decoding with a KV cache; decode one sequence per row")
+        end = cache["end"]
+        k_BxSxGxD = jax.lax.dynamic_update_slice(cache["k"], k_BxTxGxD.astype(cache["k"].dtype), (0, end, 0, 0))
+        v_BxSxGxD = jax.lax.dynamic_update_slice(cache["v"], v_BxTxGxD.astype(cache["v"].dtype), (0, end, 0, 0))
+        route_q_BxQxHxD, route_q = bs.cached_routing_queries(q_BxTxHxD, cache["route_q"], end, b)
+        position_T = end + jnp.arange(T)  # one routing row per token
+        sparse = lambda indices: bs.attend_with_mask(  # noqa: E731
+            q_BxTxHxD, k_BxSxGxD, v_BxSxGxD, bs.selection_mask(indices, position_T, k_BxSxGxD.shape[1], b))
+        o_BxTxHxD = self._branches(q_BxTxHxD, k_BxSxGxD, v_BxSxGxD, gates_BxTx3xH, route_q_BxQxHxD, position_T,
+                                   position_T, None, sparse, **weights)
+        y = project("bthk,hkd->btd", o_BxTxHxD, self.w_o, c.dtype)
+        return y, {"k": k_BxSxGxD, "v": v_BxSxGxD, "end": end + T, "route_q": route_q.astype(cache["route_q"].dtype)}
+
+    def _attend(self, q_BxTxHxD, k_BxSxGxD, v_BxSxGxD, q_segment_ids, kv_segment_ids, query_block_Q=None,
+                head_axes=None, *, gates_BxTx3xH, compress_k, compress_v):
+        """The parallel form for the query blocks `query_block_Q` (natural block index of each block
+        of q; None: q holds every position, T == S) against all S keys. Segment ids: the queries'
+        [B, T] and the keys' [B, S]."""
+        c = self.config
+        b = c.block_size
+        offset = query_block_Q
+        query_block_Q = jnp.arange(bs.num_blocks(q_BxTxHxD.shape[1], b)) if offset is None else offset
+        position_T = (query_block_Q[:, None] * b + jnp.arange(b)).reshape(-1)[:q_BxTxHxD.shape[1]]
+        sparse = lambda indices: block_sparse_attention(  # noqa: E731
+            q_BxTxHxD, k_BxSxGxD, v_BxSxGxD, indices, block_size=(b, b), segment_ids=q_segment_ids,
+            kv_segment_ids=None if offset is None else kv_segment_ids, query_blocks=offset,
+            implementation=c.implementation if offset is None else offset_implementation(c.implementation))
+        return self._branches(q_BxTxHxD, k_BxSxGxD, v_BxSxGxD, gates_BxTx3xH, bs.routing_queries(q_BxTxHxD, b),
+                              position_T, query_block_Q * b, kv_segment_ids, sparse, compress_k, compress_v)
+
+    def _branches(self, q_BxTxHxD, k_BxSxGxD, v_BxSxGxD, gates_BxTx3xH, route_q_BxQxHxD, position_T, position_Q,
+                  kv_segment_ids, sparse, compress_k, compress_v):
+        """The three branches mixed by the gates, `[B, T, H, D]`: queries at positions position_T,
+        routed by route_q (one row per query block, or per token when decoding) at position_Q;
+        `sparse(block_indices)` attends to the listed blocks."""
+        c = self.config
+        b, l = c.block_size, c.compress_block
+        B, _, H, _ = q_BxTxHxD.shape
+        S, G = k_BxSxGxD.shape[1:3]
         num_blocks, query_block_Q = bs.num_blocks(S, b), position_Q // b
 
         # (a) compressed tokens, dense attention over the complete ones
-        kc_BxMxGxD, vc_BxMxGxD = compress(k_BxSxGxD, self.compress_k[...]), compress(v_BxSxGxD, self.compress_v[...])
+        kc_BxMxGxD, vc_BxMxGxD = compress(k_BxSxGxD, compress_k), compress(v_BxSxGxD, compress_v)
         M = kc_BxMxGxD.shape[1]
-        position_T = (0 if cache is None else cache["end"]) + jnp.arange(T)
-        cmp_visible = compressed_visible(position_T, M, l, segment_ids)
+        cmp_visible = compressed_visible(position_T, M, l, kv_segment_ids)
         o_cmp = dot_product_attention(q_BxTxHxD, kc_BxMxGxD, vc_BxMxGxD, causal=False, mask=cmp_visible)
 
         # (b) selected blocks, chosen per GQA group by the routing query's compressed attention
-        route_visible = compressed_visible(query_block_Q * b, M, l, segment_ids)
-        scores_BxGxQxN = self._selection_scores(route_q_BxQxHxD, query_block_Q * b, kc_BxMxGxD, route_visible,
-                                                num_blocks)
-        valid = None if segment_ids is None else bs.same_segment_candidates(segment_ids, position_Q, b)
+        route_visible = compressed_visible(query_block_Q * b, M, l, kv_segment_ids)
+        scores_BxGxQxN = self._selection_scores(route_q_BxQxHxD, kc_BxMxGxD, route_visible, num_blocks)
+        valid = None if kv_segment_ids is None else bs.same_segment_candidates(kv_segment_ids, position_Q, b)
         selected_BxHxQxK = jnp.repeat(bs.causal_top_k_blocks(scores_BxGxQxN, query_block_Q, c.top_k, valid),
-                                      groups, axis=1)
+                                      H // G, axis=1)
         # (c) the window's blocks
         window_QxK = bs.local_blocks(query_block_Q, c.window // b)
-        window_BxHxQxK = jnp.broadcast_to(window_QxK, (B, c.num_heads, *window_QxK.shape))
-        if cache is None:
-            sparse = lambda indices: block_sparse_attention(  # noqa: E731
-                q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, indices, block_size=(b, b), segment_ids=segment_ids,
-                implementation=c.implementation)
-        else:
-            sparse = lambda indices: bs.attend_with_mask(  # noqa: E731
-                q_BxTxHxD, k_BxSxGxD, v_BxSxGxD, bs.selection_mask(indices, position_Q, S, b))
+        window_BxHxQxK = jnp.broadcast_to(window_QxK, (B, H, *window_QxK.shape))
         o_sel, o_win = sparse(selected_BxHxQxK), sparse(window_BxHxQxK)
 
         g = gates_BxTx3xH[..., None]
-        o_BxTxHxD = (g[:, :, 0] * o_cmp + g[:, :, 1] * o_sel + g[:, :, 2] * o_win).astype(c.dtype)
-        y = project("bthk,hkd->btd", o_BxTxHxD, self.w_o, c.dtype)
-        if cache is None:
-            return y
-        return y, {"k": k_BxSxGxD, "v": v_BxSxGxD, "end": cache["end"] + T,
-                   "route_q": route_q.astype(cache["route_q"].dtype)}
+        return (g[:, :, 0] * o_cmp + g[:, :, 1] * o_sel + g[:, :, 2] * o_win).astype(c.dtype)

@@ -41,6 +41,9 @@ from layers.block_selection import (attend_with_mask, block_mean, causal_top_k_b
                                     same_segment_candidates, selection_mask)
 from layers.embeddings import apply_rotary
 from layers.projection import project
+from layers.sequence_parallel.gathered_keys import (attend_with_gathered_keys, default_positions, gather_natural,
+                                                    offset_implementation)
+from layers.sequence_parallel.layout import seq_size
 from pallas_kernels.block_sparse_attention import block_sparse_attention
 
 
@@ -143,13 +146,14 @@ class RoutingAttention(nnx.Module):
         kv_head = (jnp.arange(c.num_local_heads, c.num_heads) // group)
         return k_hat_BxTxGxD[:, :, kv_head]
 
-    def _centroid_scores(self, x_hat_BxTxRxD):
-        return jnp.einsum("btrd,rcd->brtc", x_hat_BxTxRxD, jax.lax.stop_gradient(self.centroids[...]))
+    def _centroids(self):
+        return jax.lax.stop_gradient(self.centroids[...])
 
-    def _key_block_scores(self, k_hat_BxTxRxD):
-        """mu_{h, c} . kbar_m, [B, Hr, M, C], with kbar_m the unit mean of block m's unit keys."""
-        kbar_BxMxRxD = _unit(block_mean(k_hat_BxTxRxD, self.config.block_size))
-        return jnp.einsum("bmrd,rcd->brmc", kbar_BxMxRxD, jax.lax.stop_gradient(self.centroids[...]))
+    @staticmethod
+    def _key_block_scores(key_means_BxMxRxD, centroids_RxCxD):
+        """mu_{h, c} . kbar_m, [B, Hr, M, C], with kbar_m the unit mean of block m's unit keys (from
+        the block means `block_mean(k_hat)`)."""
+        return jnp.einsum("bmrd,rcd->brmc", _unit(key_means_BxMxRxD), centroids_RxCxD)
 
     # -- training-time k-means -------------------------------------------------------------------
     def _update_centroids(self, q_hat_BxTxRxD, k_hat_BxTxRxD):
@@ -178,25 +182,57 @@ class RoutingAttention(nnx.Module):
         c = self.config
         B, T, _ = x_BxTxD.shape
         b = c.block_size
-        N = -(-T // b)
+        sequence_shards = seq_size()
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+            positions = default_positions(B, T, sequence_shards)
         q, k, v, q_hat, k_hat = self._project(x_BxTxD, positions)
         k_hat_routed = self._routing_keys(k_hat)
-        first_N = jnp.arange(N) * b
-        q_cluster_BxRxN = jnp.argmax(self._centroid_scores(q_hat[:, first_N]), axis=-1)
-        key_scores = self._key_block_scores(k_hat_routed)
-        seg = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids
-        routed = routed_block_indices(q_cluster_BxRxN, jnp.arange(N), key_scores,
-                                      same_segment_candidates(seg, first_N, b), c.top_k)
-        local = jnp.full((N, c.top_k + 1), -1, jnp.int32).at[:, :2].set(local_blocks(jnp.arange(N), 1))
-        local = jnp.broadcast_to(local, (B, c.num_local_heads, N, c.top_k + 1))
-        block_indices = jax.lax.stop_gradient(jnp.concatenate([local, routed], axis=1))
-        o_BxTxHxK = block_sparse_attention(q, k, v, block_indices, block_size=b, causal=True,
-                                           segment_ids=segment_ids, implementation=c.implementation)
+        if sequence_shards > 1:
+            per_token = ("batch", "length", None, None)
+            extras = {"q_hat_BxTxRxD": (q_hat, per_token), "k_hat_BxTxRxD": (k_hat_routed, per_token),
+                      "centroids_RxCxD": (self._centroids(), (None, None, None))}
+            o_BxTxHxK = attend_with_gathered_keys(self._attend_gathering_means, q, k, v, segment_ids, block=b,
+                                                  extras=extras, split_heads=False)
+        else:
+            o_BxTxHxK = self._attend(q, k, v, segment_ids, segment_ids, q_hat_BxTxRxD=q_hat,
+                                     key_means_BxNxRxD=block_mean(k_hat_routed, b), centroids_RxCxD=self._centroids())
         if not self.deterministic:
             self._update_centroids(q_hat, k_hat_routed)
         return project("bthk,hkd->btd", o_BxTxHxK, self.w_o, c.dtype)
+
+    def _attend(self, q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, q_segment_ids, kv_segment_ids, query_block_Q=None,
+                head_axes=None, *, q_hat_BxTxRxD, key_means_BxNxRxD, centroids_RxCxD):
+        """The parallel form for the query blocks `query_block_Q` (natural block index of each block
+        of q; None: q holds every position, T == S) against all S keys, routed by the queries' unit
+        vectors q_hat and the means of the keys' unit vectors per key block (all N blocks)."""
+        c = self.config
+        b = c.block_size
+        B = q_BxTxHxK.shape[0]
+        offset = query_block_Q
+        query_block_Q = jnp.arange(-(-q_BxTxHxK.shape[1] // b)) if offset is None else offset
+        Q, N = query_block_Q.shape[0], key_means_BxNxRxD.shape[1]
+        q_cluster_BxRxQ = jnp.argmax(jnp.einsum("bqrd,rcd->brqc", q_hat_BxTxRxD[:, ::b], centroids_RxCxD), axis=-1)
+        key_scores = self._key_block_scores(key_means_BxNxRxD, centroids_RxCxD)
+        valid_BxQxN = (jnp.ones((B, Q, N), bool) if kv_segment_ids is None
+                       else same_segment_candidates(kv_segment_ids, query_block_Q * b, b))
+        routed = routed_block_indices(q_cluster_BxRxQ, query_block_Q, key_scores, valid_BxQxN, c.top_k)
+        local = jnp.full((Q, c.top_k + 1), -1, jnp.int32).at[:, :2].set(local_blocks(query_block_Q, 1))
+        local = jnp.broadcast_to(local, (B, c.num_local_heads, Q, c.top_k + 1))
+        block_indices = jax.lax.stop_gradient(jnp.concatenate([local, routed], axis=1))
+        return block_sparse_attention(
+            q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, block_indices, block_size=b, causal=True, segment_ids=q_segment_ids,
+            kv_segment_ids=None if offset is None else kv_segment_ids, query_blocks=offset,
+            implementation=c.implementation if offset is None else offset_implementation(c.implementation))
+
+    def _attend_gathering_means(self, q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, q_segment_ids, kv_segment_ids, query_block_Q,
+                                head_axes, *, q_hat_BxTxRxD, k_hat_BxTxRxD, centroids_RxCxD):
+        """`_attend` inside shard_map over seq: each device averages the unit keys of its own key
+        blocks and all-gathers those means (1 / block of the unit keys), not the unit keys."""
+        b = self.config.block_size
+        key_means_BxNxRxD = gather_natural(block_mean(k_hat_BxTxRxD, b), seq_size())
+        return self._attend(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, q_segment_ids, kv_segment_ids, query_block_Q,
+                            q_hat_BxTxRxD=q_hat_BxTxRxD, key_means_BxNxRxD=key_means_BxNxRxD,
+                            centroids_RxCxD=centroids_RxCxD)
 
     # -- decoding ----------------------------------------------------------------------------------
     def init_cache(self, batch: int, max_len: int) -> dict:
@@ -226,9 +262,10 @@ class RoutingAttention(nnx.Module):
         k_hat_cache = jax.lax.dynamic_update_slice(cache["k_hat"], k_hat, (0, t, 0, 0))
         S = k_cache.shape[1]
         n = t // b
-        new_cluster = jnp.argmax(self._centroid_scores(q_hat)[:, :, 0], axis=-1)
+        centroids_RxCxD = self._centroids()
+        new_cluster = jnp.argmax(jnp.einsum("btrd,rcd->brtc", q_hat, centroids_RxCxD)[:, :, 0], axis=-1)
         cluster_BxR = jnp.where(t % b == 0, new_cluster, cache["cluster"])
-        key_scores = self._key_block_scores(self._routing_keys(k_hat_cache))         # [B, R, M, C]
+        key_scores = self._key_block_scores(block_mean(self._routing_keys(k_hat_cache), b), centroids_RxCxD)
         M = key_scores.shape[2]
         routed = routed_block_indices(cluster_BxR[..., None], n[None], key_scores, jnp.ones((B, 1, M), bool), c.top_k)
         local = jnp.broadcast_to(local_blocks(n[None], 1), (B, c.num_local_heads, 1, 2))
