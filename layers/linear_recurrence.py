@@ -7,12 +7,16 @@ Every such mixer reduces to the decayed linear recurrence of `pallas_kernels.lin
 with q, k `[B, T, H, K]`, v `[B, T, H, V]`, g None, `[B, T, H]` or `[B, T, H, K]`, and the state S
 `[B, H, K, V]` in float32. Training calls the chunked op; decoding carries S in the cache, one
 token at a time through `recurrent_step` (the recurrence itself, written independently of the op)
-or several at a time through the op with `initial_state` (a prefill).
+or several at a time through the op with `initial_state` (a prefill). Under a mesh whose `seq` axis
+has more than one device, training runs LASP-2 (layers/sequence_parallel/lasp2.py) on inputs in the
+zigzag order of layers/sequence_parallel/layout.py.
 """
 
 import jax
 import jax.numpy as jnp
 
+from layers.sequence_parallel.lasp2 import linear_attention_sequence_parallel
+from layers.sequence_parallel.layout import seq_size
 from pallas_kernels.linear_attention import linear_attention
 
 
@@ -30,10 +34,15 @@ def recurrent_step(q_BxHxK, k_BxHxK, v_BxHxV, log_decay, state_BxHxKxV, scale: f
 
 def mix(q_BxTxHxK, k_BxTxHxK, v_BxTxHxV, log_decay, *, scale: float, segment_ids, state, chunk_size: int,
         implementation):
-    """The chunked op without a state (training), or the recurrence from `state` (decoding).
+    """The chunked op without a state (training; LASP-2 over `seq` when the mesh splits it), or the
+    recurrence from `state` (decoding).
 
     Returns (o `[B, T, H, V]`, new state or None).
     """
+    if state is None and seq_size() > 1:
+        return linear_attention_sequence_parallel(q_BxTxHxK, k_BxTxHxK, v_BxTxHxV, log_decay, scale=scale,
+                                                  segment_ids=segment_ids, chunk_size=chunk_size,
+                                                  implementation=implementation), None
     if state is None:
         o, _ = linear_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxV, log_decay, scale=scale, segment_ids=segment_ids,
                                 chunk_size=chunk_size, implementation=implementation)

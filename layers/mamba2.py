@@ -9,7 +9,9 @@
     y = (RMSNorm(( o + D x ) * silu(z))) W_out       (gated RMSNorm over all H P channels)
 
 This is `linear_attention(q=c, k=b, v=dt * x, log_decay=dt * A, scale=1)`. Decoding carries S and
-the last 3 inputs of each convolution. Initialisation follows the reference implementation:
+the last 3 inputs of each convolution. Under a mesh that splits `seq`, the convolutions take their
+first inputs from the preceding chunk's device (layers/sequence_parallel/halo.py) and the
+recurrence runs LASP-2 (`mix`). Initialisation follows the reference implementation:
 dt = exp(U[log 1e-3, log 1e-1]) through the inverse softplus, A = -U[1, 16], D = 1, the conv
 weights U[-1/2, 1/2] (PyTorch's default for fan-in 4).
 
@@ -28,6 +30,8 @@ from layers.group_norm import HeadRMSNorm
 from layers.linear_recurrence import check_decoding, chunked_flops_per_token, initial_state, mix
 from layers.parameters import logical_param, normal, ones
 from layers.projection import project
+from layers.sequence_parallel.halo import short_causal_convs_sequence_parallel
+from layers.sequence_parallel.layout import seq_size
 from layers.short_conv import short_causal_conv
 
 
@@ -125,14 +129,20 @@ class Mamba2(nnx.Module):
         check_decoding(segment_ids, cache)
         decoding = cache is not None
         cache = cache if decoding else {}
-        conv = dict(segment_ids=segment_ids)
         z_BxTxHxP = project("btd,dhp->bthp", x_BxTxD, self.w_z, c.dtype)
-        x_BxTxHxP, conv_x = short_causal_conv(project("btd,dhp->bthp", x_BxTxD, self.w_x, c.dtype), self.conv_x[...],
-                                              self.conv_x_bias[...], state=cache.get("conv_x"), **conv)
-        b_BxTxN, conv_b = short_causal_conv(project("btd,dn->btn", x_BxTxD, self.w_b, c.dtype), self.conv_b[...],
-                                            self.conv_b_bias[...], state=cache.get("conv_b"), **conv)
-        c_BxTxN, conv_c = short_causal_conv(project("btd,dn->btn", x_BxTxD, self.w_c, c.dtype), self.conv_c[...],
-                                            self.conv_c_bias[...], state=cache.get("conv_c"), **conv)
+        conv_inputs = [(project("btd,dhp->bthp", x_BxTxD, self.w_x, c.dtype), self.conv_x[...], self.conv_x_bias[...],
+                        ("heads", "head_dim"), "conv_x"),
+                       (project("btd,dn->btn", x_BxTxD, self.w_b, c.dtype), self.conv_b[...], self.conv_b_bias[...],
+                        ("head_dim",), "conv_b"),
+                       (project("btd,dn->btn", x_BxTxD, self.w_c, c.dtype), self.conv_c[...], self.conv_c_bias[...],
+                        ("head_dim",), "conv_c")]
+        if not decoding and seq_size() > 1:  # chunks of T sit on other devices: fetch each one's halo
+            x_BxTxHxP, b_BxTxN, c_BxTxN = short_causal_convs_sequence_parallel(
+                [conv[:4] for conv in conv_inputs], segment_ids=segment_ids)
+        else:
+            (x_BxTxHxP, conv_x), (b_BxTxN, conv_b), (c_BxTxN, conv_c) = (
+                short_causal_conv(x, weight, bias, segment_ids=segment_ids, state=cache.get(name))
+                for x, weight, bias, _, name in conv_inputs)
         x_BxTxHxP, b_BxTxN, c_BxTxN = jax.nn.silu(x_BxTxHxP), jax.nn.silu(b_BxTxN), jax.nn.silu(c_BxTxN)
         f32 = jnp.float32
         dt_BxTxH = project("btd,dh->bth", x_BxTxD, self.w_dt, c.dtype).astype(f32)

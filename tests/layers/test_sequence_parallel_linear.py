@@ -1,0 +1,204 @@
+"""Sequence parallelism of the linear, gated and state-space mixers (LASP-2 and the convolution halo)
+on 8 fake CPU devices: under meshes that split `seq`, with inputs in zigzag order, each mixer gives
+the single-device output, loss and every gradient (fp32, relative error <= 1e-5); the compiled
+forward + backward holds one all-gather per layer and direction, of a size independent of T; bad
+lengths fail with one line. The carried segment ids of the short convolution are checked in-process."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from layers.short_conv import short_causal_conv
+
+from devices import run_with_devices
+
+COMMON = r"""
+import json, re
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from layers.gla import GLA, GLAConfig
+from layers.linear_attention import LinearAttention, LinearAttentionConfig
+from layers.mamba2 import Mamba2, Mamba2Config
+from layers.sequence_parallel import layout
+from layers.sharding import spec
+
+D = 32
+# chunk_size 16 does not divide the zigzag chunks (T / (2 seq) = 12 or 24 tokens at T = 96)
+CONFIGS = {
+    "linear_attention": (LinearAttention, LinearAttentionConfig(d_model=D, num_heads=2, head_dim=8, chunk_size=16)),
+    "gla": (GLA, GLAConfig(d_model=D, num_heads=2, key_dim=8, value_dim=16, gate_rank=4, chunk_size=16)),
+    "mamba2": (Mamba2, Mamba2Config(d_model=D, num_heads=4, head_dim=16, state_dim=8, chunk_size=16)),
+}
+
+def build(name, seed=0):
+    module, config = CONFIGS[name]
+    layer = module(config, rngs=nnx.Rngs(seed))
+    if name == "gla":  # spread the gates so that the decay differs per channel and step (as test_linear_mixers)
+        layer.w_gate_down[...] = layer.w_gate_down[...] * 50.0
+        layer.gate_bias[...] = jnp.linspace(-2.0, 3.0, layer.gate_bias[...].size).reshape(layer.gate_bias[...].shape)
+    return layer
+
+def abstract(make):
+    # (graphdef, parameters, rest) of the module make() builds, as shapes only (building eagerly takes seconds)
+    return nnx.split(nnx.eval_shape(make), nnx.Param, ...)
+
+def mesh_of(**axes):
+    return jax.make_mesh(tuple(axes.values()), tuple(axes), axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
+"""
+
+EQUIVALENCE = COMMON + r"""
+import sys
+name = sys.argv[1]
+B, T = 4, 96
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+def packed(starts):
+    return np.cumsum(np.isin(np.arange(T), starts)).astype(np.int32)
+
+# documents starting inside chunks and exactly on chunk seams (multiples of 12 for seq=4, of 24 for
+# seq=2), one spanning many chunks, one-token documents, and a row with one document
+segment_ids = np.stack([packed([24, 41]), packed([5, 36, 70]), packed([]), packed([12, 13, 48, 60, 84])])
+rng = np.random.default_rng(0)
+x = rng.normal(size=(B, T, D)).astype(np.float32)
+cotangent = rng.normal(size=(B, T, D)).astype(np.float32)
+
+graphdef, params, rest = nnx.split(build(name), nnx.Param, ...)
+
+def loss(params, x, segment_ids, cotangent):
+    y = nnx.merge(graphdef, params, rest, copy=True)(x, segment_ids=segment_ids)
+    return jnp.sum(y * cotangent), y
+
+step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+(loss0, y0), (dparams0, dx0) = step(params, x, segment_ids, cotangent)
+results = {}
+for axes in ({"data": 2, "seq": 4}, {"data": 2, "seq": 2, "tensor": 2}):
+    mesh, P = mesh_of(**axes), axes["seq"]
+    with jax.set_mesh(mesh):
+        put = lambda a, names: jax.device_put(layout.to_zigzag(a, P), NamedSharding(mesh, spec(names, a.shape)))
+        (loss1, y1), (dparams1, dx1) = step(params, put(x, ("batch", "length", None)),
+                                            put(segment_ids, ("batch", "length")),
+                                            put(cotangent, ("batch", "length", None)))
+    errors = {"loss": rel(loss1, loss0), "output": rel(layout.from_zigzag(np.asarray(y1), P), y0),
+              "d x": rel(layout.from_zigzag(np.asarray(dx1), P), dx0)}
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(dparams1), jax.tree.leaves(dparams0)):
+        errors["d " + jax.tree_util.keystr(path)] = rel(a, b)
+    results[" ".join(f"{k}={v}" for k, v in axes.items())] = errors
+print(json.dumps(results))
+"""
+
+COLLECTIVES = COMMON + r"""
+class StackOfTwo(nnx.Module):
+    def __init__(self, name):
+        module, config = CONFIGS[name]
+        self.layers = nnx.List([module(config, rngs=nnx.Rngs(seed)) for seed in range(2)])
+
+    def __call__(self, x, segment_ids):
+        for layer in self.layers:
+            x = x + layer(x, segment_ids=segment_ids)
+        return x
+
+def gathered_arrays(text, op):
+    # the arrays each `op` instruction returns: a combined collective returns a tuple of several
+    # (an async -start returns (operands, results): keep the results)
+    shapes = []
+    for result, kind in re.findall(r"= ((?:\([^=]*?\))|\S+) " + op + r"(-start)?\(", text):
+        arrays = re.findall(r"[a-z0-9]+\[[0-9,]*\]", result)
+        shapes += arrays[len(arrays) // 2:] if kind else arrays
+    return shapes
+
+B = 2
+mesh = mesh_of(seq=4)
+results = {}
+for name in ("gla", "mamba2"):
+    graphdef, params, rest = abstract(lambda: StackOfTwo(name))
+    loss = lambda params, x, segment_ids: jnp.sum(nnx.merge(graphdef, params, rest, copy=True)(x, segment_ids) ** 2)
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    for T in (96, 192):
+        with jax.set_mesh(mesh):
+            sharded = lambda shape, dtype, names: jax.ShapeDtypeStruct(
+                shape, dtype, sharding=NamedSharding(mesh, spec(names, shape)))
+            text = step.lower(params, sharded((B, T, D), jnp.float32, ("batch", "length", None)),
+                              sharded((B, T), jnp.int32, ("batch", "length"))).compile().as_text()
+        results[f"{name} T={T}"] = {"all-gather": gathered_arrays(text, "all-gather"),
+                                    "collective-permute": len(gathered_arrays(text, "collective-permute"))}
+print(json.dumps(results))
+"""
+
+ERRORS = COMMON + r"""
+results = {}
+for name, T in (("gla", 90), ("mamba2", 90), ("mamba2", 16)):
+    graphdef, params, rest = abstract(lambda: CONFIGS[name][0](CONFIGS[name][1], rngs=nnx.Rngs(0)))
+    call = lambda params, x, s: nnx.merge(graphdef, params, rest)(x, segment_ids=s)
+    with jax.set_mesh(mesh_of(data=2, seq=4)):
+        try:  # eval_shape: traced, not run
+            jax.eval_shape(call, params, jax.ShapeDtypeStruct((2, T, D), jnp.float32),
+                           jax.ShapeDtypeStruct((2, T), jnp.int32))
+            results[f"{name} T={T}"] = None
+        except ValueError as e:
+            results[f"{name} T={T}"] = str(e)
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.multi_device
+@pytest.mark.parametrize("name", ["linear_attention", "gla", "mamba2"])
+def test_sequence_parallel_equals_single_device(name):
+    """value_and_grad of sum(mixer(x, segment_ids) * cotangent) w.r.t. the parameters and x under
+    (data=2, seq=4) and (data=2, seq=2, tensor=2), inputs in zigzag order, against one device."""
+    results = run_with_devices(EQUIVALENCE.replace("sys.argv[1]", repr(name)), devices=8)
+    assert len(results) == 2
+    for mesh, errors in results.items():
+        assert len(errors) > 3
+        for quantity, error in errors.items():
+            assert error <= 1e-5, (name, mesh, quantity, error)
+
+
+@pytest.mark.multi_device
+def test_one_all_gather_per_layer_and_direction():
+    """Compiled forward + backward of a stack of two layers (GLA, Mamba-2) with seq=4, at T and 2T.
+
+    The property: per layer, one all-gather in the forward (the packed buffer of chunk states,
+    decays and segment ids, [P, 2, b, H K V + H K' + 4]) and one in the backward (the cotangents of
+    the incoming states, [P, 2, b, H, K, V]), neither depending on T. XLA's all-gather combiner may
+    merge independent all-gathers into one instruction returning a tuple, so the test counts the
+    gathered arrays (the tuple elements), not the instructions, and tells forward from backward by
+    their shapes. Mamba-2's convolution halo moves by collective-permutes (2 per layer and direction).
+    """
+    results = run_with_devices(COLLECTIVES, devices=8)
+    for name, per_layer in (("gla", 2 * 8 * 16 + 2 * 8 + 4), ("mamba2", 4 * 8 * 16 + 4 + 4)):
+        H, K, V = {"gla": (2, 8, 16), "mamba2": (4, 8, 16)}[name]
+        for T in (96, 192):
+            r = results[f"{name} T={T}"]
+            assert sorted(r["all-gather"]) == sorted([f"f32[4,2,2,{per_layer}]"] * 2 + [f"f32[4,2,2,{H},{K},{V}]"] * 2), r
+        assert results[f"{name} T=96"] == results[f"{name} T=192"]
+    assert results["gla T=96"]["collective-permute"] == 0
+    assert results["mamba2 T=96"]["collective-permute"] == 2 * 2 * 2
+
+
+@pytest.mark.multi_device
+def test_bad_lengths_fail_with_one_line():
+    results = run_with_devices(ERRORS, devices=8)
+    expected = ("sequence length 90 must be a multiple of 2 * seq = 8 to split over the mesh axis seq=4 "
+                "in zigzag order")
+    assert results["gla T=90"] == expected
+    assert results["mamba2 T=90"] == expected
+    assert results["mamba2 T=16"] == ("chunk length T / (2 * seq) = 2 must be >= conv_width - 1 = 3 for the "
+                                      "convolution halo (T=16, seq=4)")
+
+
+def test_short_conv_carried_inputs_keep_their_segment_ids():
+    """Splitting a sequence anywhere and carrying the last W - 1 inputs with their own segment ids
+    gives the convolution of the whole sequence."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 20, 3, 5)), jnp.float32)
+    weight, bias = jnp.asarray(rng.normal(size=(4, 3, 5)), jnp.float32), jnp.asarray(rng.normal(size=(3, 5)))
+    segment_ids = jnp.asarray([[0] * 7 + [1] * 6 + [2] * 7, [3] * 9 + [4] * 11], jnp.int32)
+    whole, _ = short_causal_conv(x, weight, bias, segment_ids=segment_ids)
+    for split in (7, 8, 9, 10, 13):
+        tail, _ = short_causal_conv(x[:, split:], weight, bias, segment_ids=segment_ids[:, split:],
+                                    state=x[:, split - 3:split], state_segment_ids=segment_ids[:, split - 3:split])
+        np.testing.assert_allclose(tail, whole[:, split:], rtol=1e-6, atol=1e-6)
