@@ -19,7 +19,9 @@ the causal part is known per block, so every step does half a square of work, no
     src > d:               only the second query chunk (2P-1-d) sees keys, and it sees both key chunks
 
 (`jax.lax.switch` on the source device picks the case; the fully-future half is never computed.)
-Every device computes 2P + 2 chunk-pair products (2P + 1 needed), the same on every device.
+Every device computes 2P + 2 chunk-pair products (2P + 1 needed), the same on every device. Since
+the case fixes the causal part, blocks travel with their segment ids only; the natural positions
+(`layout.local_positions`) are needed for the own block's causal mask alone.
 
 Gradients: a `jax.custom_vjp` whose backward is a second ring. Differentiating the forward loop
 directly would save every step's [2c, 2c] probabilities (O(T * T/P) per device) or, with remat,
@@ -30,6 +32,10 @@ around the ring together with its dk, dv accumulators; after P hops the accumula
 Forward: P - 1 hops of (k, v, segment ids); backward: P - 1 hops of (k, v, segment ids) and P of
 (dk, dv). The next key/value block is sent before the current one is used, so a hop can overlap
 the compute. Nothing ever gathers the full sequence.
+
+Memory per device: the residuals and the travelling blocks are O(T/P); each step's scores are one
+[2c, 2c] square (or a half of it) per head, materialised by jnp. A fused block kernel that returns
+its log-sum-exp could take their place to make that transient O(T/P) as well.
 """
 
 import dataclasses
