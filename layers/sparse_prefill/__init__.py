@@ -10,14 +10,24 @@ block always listed; `block_sparse_attention` then reads only the listed tiles.
 - `flexprefill`: query-aware pooled estimate with a cumulative threshold per head, switching to
   vertical-slash by a Jensen-Shannon test (Lai et al., 2025).
 
-`sparse_prefill_attention` is what the Attention layer calls on its no-cache path.
+`sparse_prefill_attention` is what the Attention layer calls on its no-cache path. Under a mesh
+with seq > 1 (q, k, v in zigzag order, layers/sequence_parallel/layout.py) it runs in shard_map
+with local queries against keys and values all-gathered over seq in natural order
+(layers/sequence_parallel/gathered_keys.py). xattention scores only the local query blocks (its
+estimate is per query row). minference and flexprefill estimate from queries across the sequence
+(the last queries; every query block's mean), so for them the queries are all-gathered too, without
+gradient, the full lists computed on every device and the local rows kept; the attention itself is
+computed for the local queries only.
 """
 
+import functools
 import inspect
 from collections.abc import Mapping
 
 import jax
 
+from layers.sequence_parallel.gathered_keys import attend_with_gathered_keys, gather_natural, offset_implementation
+from layers.sequence_parallel.layout import seq_size
 from layers.sparse_prefill import flexprefill, minference, xattention
 from pallas_kernels.block_sparse_attention import block_sparse_attention
 
@@ -26,6 +36,7 @@ SELECTORS = {
     "minference": minference.select_blocks,
     "flexprefill": flexprefill.select_blocks,
 }
+LOCAL_QUERY_SELECTORS = ("xattention",)    # take `query_blocks`: score a subset of the query blocks alone
 
 
 def check_options(selector: str, options: Mapping[str, object]) -> None:
@@ -43,9 +54,29 @@ def sparse_prefill_attention(q, k, v, *, selector: str, block_size: int, options
                              segment_ids=None, implementation=None):
     """Causal softmax attention over the key blocks that `selector` lists: o [B, T, H, D].
 
-    The selection is a discrete, data-dependent choice and carries no gradient (stop_gradient)."""
+    The selection is a discrete, data-dependent choice and carries no gradient (stop_gradient).
+    Sequence-parallel under a mesh with seq > 1 (see the module docstring)."""
     check_options(selector, options)
+    if seq_size() > 1:
+        local = functools.partial(_local_queries, selector=selector, options=options, implementation=implementation)
+        return attend_with_gathered_keys(local, q, k, v, segment_ids, block=block_size)
     block_indices = SELECTORS[selector](jax.lax.stop_gradient(q), jax.lax.stop_gradient(k), block_size=block_size,
                                         segment_ids=segment_ids, **options)
     return block_sparse_attention(q, k, v, block_indices, block_size=(block_size, block_size), causal=True,
                                   segment_ids=segment_ids, implementation=implementation)
+
+
+def _local_queries(q, k, v, q_segment_ids, kv_segment_ids, query_block_Q, head_axes, *, selector, options,
+                   implementation):
+    """Inside shard_map: this device's query blocks `query_block_Q` of q against all keys (natural order)."""
+    block_size = q.shape[1] // query_block_Q.shape[0]
+    q_fixed, k_fixed = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
+    if selector in LOCAL_QUERY_SELECTORS:
+        block_indices = SELECTORS[selector](q_fixed, k_fixed, block_size=block_size, segment_ids=kv_segment_ids,
+                                            query_blocks=query_block_Q, **options)
+    else:
+        block_indices = SELECTORS[selector](gather_natural(q_fixed, seq_size()), k_fixed, block_size=block_size,
+                                            segment_ids=kv_segment_ids, **options)[:, :, query_block_Q]
+    return block_sparse_attention(q, k, v, block_indices, block_size=(block_size, block_size), causal=True,
+                                  segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, query_blocks=query_block_Q,
+                                  implementation=offset_implementation(implementation))

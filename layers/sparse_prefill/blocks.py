@@ -4,7 +4,9 @@ mask, the smallest-cover rule, the vertical-slash -> block conversion, the index
 
 Blocks are square: query block n = rows [n b, (n + 1) b), key block m = keys [m b, (m + 1) b),
 positions counted from 0 for queries and keys alike (prefill: T == S). Key block m is causal for
-query block n when m <= n.
+query block n when m <= n. A selector that takes `query_blocks` (int32 [Q], the block index of each
+block of q) may be given the rows of some query blocks only (a device's rows under sequence
+parallelism) with all S keys; it then lists key blocks for those Q query blocks.
 """
 
 import jax
@@ -13,20 +15,24 @@ import jax.numpy as jnp
 from pallas_kernels.block_sparse_attention.reference import allowed_mask
 
 
-def check_inputs(q, k, block_size, segment_ids) -> tuple[int, int, int]:
-    """Raise a one-line ValueError for inputs no selector accepts; return (b, nq, nk)."""
+def check_inputs(q, k, block_size, segment_ids, query_blocks=None) -> tuple[int, int, int]:
+    """Raise a one-line ValueError for inputs no selector accepts; return (b, nq, nk). With
+    query_blocks, q holds those whole blocks and segment_ids are the keys' [B, S]."""
     if q.ndim != 4 or k.ndim != 4 or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"q {q.shape} and k {k.shape} must be [B, T, H, D] and [B, S, Hkv, D] with equal B and D")
-    if q.shape[1] != k.shape[1]:
-        raise ValueError(f"prefill selectors need as many keys as queries; got T={q.shape[1]}, S={k.shape[1]}")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"query heads={q.shape[2]} must be a multiple of key/value heads={k.shape[2]}")
     if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
         raise ValueError(f"block_size={block_size!r} must be one integer >= 1 (square blocks)")
-    if segment_ids is not None and segment_ids.shape != q.shape[:2]:
-        raise ValueError(f"segment_ids shape {segment_ids.shape} must be [B, T] = {q.shape[:2]}")
-    n = -(-q.shape[1] // block_size)
-    return block_size, n, n
+    if query_blocks is None and q.shape[1] != k.shape[1]:
+        raise ValueError(f"prefill selectors need as many keys as queries; got T={q.shape[1]}, S={k.shape[1]}")
+    if query_blocks is not None and (query_blocks.ndim != 1 or q.shape[1] != query_blocks.shape[0] * block_size):
+        raise ValueError(f"q {q.shape} must hold the {block_size} rows of each of the query_blocks "
+                         f"{query_blocks.shape}")
+    if segment_ids is not None and segment_ids.shape != k.shape[:2]:
+        raise ValueError(f"segment_ids shape {segment_ids.shape} must be [B, S] = {k.shape[:2]}")
+    nk = -(-k.shape[1] // block_size)
+    return block_size, (nk if query_blocks is None else query_blocks.shape[0]), nk
 
 
 def check_fraction(name: str, value: float) -> None:
@@ -62,9 +68,11 @@ def visible_blocks(num_blocks: int, block: int, segment_ids):
     return causal_NxN & overlap_BxNxN[:, None]
 
 
-def with_diagonal(keep_BxHxNxM):
-    n = keep_BxHxNxM.shape[-2]
-    return keep_BxHxNxM | jnp.eye(n, keep_BxHxNxM.shape[-1], dtype=bool)
+def with_diagonal(keep_BxHxQxM, query_blocks=None):
+    """keep | the diagonal block of each query block (block n, or query_blocks[q])."""
+    Q, M = keep_BxHxQxM.shape[-2:]
+    query_blocks = jnp.arange(Q) if query_blocks is None else query_blocks
+    return keep_BxHxQxM | (query_blocks[:, None] == jnp.arange(M)[None, :])
 
 
 def smallest_cover(mass, valid, threshold: float):

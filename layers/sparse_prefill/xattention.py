@@ -15,7 +15,10 @@ block. With `segment_ids`, key blocks that share no segment range with the query
 masked before the softmax (see `blocks.visible_blocks`).
 
 Shapes: q [B, T, H, D], k [B, T, Hkv, D] -> block_indices int32 [B, H, N, N], N = ceil(T / block),
-kept blocks ascending then -1. block_size must be a multiple of stride.
+kept blocks ascending then -1. block_size must be a multiple of stride. Every row of the estimate
+is one query's, so a subset of the query blocks can be scored alone: with `query_blocks` [Q], q
+holds those blocks' rows [B, Q block, H, D] (k, segment_ids all S positions) and the lists are
+[B, H, Q, N], the rows of the full answer (a device's queries under sequence parallelism).
 """
 
 import jax
@@ -24,25 +27,30 @@ import jax.numpy as jnp
 from layers.sparse_prefill import blocks
 
 
-def select_blocks(q, k, *, block_size: int, threshold: float = 0.9, stride: int = 8, segment_ids=None):
+def select_blocks(q, k, *, block_size: int, threshold: float = 0.9, stride: int = 8, segment_ids=None,
+                  query_blocks=None):
     """XAttention's antidiagonal-scored block lists; see the module docstring."""
-    b, N, _ = blocks.check_inputs(q, k, block_size, segment_ids)
+    b, Q, N = blocks.check_inputs(q, k, block_size, segment_ids, query_blocks)
     blocks.check_fraction("threshold", threshold)
     if not isinstance(stride, int) or stride < 1 or b % stride:
         raise ValueError(f"stride={stride!r} must be an integer >= 1 dividing block_size={b}")
-    B, T, H, D = q.shape
-    R = N * b // stride                                  # coarse rows (= coarse columns)
-    q_BxRxsxHxD = blocks.pad_time(q.astype(jnp.float32), N * b).reshape(B, R, stride, H, D)
-    k_BxRxsxHxD = blocks.pad_time(blocks.heads_of_queries(k, H).astype(jnp.float32), N * b).reshape(B, R, stride, H, D)
-    # q rows reversed inside each stride group: pairing row s-1-i with column i walks the antidiagonal
-    logits_BxHxRxR = jnp.einsum("brihd,bcihd->bhrc", q_BxRxsxHxD[:, :, ::-1], k_BxRxsxHxD) * (D ** -0.5 / stride)
+    B, _, H, D = q.shape
+    S = k.shape[1]
+    query_blocks = jnp.arange(Q) if query_blocks is None else query_blocks
     per_block = b // stride
-    visible_RxR = jnp.repeat(jnp.repeat(blocks.visible_blocks(N, b, segment_ids), per_block, -2), per_block, -1)
-    coarse = jnp.arange(R)
-    visible_RxR = visible_RxR & (coarse[:, None] >= coarse[None, :]) & (coarse[None, :] * stride < T)
-    probs = jnp.where(visible_RxR, jax.nn.softmax(jnp.where(visible_RxR, logits_BxHxRxR, -jnp.inf), axis=-1), 0.0)
-    probs = jnp.where((coarse * stride < T)[:, None], probs, 0.0)          # rows of padding only
-    mass_BxHxNxN = probs.reshape(B, H, N, per_block, N, per_block).sum(axis=(3, 5))
-    valid = jnp.broadcast_to(blocks.visible_blocks(N, b, segment_ids), mass_BxHxNxN.shape)
-    keep = blocks.smallest_cover(mass_BxHxNxN, valid, threshold)
-    return blocks.to_block_indices(blocks.with_diagonal(keep))
+    R, C = Q * per_block, N * per_block                  # coarse rows (of the given queries), coarse columns
+    q_BxRxsxHxD = blocks.pad_time(q.astype(jnp.float32), Q * b).reshape(B, R, stride, H, D)
+    k_BxCxsxHxD = blocks.pad_time(blocks.heads_of_queries(k, H).astype(jnp.float32), N * b).reshape(B, C, stride, H, D)
+    # q rows reversed inside each stride group: pairing row s-1-i with column i walks the antidiagonal
+    logits_BxHxRxC = jnp.einsum("brihd,bcihd->bhrc", q_BxRxsxHxD[:, :, ::-1], k_BxCxsxHxD) * (D ** -0.5 / stride)
+    visible_Bx1xQxN = blocks.visible_blocks(N, b, segment_ids)[:, :, query_blocks]
+    visible_RxC = jnp.repeat(jnp.repeat(visible_Bx1xQxN, per_block, -2), per_block, -1)
+    row_R = (query_blocks[:, None] * per_block + jnp.arange(per_block)).reshape(-1)   # coarse row in the sequence
+    column_C = jnp.arange(C)
+    visible_RxC = visible_RxC & (row_R[:, None] >= column_C[None, :]) & (column_C[None, :] * stride < S)
+    probs = jnp.where(visible_RxC, jax.nn.softmax(jnp.where(visible_RxC, logits_BxHxRxC, -jnp.inf), axis=-1), 0.0)
+    probs = jnp.where((row_R * stride < S)[:, None], probs, 0.0)          # rows of padding only
+    mass_BxHxQxN = probs.reshape(B, H, Q, per_block, N, per_block).sum(axis=(3, 5))
+    valid = jnp.broadcast_to(visible_Bx1xQxN, mass_BxHxQxN.shape)
+    keep = blocks.smallest_cover(mass_BxHxQxN, valid, threshold)
+    return blocks.to_block_indices(blocks.with_diagonal(keep, query_blocks))
