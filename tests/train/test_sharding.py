@@ -5,8 +5,8 @@
 - the train state is created sharded (each device's output of the init is its shard only) and a
   checkpoint saved from one mesh restores onto another with the same values;
 - for each mixer family, the loss, every gradient and the new model state of one train step on
-  the meshes data=2 x seq=4 and data=2 x seq=2 x tensor=2 (batches in zigzag order) equal the
-  single-device ones: relative error <= 1e-5 in float32.
+  the meshes data=2 x seq=4 and data=2 x seq=2 x tensor=2 (and seq=2 x expert=4 for MoE; batches
+  in zigzag order) equal the single-device ones: relative error <= 1e-5 in float32.
 """
 
 import pathlib
@@ -126,7 +126,10 @@ state = jax.jit(build)()
 step = jax.jit(lambda params, model_state, batch: accumulate_gradients(graphdef, params, model_state, batch, 1))
 grads, loss, count, reported, model_state = step(state.params, state.model_state, numpy_batch)
 results = {}
-for mesh_overrides in (["mesh.data=2", "mesh.seq=4"], ["mesh.data=2", "mesh.seq=2", "mesh.tensor=2"]):
+meshes = [["mesh.data=2", "mesh.seq=4"], ["mesh.data=2", "mesh.seq=2", "mesh.tensor=2"]]
+if family == "moe":   # experts split over `expert` too (expert parallelism)
+    meshes.append(["mesh.data=1", "mesh.seq=2", "mesh.expert=4"])
+for mesh_overrides in meshes:
     config = load_config("configs/quickstart.yaml", [*overrides, *mesh_overrides])
     mesh = make_mesh(config.mesh)
     with jax.set_mesh(mesh):
