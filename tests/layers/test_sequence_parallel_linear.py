@@ -169,11 +169,12 @@ def test_one_all_gather_per_layer_and_direction():
     their shapes. Mamba-2's convolution halo moves by collective-permutes (2 per layer and direction).
     """
     results = run_with_devices(COLLECTIVES, devices=8)
-    for name, per_layer in (("gla", 2 * 8 * 16 + 2 * 8 + 4), ("mamba2", 4 * 8 * 16 + 4 + 4)):
-        H, K, V = {"gla": (2, 8, 16), "mamba2": (4, 8, 16)}[name]
+    # b = 2 rows, P = 4; K' = K for GLA's per-channel gates, 1 for Mamba-2's scalar decay
+    for name, (H, K, V, K_decay) in {"gla": (2, 8, 16, 8), "mamba2": (4, 8, 16, 1)}.items():
+        forward, backward = f"f32[4,2,2,{H * K * V + H * K_decay + 4}]", f"f32[4,2,2,{H},{K},{V}]"
         for T in (96, 192):
-            r = results[f"{name} T={T}"]
-            assert sorted(r["all-gather"]) == sorted([f"f32[4,2,2,{per_layer}]"] * 2 + [f"f32[4,2,2,{H},{K},{V}]"] * 2), r
+            gathered = results[f"{name} T={T}"]["all-gather"]
+            assert sorted(gathered) == sorted([forward, forward, backward, backward]), (name, T, gathered)
         assert results[f"{name} T=96"] == results[f"{name} T=192"]
     assert results["gla T=96"]["collective-permute"] == 0
     assert results["mamba2 T=96"]["collective-permute"] == 2 * 2 * 2
