@@ -1,7 +1,7 @@
 """Multi-process training through `jax.distributed`: two CPU processes with 4 devices each (gloo
 collectives) train a hybrid GLA + attention model on a data=2 x seq=4 mesh and log the same
 losses as one process on one device; a rerun of the two processes resumes from the checkpoint
-they wrote together and continues on the single-process trajectory. Plus the one-line errors of
+they wrote together and continues on the one-device trajectory. Plus the one-line errors of
 incomplete multi-process settings."""
 
 import json
@@ -51,12 +51,20 @@ def _two_processes(run_dir, *overrides) -> list[str]:
     return outputs
 
 
+def _one_process(run_dir, *overrides) -> str:
+    out = subprocess.run([sys.executable, "-m", "train", "--config", "configs/quickstart.yaml", "--run-dir",
+                          str(run_dir), *MODEL, "mesh.data=1", *overrides],
+                         cwd=ROOT, env=_environment(1), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
 @pytest.mark.slow
 def test_two_processes_match_one_and_resume(tmp_path):
-    single = subprocess.run([sys.executable, "-m", "train", "--config", "configs/quickstart.yaml", "--run-dir",
-                             str(tmp_path / "single"), *MODEL, "train.steps=7", "mesh.data=1"],
-                            cwd=ROOT, env=_environment(1), capture_output=True, text=True, timeout=600)
-    assert single.returncode == 0, single.stderr[-3000:]
+    """5 steps, then a rerun to 7 that resumes (the schedule follows train.steps, so the one-device
+    reference makes the same two runs)."""
+    _one_process(tmp_path / "single", "train.steps=5")
+    _one_process(tmp_path / "single", "train.steps=7")
     reference = _train_losses(tmp_path / "single")
 
     outputs = _two_processes(tmp_path / "multi", "train.steps=5")
