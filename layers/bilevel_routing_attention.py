@@ -16,6 +16,12 @@ shared across heads, and the LCE term. No routing parameters and no gradient thr
 (BiFormer's default: no param_routing, no diff_routing).
 
 Parameter budget (d = d_model, W = 3): d D (2 H + 2 Hkv) + (W + 1) Hkv D (conv weights and bias).
+
+Sequence parallelism as MoBA's: local queries, K and V all-gathered over seq in natural order. The
+region scores are summed over the heads of every tensor shard (a psum over the mesh axes that split
+the heads). The LCE conv runs over the gathered values (all T positions on every device, W Hkv D
+per position, small next to the attention) and each device keeps its own rows, so the conv sees
+across the seams of the zigzag chunks without a halo exchange.
 """
 
 import dataclasses

@@ -17,8 +17,15 @@ d D (2 H + 2 Hkv), the same as Attention. Decoding keeps the full KV cache plus 
 of the current block; a step attends densely with a mask built from the same selection, so
 token-by-token outputs equal the parallel ones.
 
-`MoBA` is also the base of `BilevelRoutingAttention`, which overrides `block_scores` and
-`local_context`.
+Sequence parallelism (a mesh with seq > 1, no cache; x in zigzag order): the queries stay on
+their device and the keys and values are all-gathered over seq, in natural order
+(layers/sequence_parallel/gathered_keys.py); each device selects and attends for its own query
+blocks only. The gate's block means are taken from the gathered keys (they are needed whole for
+the attention anyway), and all of K and V travel, not only the selected blocks. The zigzag chunk
+(T / (2 seq)) must be a multiple of block_size.
+
+`MoBA` is also the base of `BilevelRoutingAttention`, which overrides `block_scores`,
+`context_parameters` and `local_context`.
 """
 
 import dataclasses

@@ -26,6 +26,12 @@ Shapes: x [B, T, d_model]; q [B, T, H, D]; k, v [B, T, Hkv, D]; compressed [B, c
 Parameter budget (d = d_model): d D (2 H + 2 Hkv) projections + 2 l Hkv D compression + 3 d H
 gates. Decoding keeps the full KV cache and the current block's routing query; compressed tokens
 are recomputed from the cache each step (O(S) per step, like the attention itself).
+
+Sequence parallelism (a mesh with seq > 1, no cache; x in zigzag order): the queries and their
+gates stay on their device; K and V are all-gathered over seq in natural order
+(layers/sequence_parallel/gathered_keys.py), and every device compresses all of them (4 Hkv D per
+token, small) and computes the three branches for its own queries only. All of K and V travel, not
+only the selected blocks. The zigzag chunk (T / (2 seq)) must be a multiple of block_size.
 """
 
 import dataclasses
@@ -171,7 +177,8 @@ class NSA(nnx.Module):
                                      gates_BxTx3xH=gates_BxTx3xH, **weights)
             return project("bthk,hkd->btd", o_BxTxHxD, self.w_o, c.dtype)
         if segment_ids is not None:
-            raise ValueError("segment_ids are not supported while decoding with a KV cache; decode one sequence per row")
+            raise ValueError("segment_ids are not supported while decoding with a KV cache; decode one sequence "
+                             "per row")
         end = cache["end"]
         k_BxSxGxD = jax.lax.dynamic_update_slice(cache["k"], k_BxTxGxD.astype(cache["k"].dtype), (0, end, 0, 0))
         v_BxSxGxD = jax.lax.dynamic_update_slice(cache["v"], v_BxTxGxD.astype(cache["v"].dtype), (0, end, 0, 0))

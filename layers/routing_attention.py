@@ -27,6 +27,15 @@ is reported as an auxiliary loss, and the cluster load (max count / mean count) 
 
 Shapes: x [B, T, d_model]; q [B, T, H, D]; k, v [B, T, Hkv, D]. Parameter budget: d_model D (2 H +
 2 Hkv), as softmax attention; the centroids (Hr C D numbers) are state, not parameters.
+
+Sequence parallelism (a mesh with seq > 1, no cache; x in zigzag order): the queries stay on their
+device; K and V are all-gathered over seq in natural order (layers/sequence_parallel/gathered_keys.py)
+and for routing only the key-block summaries travel: each device averages the unit keys of its own
+blocks and all-gathers those means (1 / block_size of the unit keys). Every device routes and
+attends for its own query blocks. The heads are not split over tensor inside the shard_map (local
+and routing heads differ), so with tensor > 1 each tensor shard repeats this attention. The k-means
+update runs outside on the global arrays (its sums do not depend on the token order). The zigzag
+chunk (T / (2 seq)) must be a multiple of block_size.
 """
 
 import dataclasses

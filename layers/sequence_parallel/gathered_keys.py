@@ -55,6 +55,16 @@ def gather_natural(x_local: jax.Array, num_devices: int, axis: int = 1) -> jax.A
     return layout.from_zigzag(stored, num_devices, axis=axis)
 
 
+def natural_rows(x_local: jax.Array, first: int, count: int, num_devices: int) -> jax.Array:
+    """Inside shard_map: rows [first, first + count) of the natural sequence (axis 1), from the
+    devices that hold them: each scatters its rows into [B, count, ...] and a psum over seq adds the
+    pieces (exact: every row comes from one device). Moves count rows, not the sequence."""
+    offset_T = layout.local_positions(x_local.shape[1], num_devices) - first
+    slot_T = jnp.where((offset_T >= 0) & (offset_T < count), offset_T, count)
+    rows = jnp.zeros((x_local.shape[0], count, *x_local.shape[2:]), x_local.dtype)
+    return jax.lax.psum(rows.at[:, slot_T].set(x_local, mode="drop"), layout.SEQ_AXIS)
+
+
 def local_query_blocks(local_len: int, block: int, num_devices: int) -> jax.Array:
     """Inside shard_map: int32 [local_len / block], the natural block index of each local block."""
     return layout.local_positions(local_len, num_devices)[::block] // block

@@ -13,11 +13,12 @@ block always listed; `block_sparse_attention` then reads only the listed tiles.
 `sparse_prefill_attention` is what the Attention layer calls on its no-cache path. Under a mesh
 with seq > 1 (q, k, v in zigzag order, layers/sequence_parallel/layout.py) it runs in shard_map
 with local queries against keys and values all-gathered over seq in natural order
-(layers/sequence_parallel/gathered_keys.py). xattention scores only the local query blocks (its
-estimate is per query row). minference and flexprefill estimate from queries across the sequence
-(the last queries; every query block's mean), so for them the queries are all-gathered too, without
-gradient, the full lists computed on every device and the local rows kept; the attention itself is
-computed for the local queries only.
+(layers/sequence_parallel/gathered_keys.py), and lists key blocks for the local query blocks:
+xattention scores only them (its estimate is per query row); minference and flexprefill estimate
+from queries across the sequence, so the devices assemble just what those estimates read (the last
+`last_q` queries; the last query block and every block's mean query, gathered as block means),
+every device computes the (cheap) lists for all query blocks and keeps its own rows. Queries are
+never all-gathered; the attention is computed for the local queries only.
 """
 
 import functools
@@ -26,7 +27,8 @@ from collections.abc import Mapping
 
 import jax
 
-from layers.sequence_parallel.gathered_keys import attend_with_gathered_keys, gather_natural, offset_implementation
+from layers.sequence_parallel.gathered_keys import (attend_with_gathered_keys, gather_natural, natural_rows,
+                                                    offset_implementation)
 from layers.sequence_parallel.layout import seq_size
 from layers.sparse_prefill import flexprefill, minference, xattention
 from pallas_kernels.block_sparse_attention import block_sparse_attention
@@ -36,7 +38,6 @@ SELECTORS = {
     "minference": minference.select_blocks,
     "flexprefill": flexprefill.select_blocks,
 }
-LOCAL_QUERY_SELECTORS = ("xattention",)    # take `query_blocks`: score a subset of the query blocks alone
 
 
 def check_options(selector: str, options: Mapping[str, object]) -> None:
@@ -69,14 +70,27 @@ def sparse_prefill_attention(q, k, v, *, selector: str, block_size: int, options
 def _local_queries(q, k, v, q_segment_ids, kv_segment_ids, query_block_Q, head_axes, *, selector, options,
                    implementation):
     """Inside shard_map: this device's query blocks `query_block_Q` of q against all keys (natural order)."""
-    block_size = q.shape[1] // query_block_Q.shape[0]
+    b = q.shape[1] // query_block_Q.shape[0]
     q_fixed, k_fixed = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
-    if selector in LOCAL_QUERY_SELECTORS:
-        block_indices = SELECTORS[selector](q_fixed, k_fixed, block_size=block_size, segment_ids=kv_segment_ids,
-                                            query_blocks=query_block_Q, **options)
-    else:
-        block_indices = SELECTORS[selector](gather_natural(q_fixed, seq_size()), k_fixed, block_size=block_size,
-                                            segment_ids=kv_segment_ids, **options)[:, :, query_block_Q]
-    return block_sparse_attention(q, k, v, block_indices, block_size=(block_size, block_size), causal=True,
-                                  segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, query_blocks=query_block_Q,
+    block_indices = _local_lists(selector, q_fixed, k_fixed, kv_segment_ids, query_block_Q, b, dict(options))
+    return block_sparse_attention(q, k, v, block_indices, block_size=(b, b), causal=True, segment_ids=q_segment_ids,
+                                  kv_segment_ids=kv_segment_ids, query_blocks=query_block_Q,
                                   implementation=offset_implementation(implementation))
+
+
+def _local_lists(selector, q, k, segment_ids, query_block_Q, b, options):
+    """The selector's lists [B, H, Q, N] for the local query blocks, from local queries and all keys."""
+    if selector == "xattention":
+        return xattention.select_blocks(q, k, block_size=b, segment_ids=segment_ids, query_blocks=query_block_Q,
+                                        **options)
+    S, devices = k.shape[1], seq_size()
+    if selector == "minference":
+        count = minference.last_query_count(options.pop("last_q", minference.LAST_Q), S)
+        lists = minference.select_from_last_queries(natural_rows(q, S - count, count, devices), k, block_size=b,
+                                                    segment_ids=segment_ids, **options)
+    else:
+        q_means = gather_natural(flexprefill.block_means(q, b), devices)
+        last_block = (S - 1) // b * b
+        lists = flexprefill.select_from_estimates(q_means, natural_rows(q, last_block, S - last_block, devices), k,
+                                                  block_size=b, segment_ids=segment_ids, **options)
+    return lists[:, :, query_block_Q]

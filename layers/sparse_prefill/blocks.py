@@ -101,14 +101,15 @@ def keep_top(scores_BxHxS, count: int):
     return jnp.zeros((B, H, S), bool).at[jnp.arange(B)[:, None, None], jnp.arange(H)[None, :, None], idx_BxHxC].set(True)
 
 
-def last_query_lines(q_BxTxHxD, k_BxTxHxD, num_last: int, segment_ids):
-    """MInference's estimate from the last `num_last` queries: their causal softmax rows p [B, H, L, S]
-    summed into vertical lines (per key column j) and slash lines (per offset o = i - j >= 0).
-    Returns (vertical [B, H, S], slash [B, H, S]) float32; each sums to L (one per query row)."""
-    B, T, H, D = q_BxTxHxD.shape
-    L = min(num_last, T)
+def last_query_lines(q_last_BxLxHxD, k_BxTxHxD, segment_ids):
+    """MInference's estimate from the last L queries of the sequence (rows T - L .. T - 1, given
+    alone as q_last): their causal softmax rows p [B, H, L, S] summed into vertical lines (per key
+    column j) and slash lines (per offset o = i - j >= 0). Returns (vertical [B, H, S], slash
+    [B, H, S]) float32; each sums to L (one per query row)."""
+    B, L, H, D = q_last_BxLxHxD.shape
+    T = k_BxTxHxD.shape[1]
     rows_L = T - L + jnp.arange(L)
-    q_last = q_BxTxHxD[:, T - L:].astype(jnp.float32)
+    q_last = q_last_BxLxHxD.astype(jnp.float32)
     logits_BxHxLxS = jnp.einsum("blhd,bshd->bhls", q_last, k_BxTxHxD.astype(jnp.float32)) * D ** -0.5
     visible = rows_L[:, None] >= jnp.arange(T)[None, :]
     if segment_ids is not None:

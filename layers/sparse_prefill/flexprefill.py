@@ -31,11 +31,13 @@ import jax.numpy as jnp
 from layers.sparse_prefill import blocks
 
 
-def _block_means(x_BxTxHxD, block: int, num_blocks: int):
+def block_means(x_BxTxHxD, block: int):
+    """float32 [B, ceil(T / block), H, D]: the mean of each block (a partial last block: of its rows)."""
     B, T, H, D = x_BxTxHxD.shape
+    num_blocks = -(-T // block)
     sums = blocks.pad_time(x_BxTxHxD.astype(jnp.float32), num_blocks * block).reshape(B, num_blocks, block, H, D).sum(2)
     counts_N = jnp.minimum(block, T - block * jnp.arange(num_blocks))
-    return sums / counts_N[None, :, None, None]                                       # [B, N, H, D]
+    return sums / counts_N[None, :, None, None]
 
 
 def _jensen_shannon(p, q):
@@ -47,22 +49,33 @@ def _jensen_shannon(p, q):
 def select_blocks(q, k, *, block_size: int, gamma: float = 0.9, js_threshold: float | None = 0.1, segment_ids=None):
     """FlexPrefill's per-head block lists; see the module docstring."""
     b, N, _ = blocks.check_inputs(q, k, block_size, segment_ids)
+    return select_from_estimates(block_means(q, b), q[:, (N - 1) * b:], k, block_size=b, gamma=gamma,
+                                 js_threshold=js_threshold, segment_ids=segment_ids)
+
+
+def select_from_estimates(q_means, q_last, k, *, block_size: int, gamma: float = 0.9,
+                          js_threshold: float | None = 0.1, segment_ids=None):
+    """The same lists from all that the estimates read of q: the mean query of every block,
+    q_means [B, N, H, D] (`block_means`), and the rows of the last query block, q_last [B, L, H, D]
+    (L = S - (N - 1) block), for keys k [B, S, Hkv, D] (e.g. what a sequence-parallel caller
+    gathers instead of q)."""
     blocks.check_fraction("gamma", gamma)
     if js_threshold is not None and not js_threshold >= 0:
         raise ValueError(f"js_threshold={js_threshold!r} must be >= 0 or None (query-aware pattern only)")
-    B, T, H, D = q.shape
+    b = block_size
+    B, N, H, D = q_means.shape
+    T = k.shape[1]
     k_BxTxHxD = blocks.heads_of_queries(k, H)
     visible = jnp.broadcast_to(blocks.visible_blocks(N, b, segment_ids), (B, H, N, N))
     # query-aware: pooled block attention, smallest cover over the whole head
-    q_mean, k_mean = _block_means(q, b, N), _block_means(k_BxTxHxD, b, N)
-    logits_BxHxNxN = jnp.einsum("bnhd,bmhd->bhnm", q_mean, k_mean) * D ** -0.5
+    logits_BxHxNxN = jnp.einsum("bnhd,bmhd->bhnm", q_means, block_means(k_BxTxHxD, b)) * D ** -0.5
     pooled = jnp.where(visible, jax.nn.softmax(jnp.where(visible, logits_BxHxNxN, -jnp.inf), axis=-1), 0.0)
     keep = blocks.smallest_cover(pooled.reshape(B, H, N * N), visible.reshape(B, H, N * N), gamma).reshape(B, H, N, N)
     if js_threshold is None or js_threshold == float("inf"):
         return blocks.to_block_indices(blocks.with_diagonal(keep))
     # vertical-slash from the last query block, and the switch between the two
-    num_last = T - (N - 1) * b
-    vertical_BxHxT, slash_BxHxT = blocks.last_query_lines(q, k_BxTxHxD, num_last, segment_ids)
+    num_last = q_last.shape[1]
+    vertical_BxHxT, slash_BxHxT = blocks.last_query_lines(q_last, k_BxTxHxD, segment_ids)
     inside = jnp.ones((B, H, T), bool)
     keep_vs = blocks.vertical_slash_to_blocks(blocks.smallest_cover(vertical_BxHxT, inside, gamma),
                                               blocks.smallest_cover(slash_BxHxT, inside, gamma), b, N)

@@ -24,15 +24,35 @@ import jax.numpy as jnp
 from layers.sparse_prefill import blocks
 
 
-def select_blocks(q, k, *, block_size: int, last_q: int = 64, vertical_size: int = 1000, slash_size: int = 6096,
+LAST_Q = 64
+
+
+def select_blocks(q, k, *, block_size: int, last_q: int = LAST_Q, vertical_size: int = 1000, slash_size: int = 6096,
                   segment_ids=None):
     """MInference's vertical-slash block lists; see the module docstring."""
-    b, N, _ = blocks.check_inputs(q, k, block_size, segment_ids)
-    for name, value in (("last_q", last_q), ("vertical_size", vertical_size), ("slash_size", slash_size)):
-        if not isinstance(value, int) or value < 0 or (name == "last_q" and value < 1):
-            raise ValueError(f"{name}={value!r} must be an integer >= {int(name == 'last_q')}")
-    H = q.shape[2]
-    vertical_BxHxT, slash_BxHxT = blocks.last_query_lines(q, blocks.heads_of_queries(k, H), last_q, segment_ids)
+    blocks.check_inputs(q, k, block_size, segment_ids)
+    return select_from_last_queries(q[:, q.shape[1] - last_query_count(last_q, k.shape[1]):], k, block_size=block_size,
+                                    vertical_size=vertical_size, slash_size=slash_size, segment_ids=segment_ids)
+
+
+def last_query_count(last_q: int, seq_len: int) -> int:
+    """How many queries the estimate reads, min(last_q, S) (one-line error for a bad knob)."""
+    if not isinstance(last_q, int) or last_q < 1:
+        raise ValueError(f"last_q={last_q!r} must be an integer >= 1")
+    return min(last_q, seq_len)
+
+
+def select_from_last_queries(q_last, k, *, block_size: int, vertical_size: int = 1000, slash_size: int = 6096,
+                             segment_ids=None):
+    """The same lists from the last L queries alone, q_last [B, L, H, D] (rows S - L .. S - 1 of the
+    sequence of k [B, S, Hkv, D]): all the estimate reads of q, e.g. the rows that a
+    sequence-parallel caller assembles from the devices holding them."""
+    b, N = block_size, -(-k.shape[1] // block_size)
+    for name, value in (("vertical_size", vertical_size), ("slash_size", slash_size)):
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name}={value!r} must be an integer >= 0")
+    H = q_last.shape[2]
+    vertical_BxHxT, slash_BxHxT = blocks.last_query_lines(q_last, blocks.heads_of_queries(k, H), segment_ids)
     keep = blocks.vertical_slash_to_blocks(blocks.keep_top(vertical_BxHxT, vertical_size),
                                            blocks.keep_top(slash_BxHxT, slash_size), b, N)
     keep = keep.at[..., 0].set(True)                      # the sink block (causal for every query block)

@@ -2,8 +2,9 @@
 zigzag order (layers/sequence_parallel/layout.py) and the mesh axis seq splitting them, each
 mixer gives the single-device output, loss and gradients of every parameter and of x (fp32,
 relative error <= 1e-5), with packed segments, under meshes (data=2, seq=4) and
-(data=2, seq=2, tensor=2). Also: the one-line error when the zigzag chunk is not a whole number
-of blocks."""
+(data=2, seq=2, tensor=2): MoBA, bi-level routing attention, NSA, routing attention and attention's
+sparse prefill (xattention, minference, flexprefill), at sparse budgets (top_k = 2 of 7 past blocks).
+Also: the one-line error when the zigzag chunk is not a whole number of blocks."""
 
 import pytest
 
@@ -40,8 +41,10 @@ def build(name):
         return RoutingAttention(RoutingAttentionConfig(**SHAPES, num_clusters=3), rngs=nnx.Rngs(0))
     from layers.attention import Attention, AttentionConfig
     selector, options = {"xattention": ("xattention", (("threshold", 0.6),)),
-                         "minference": ("minference", (("last_q", 8), ("vertical_size", 6), ("slash_size", 6))),
-                         "flexprefill": ("flexprefill", (("gamma", 0.6), ("js_threshold", 0.3)))}[name]
+                         "minference": ("minference", (("last_q", 12), ("vertical_size", 6), ("slash_size", 6))),
+                         "flexprefill": ("flexprefill", (("gamma", 0.6), ("js_threshold", 0.15)))}[name]
+    # sparse budgets; minference's 12 last queries span two devices' chunks under seq=4; flexprefill's
+    # threshold sends 3 of the 8 (row, head) pairs to the query-aware pattern, 5 to vertical-slash
     config = AttentionConfig(d_model=D, num_heads=4, num_kv_heads=2, head_dim=8, init_std=0.2, sparse_prefill=selector,
                              sparse_block_size=8, sparse_options=options)
     return Attention(config, rngs=nnx.Rngs(0))

@@ -1,6 +1,7 @@
 """Training-free block selectors (XAttention, MInference vertical-slash, FlexPrefill): valid causal
 index lists with the diagonal, the full causal set (and dense attention) at a keep-everything
-budget, the planted blocks found, recall monotone in the budget, jit == eager."""
+budget, the planted blocks found, recall monotone in the budget, jit == eager, xattention on a
+subset of the query blocks."""
 
 import functools
 
@@ -111,6 +112,19 @@ def test_jit_equals_eager(name):
     seg = jnp.asarray([[1] * 50 + [2] * 50] * B, jnp.int32)
     select = functools.partial(SELECTORS[name], block_size=BLOCK, **SMALL.get(name, {}))
     np.testing.assert_array_equal(jax.jit(select)(q, k, segment_ids=seg), select(q, k, segment_ids=seg))
+
+
+def test_xattention_on_some_query_blocks_gives_their_rows():
+    """Law: xattention given only the rows of some query blocks (query_blocks, in any order, as a
+    sequence-parallel device holds them) and all keys lists exactly those rows of the full answer."""
+    q, k = inputs(seed=3)
+    seg = jnp.asarray([[1] * 40 + [2] * 60, [1] * 100], jnp.int32)
+    full = SELECTORS["xattention"](q[:, :96], k[:, :96], block_size=BLOCK, threshold=0.8, segment_ids=seg[:, :96])
+    for query_blocks in ([0, 5], [2, 3], [4, 1, 0]):
+        rows = (np.asarray(query_blocks)[:, None] * BLOCK + np.arange(BLOCK)).reshape(-1)
+        some = SELECTORS["xattention"](q[:, rows], k[:, :96], block_size=BLOCK, threshold=0.8, segment_ids=seg[:, :96],
+                                       query_blocks=jnp.asarray(query_blocks, jnp.int32))
+        np.testing.assert_array_equal(some, full[:, :, np.asarray(query_blocks)])
 
 
 def test_vertical_slash_block_conversion():
