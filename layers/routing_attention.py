@@ -32,8 +32,8 @@ Sequence parallelism (a mesh with seq > 1, no cache; x in zigzag order): the que
 device; K and V are all-gathered over seq in natural order (layers/sequence_parallel/gathered_keys.py)
 and for routing only the key-block summaries travel: each device averages the unit keys of its own
 blocks and all-gathers those means (1 / block_size of the unit keys). Every device routes and
-attends for its own query blocks. The heads are not split over tensor inside the shard_map (local
-and routing heads differ), so with tensor > 1 each tensor shard repeats this attention. The k-means
+attends for its own query blocks. Heads split over tensor as in attention: each local head is given
+a routing slot and takes the routed or the local list by its index among all heads. The k-means
 update runs outside on the global arrays (its sums do not depend on the token order). The zigzag
 chunk (T / (2 seq)) must be a multiple of block_size.
 """
@@ -112,6 +112,11 @@ class RoutingAttentionConfig:
 def _unit(x, axis=-1):
     x = x.astype(jnp.float32)
     return x * jax.lax.rsqrt(jnp.sum(x * x, axis=axis, keepdims=True) + 1e-12)
+
+
+def _pad_heads(x, count: int, axis: int):
+    """Zeros for `count` heads before the heads on `axis`."""
+    return jnp.pad(x, [(count, 0) if dim == axis % x.ndim else (0, 0) for dim in range(x.ndim)])
 
 
 def routed_block_indices(q_cluster_BxHxQ, query_block_Q, key_scores_BxHxMxC, valid_BxQxM, top_k: int):
@@ -197,11 +202,13 @@ class RoutingAttention(nnx.Module):
         q, k, v, q_hat, k_hat = self._project(x_BxTxD, positions)
         k_hat_routed = self._routing_keys(k_hat)
         if sequence_shards > 1:
-            per_token = ("batch", "length", None, None)
-            extras = {"q_hat_BxTxRxD": (q_hat, per_token), "k_hat_BxTxRxD": (k_hat_routed, per_token),
-                      "centroids_RxCxD": (self._centroids(), (None, None, None))}
+            # every head gets a routing slot (zeros for the local heads), so the heads split over tensor
+            L = c.num_local_heads
+            extras = {"q_hat_BxTxHxD": (_pad_heads(q_hat, L, axis=2), ("batch", "length", "heads", None)),
+                      "k_hat_BxTxGxD": (k_hat, ("batch", "length", "kv_heads", None)),
+                      "centroids_HxCxD": (_pad_heads(self._centroids(), L, axis=0), ("heads", None, None))}
             o_BxTxHxK = attend_with_gathered_keys(self._attend_gathering_means, q, k, v, segment_ids, block=b,
-                                                  extras=extras, split_heads=False)
+                                                  extras=extras)
         else:
             o_BxTxHxK = self._attend(q, k, v, segment_ids, segment_ids, q_hat_BxTxRxD=q_hat,
                                      key_means_BxNxRxD=block_mean(k_hat_routed, b), centroids_RxCxD=self._centroids())
@@ -210,10 +217,12 @@ class RoutingAttention(nnx.Module):
         return project("bthk,hkd->btd", o_BxTxHxK, self.w_o, c.dtype)
 
     def _attend(self, q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, q_segment_ids, kv_segment_ids, query_block_Q=None,
-                head_axes=None, *, q_hat_BxTxRxD, key_means_BxNxRxD, centroids_RxCxD):
+                head_axes=None, *, q_hat_BxTxRxD, key_means_BxNxRxD, centroids_RxCxD, routing_H=None):
         """The parallel form for the query blocks `query_block_Q` (natural block index of each block
         of q; None: q holds every position, T == S) against all S keys, routed by the queries' unit
-        vectors q_hat and the means of the keys' unit vectors per key block (all N blocks)."""
+        vectors q_hat and the means of the keys' unit vectors per key block (all N blocks), for R
+        routed heads. routing_H None: the R = Hr routing heads follow the local ones; else R = H and
+        the bool mask [H] says which heads route (the others take the local window)."""
         c = self.config
         b = c.block_size
         B = q_BxTxHxK.shape[0]
@@ -226,22 +235,30 @@ class RoutingAttention(nnx.Module):
                        else same_segment_candidates(kv_segment_ids, query_block_Q * b, b))
         routed = routed_block_indices(q_cluster_BxRxQ, query_block_Q, key_scores, valid_BxQxN, c.top_k)
         local = jnp.full((Q, c.top_k + 1), -1, jnp.int32).at[:, :2].set(local_blocks(query_block_Q, 1))
-        local = jnp.broadcast_to(local, (B, c.num_local_heads, Q, c.top_k + 1))
-        block_indices = jax.lax.stop_gradient(jnp.concatenate([local, routed], axis=1))
+        if routing_H is None:
+            local = jnp.broadcast_to(local, (B, c.num_local_heads, Q, c.top_k + 1))
+            block_indices = jax.lax.stop_gradient(jnp.concatenate([local, routed], axis=1))
+        else:
+            block_indices = jax.lax.stop_gradient(jnp.where(routing_H[:, None, None], routed, local))
         return block_sparse_attention(
             q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, block_indices, block_size=b, causal=True, segment_ids=q_segment_ids,
             kv_segment_ids=None if offset is None else kv_segment_ids, query_blocks=offset,
             implementation=c.implementation if offset is None else offset_implementation(c.implementation))
 
     def _attend_gathering_means(self, q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, q_segment_ids, kv_segment_ids, query_block_Q,
-                                head_axes, *, q_hat_BxTxRxD, k_hat_BxTxRxD, centroids_RxCxD):
+                                head_axes, *, q_hat_BxTxHxD, k_hat_BxTxGxD, centroids_HxCxD):
         """`_attend` inside shard_map over seq: each device averages the unit keys of its own key
-        blocks and all-gathers those means (1 / block of the unit keys), not the unit keys."""
-        b = self.config.block_size
-        key_means_BxNxRxD = gather_natural(block_mean(k_hat_BxTxRxD, b), seq_size())
+        blocks and all-gathers those means (1 / block of the unit keys), not the unit keys. Every
+        local head has a routing slot (q_hat, centroids zero for the local heads); which of them
+        route follows from their index in the whole set of heads."""
+        H, G = q_BxTxHxK.shape[2], k_BxSxGxK.shape[2]
+        key_means_BxNxGxD = gather_natural(block_mean(k_hat_BxTxGxD, self.config.block_size), seq_size())
+        first_head = 0 if head_axes is None else jax.lax.axis_index(head_axes) * H
+        routing_H = first_head + jnp.arange(H) >= self.config.num_local_heads
+        key_means_BxNxHxD = jnp.repeat(key_means_BxNxGxD, H // G, axis=2)
         return self._attend(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, q_segment_ids, kv_segment_ids, query_block_Q,
-                            q_hat_BxTxRxD=q_hat_BxTxRxD, key_means_BxNxRxD=key_means_BxNxRxD,
-                            centroids_RxCxD=centroids_RxCxD)
+                            q_hat_BxTxRxD=q_hat_BxTxHxD, key_means_BxNxRxD=key_means_BxNxHxD,
+                            centroids_RxCxD=centroids_HxCxD, routing_H=routing_H)
 
     # -- decoding ----------------------------------------------------------------------------------
     def init_cache(self, batch: int, max_len: int) -> dict:

@@ -38,7 +38,8 @@ def build(name):
         return layer
     if name == "routing_attention":
         from layers.routing_attention import RoutingAttention, RoutingAttentionConfig
-        return RoutingAttention(RoutingAttentionConfig(**SHAPES, num_clusters=3), rngs=nnx.Rngs(0))
+        # one local head: under tensor=2 one device holds a local and a routing head
+        return RoutingAttention(RoutingAttentionConfig(**SHAPES, num_clusters=3, local_heads=1), rngs=nnx.Rngs(0))
     from layers.attention import Attention, AttentionConfig
     selector, options = {"xattention": ("xattention", (("threshold", 0.6),)),
                          "minference": ("minference", (("last_q", 12), ("vertical_size", 6), ("slash_size", 6))),
