@@ -3,7 +3,7 @@ rows, GLA x 3 + attention) trained for a few steps with the sequence split over 
 versus whole on one device. Prints a table: seconds per step (median of the steps after the first)
 and XLA's per-device memory of the compiled step, with ratios against seq=1 from the same run.
 
-    python -m experiments.bench.long_context [--seq 1 8] [--seq-len 16384] [--steps 4]
+    python experiments/bench/long_context.py [--seq 1 8] [--seq-len 16384] [--steps 4]
 
 Each setting runs `python -m train` in a subprocess with that many fake CPU devices
 (XLA_FLAGS=--xla_force_host_platform_device_count=N). On a CPU the fake devices share the cores,
