@@ -20,6 +20,11 @@ With `segment_ids`, candidates whose last token lies in another segment than the
 are dropped (`same_segment_candidates`): the op masks across segments anyway; this only stops slots
 being wasted.
 
+The routing rows may be any subset of the query blocks, named by their block index (`query_block_Q`,
+routing positions `query_block_Q * block`) against all key blocks: under sequence parallelism each
+device routes only its own query blocks, with keys (or key-block summaries) gathered in natural
+order.
+
 Decoding (`cached_routing_queries`, `selection_mask`, `attend_with_mask`) applies the same rule per
 token: the token at position p belongs to block p // block, whose routing query is cached when its
 first token is processed; a dense attention masked to the selected blocks (and to keys <= p) gives
@@ -74,8 +79,9 @@ def causal_top_k_blocks(scores_BxHxQxM: jnp.ndarray, query_block_Q: jnp.ndarray,
     """int32 `[B, H, Q, top_k + 1]` block lists: for each routing query q (of query block
     `query_block_Q[q]` = n), the top_k key blocks m < n by score (restricted to `valid` when given,
     `[B, Q, M]` or per head `[B, H, Q, M]`; -1 where fewer candidates exist), then n itself. The
-    parallel form passes Q = N routing queries with query_block = arange(N); decoding passes one row
-    per token."""
+    parallel form passes Q = N routing queries with query_block = arange(N); a sequence-parallel
+    device its own query blocks (natural indices, layers/sequence_parallel/gathered_keys.py);
+    decoding one row per token."""
     B, H, Q, M = scores_BxHxQxM.shape
     candidate_QxM = jnp.arange(M)[None, :] < query_block_Q[:, None]
     candidate_BxHxQxM = jnp.broadcast_to(candidate_QxM, (B, H, Q, M))

@@ -17,8 +17,12 @@ computes only its own queries' selection and attention. The all-gather's transpo
 reduce-scatter) brings dk and dv back to their devices. A query block must not straddle two
 chunks: c must be a multiple of the block size (`check_chunks`). Batch splits over (data, fsdp,
 expert) and heads over tensor by the rules table (layers/sharding.py); heads stay whole when q's
-and kv's heads would not split the same way (the grouped-query map would break), or when the
-mixer asks (`split_heads=False`).
+and kv's heads would not split the same way (the grouped-query map would break).
+
+Smaller things the mixers gather instead of whole arrays: per-block summaries (`gather_natural` of
+[B, T / b, ...]) and a few rows of the sequence (`natural_rows`, a psum of [B, rows, ...]).
+Not done: gathering only the selected key blocks (each device would fetch a data-dependent set
+from the others); every device receives all of K and V.
 """
 
 from collections.abc import Callable, Mapping, Sequence
@@ -79,17 +83,17 @@ def offset_implementation(implementation: str | Sequence[str] | None):
     return names + ["xla"] * ("xla" not in names)
 
 
-def _specs(q_shape, kv_shape, split_heads: bool) -> dict[str, object]:
+def _specs(q_shape, kv_shape) -> dict[str, object]:
     """Mesh axes by logical name for this call: batch and length from q; heads from q and kv
     together (whole when they would split differently)."""
     q_spec = spec(("batch", "length", "heads", None), q_shape)
     kv_spec = spec(("batch", "length", "kv_heads", None), kv_shape)
-    heads, kv_heads = (q_spec[2], kv_spec[2]) if split_heads and q_spec[2] == kv_spec[2] else (None, None)
+    heads, kv_heads = (q_spec[2], kv_spec[2]) if q_spec[2] == kv_spec[2] else (None, None)
     return {"batch": q_spec[0], "length": q_spec[1], "heads": heads, "kv_heads": kv_heads}
 
 
 def attend_with_gathered_keys(core: Callable, q: jax.Array, k: jax.Array, v: jax.Array, segment_ids=None, *,
-                              block: int, extras: Mapping[str, tuple] = {}, split_heads: bool = True) -> jax.Array:
+                              block: int, extras: Mapping[str, tuple] = {}) -> jax.Array:
     """Run `core` on this device's queries against all keys, in shard_map over the current mesh.
 
     q [B, T, H, D], k, v [B, T, Hkv, D], segment_ids [B, T] or None: global arrays in stored order.
@@ -105,7 +109,7 @@ def attend_with_gathered_keys(core: Callable, q: jax.Array, k: jax.Array, v: jax
     over heads. Returns o [B, T, H, D] in stored order."""
     num_devices = layout.seq_size()
     check_chunks(q.shape[1], num_devices, block)
-    axes = _specs(q.shape, k.shape, split_heads)
+    axes = _specs(q.shape, k.shape)
     to_spec = lambda names: P(*(axes.get(name) for name in names))  # noqa: E731
     q_spec, kv_spec = to_spec(("batch", "length", "heads", None)), to_spec(("batch", "length", "kv_heads", None))
     arrays = {"q": q, "k": k, "v": v, "segment_ids": segment_ids, **{n: a for n, (a, _) in extras.items()}}
