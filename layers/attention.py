@@ -21,7 +21,7 @@ from flax import nnx
 from layers.embeddings import apply_rotary
 from layers.parameters import logical_param, normal
 from layers.projection import project
-from layers.sequence_parallel.layout import seq_size
+from layers.sequence_parallel.layout import default_positions, seq_size
 from layers.sequence_parallel.ring_attention import ring_attention
 from layers.sparse_prefill import check_options, sparse_prefill_attention
 from pallas_kernels.dot_product_attention import dot_product_attention
@@ -87,9 +87,9 @@ class Attention(nnx.Module):
     def __call__(self, x_BxTxD, *, segment_ids=None, positions=None, cache=None):
         c = self.config
         B, T, _ = x_BxTxD.shape
-        if positions is None:
-            start = 0 if cache is None else cache["end"]
-            positions = jnp.broadcast_to(start + jnp.arange(T), (B, T))
+        if positions is None:   # natural positions of the rows, in zigzag order under seq > 1
+            shards, start = (seq_size(), 0) if cache is None else (1, cache["end"])
+            positions = default_positions(B, T, shards, start)
         q_BxTxHxK = apply_rotary(project("btd,dhk->bthk", x_BxTxD, self.w_q, c.dtype), positions, c.rope_theta)
         k_BxTxGxK = apply_rotary(project("btd,dhk->bthk", x_BxTxD, self.w_k, c.dtype), positions, c.rope_theta)
         v_BxTxGxK = project("btd,dhk->bthk", x_BxTxD, self.w_v, c.dtype)

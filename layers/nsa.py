@@ -45,8 +45,8 @@ from layers.attention import declare_projections
 from layers.embeddings import apply_rotary
 from layers.parameters import logical_param, normal
 from layers.projection import project
-from layers.sequence_parallel.gathered_keys import attend_with_gathered_keys, default_positions, offset_implementation
-from layers.sequence_parallel.layout import seq_size
+from layers.sequence_parallel.gathered_keys import attend_with_gathered_keys, offset_implementation
+from layers.sequence_parallel.layout import default_positions, seq_size
 from pallas_kernels.block_sparse_attention import block_sparse_attention
 from pallas_kernels.dot_product_attention import dot_product_attention
 

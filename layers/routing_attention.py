@@ -50,9 +50,9 @@ from layers.block_selection import (attend_with_mask, block_mean, causal_top_k_b
                                     same_segment_candidates, selection_mask)
 from layers.embeddings import apply_rotary
 from layers.projection import project
-from layers.sequence_parallel.gathered_keys import (attend_with_gathered_keys, default_positions, gather_natural,
+from layers.sequence_parallel.gathered_keys import (attend_with_gathered_keys, gather_natural,
                                                     offset_implementation)
-from layers.sequence_parallel.layout import seq_size
+from layers.sequence_parallel.layout import default_positions, seq_size
 from pallas_kernels.block_sparse_attention import block_sparse_attention
 
 

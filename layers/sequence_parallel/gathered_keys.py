@@ -29,7 +29,6 @@ from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from layers.sequence_parallel import layout
@@ -43,13 +42,6 @@ def check_chunks(seq_len: int, num_devices: int, block: int, name: str = "block_
     if chunk % block:
         raise ValueError(f"zigzag chunk length {chunk} (T={seq_len} in 2 * seq={2 * num_devices} chunks) must be a "
                          f"multiple of {name}={block}")
-
-
-def default_positions(batch: int, seq_len: int, num_devices: int, start=0) -> jax.Array:
-    """Positions [B, T] when the caller gives none: start + the natural position of each stored row
-    (the zigzag order when num_devices > 1)."""
-    order = np.arange(seq_len) if num_devices == 1 else layout.zigzag_order(seq_len, num_devices)
-    return jnp.broadcast_to(start + jnp.asarray(order, jnp.int32), (batch, seq_len))
 
 
 def gather_natural(x_local: jax.Array, num_devices: int, axis: int = 1) -> jax.Array:

@@ -70,3 +70,10 @@ def local_positions(local_len: int, num_devices: int) -> jax.Array:
     first, second = local_chunks(num_devices)
     offsets = jnp.arange(c, dtype=jnp.int32)
     return jnp.concatenate([first * c + offsets, second * c + offsets])
+
+
+def default_positions(batch: int, seq_len: int, num_devices: int, start=0) -> jax.Array:
+    """Positions [B, T] when the caller gives none: start + the natural position of each stored row
+    (the zigzag order when num_devices > 1)."""
+    order = np.arange(seq_len) if num_devices == 1 else zigzag_order(seq_len, num_devices)
+    return jnp.broadcast_to(start + jnp.asarray(order, jnp.int32), (batch, seq_len))
