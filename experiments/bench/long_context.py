@@ -8,6 +8,8 @@ and XLA's per-device memory of the compiled step, with ratios against seq=1 from
 Each setting runs `python -m train` in a subprocess with that many fake CPU devices
 (XLA_FLAGS=--xla_force_host_platform_device_count=N). On a CPU the fake devices share the cores,
 so the step time shows the cost of the split, not a speed-up; the memory per device is the point.
+A setting that does not fit in host memory (killed) still reports XLA's memory plan, with its exit
+status in place of the step time.
 """
 
 import argparse
@@ -31,13 +33,16 @@ def run(seq: int, seq_len: int, steps: int, extra: list[str]) -> dict:
                               run_dir, f"mesh.seq={seq}", f"data.seq_len={seq_len}", f"train.steps={steps}",
                               "log.progress_bar=false", "log.tensorboard=false", *extra],
                              cwd=ROOT, env=env, capture_output=True, text=True)
-        if out.returncode != 0:
-            raise SystemExit(f"seq={seq} failed:\n{out.stderr[-3000:]}")
+        found = MEMORY.search(out.stdout)
+        if found is None:
+            raise SystemExit(f"seq={seq} failed before compiling:\n{out.stderr[-3000:]}")
+        memory = float(found.group(1).replace(",", ""))
+        if out.returncode != 0:   # e.g. killed for memory: XLA's plan is still the answer to "does it fit"
+            return {"step_s": None, "memory_mib": memory, "loss": None, "exit": out.returncode}
         records = [json.loads(x) for x in (pathlib.Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]
-    memory = float(MEMORY.search(out.stdout).group(1).replace(",", ""))
     loss = [r["loss"] for r in records if "tokens_per_s" in r][-1]
-    return {"step_s": seq_len / statistics.median(rates), "memory_mib": memory, "loss": loss}
+    return {"step_s": seq_len / statistics.median(rates), "memory_mib": memory, "loss": loss, "exit": 0}
 
 
 def main() -> None:
@@ -52,8 +57,13 @@ def main() -> None:
     print(f"T = {args.seq_len}, batch 1, configs/long_context.yaml; ratios against seq={args.seq[0]}")
     print(f"{'seq':>4} | {'s/step':>8} | {'ratio':>6} | {'MiB/device':>11} | {'ratio':>6} | {'last loss':>9}")
     for seq, r in results.items():
-        print(f"{seq:>4} | {r['step_s']:8.2f} | {r['step_s'] / base['step_s']:6.2f} | {r['memory_mib']:11,.1f} | "
-              f"{r['memory_mib'] / base['memory_mib']:6.3f} | {r['loss']:9.4f}")
+        if r["step_s"] is None:
+            step = f"{'exit ' + str(r['exit']):>8} | {'-':>6}"
+        else:
+            ratio = f"{r['step_s'] / base['step_s']:6.2f}" if base["step_s"] else f"{'-':>6}"
+            step = f"{r['step_s']:8.2f} | {ratio}"
+        loss = f"{r['loss']:9.4f}" if r["loss"] is not None else f"{'-':>9}"
+        print(f"{seq:>4} | {step} | {r['memory_mib']:11,.1f} | {r['memory_mib'] / base['memory_mib']:6.3f} | {loss}")
 
 
 if __name__ == "__main__":

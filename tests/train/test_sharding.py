@@ -154,7 +154,7 @@ FAMILIES = {
     "routing_attention": ["model.mixers=[routing_attention]"],
     "moe": ["model.mixers=[gla, attention]", "model.ffns=[moe]", "model.moe.num_experts=4"],
 }
-FAST = ("attention", "gla", "mamba2")
+FAST = ("gla",)   # the others run with `make test-slow` (each family also has its layer-level test)
 
 
 @pytest.mark.parametrize("family", [pytest.param(f, marks=() if f in FAST else pytest.mark.slow) for f in FAMILIES])
