@@ -34,12 +34,15 @@ def documents(config: DataConfig, seed: int) -> tuple[list[str], list[str]]:
     return corpus.synthetic(seed=seed)
 
 
-def build_datasets(config: DataConfig, seed: int) -> Datasets:
+def build_datasets(config: DataConfig, seed: int, row_range: tuple[int, int] | None = None) -> Datasets:
+    """Training batches (only rows `row_range` of each global batch when given: one process's share)
+    and the validation documents."""
     tokenizer = ByteTokenizer()
     train_text, val_text = documents(config, seed)
     train_docs = [tokenizer.encode(t) for t in train_text]
     val_docs = [tokenizer.encode(t) for t in val_text]
-    train = PackedBatches(train_docs, batch_size=config.batch_size, seq_len=config.seq_len, seed=seed)
+    train = PackedBatches(train_docs, batch_size=config.batch_size, seq_len=config.seq_len, seed=seed,
+                          row_range=row_range)
     return Datasets(train, val_docs, sum(map(len, train_docs)), sum(map(len, val_docs)))
 
 

@@ -29,8 +29,8 @@ from train.hardware import peak_flops_per_device
 from train.metrics import MetricsWriter, console_line, is_finite, plain
 from train.optim import learning_rate_schedule, make_optimizer
 from train.sample import generate
-from train.sharding import (batch_sharding, create_sharded, make_mesh, shard_batch, state_shardings, to_host,
-                            with_shardings)
+from train.sharding import (batch_sharding, create_sharded, make_mesh, process_rows, shard_batch, state_shardings,
+                            to_host, with_shardings)
 from train.step import (BATCH_KEYS, create_model, init_state, make_eval_step, make_train_step, merge_model,
                         summarize_eval)
 from train.step import abstract_state as abstract_train_state
@@ -111,7 +111,8 @@ def _train(config: Config, run_dir: pathlib.Path, mesh, mesh_shape: dict, optimi
     multihost_utils.sync_global_devices("run directory")
     log(f"resolved config:\n{config.to_yaml()}")
 
-    data = build_datasets(config.data, config.train.seed)
+    rows = process_rows(mesh, config.data.batch_size, config.data.seq_len)   # this process's share
+    data = build_datasets(config.data, config.train.seed, row_range=rows)
     steps, seed = config.train.steps, config.train.seed
     schedule = learning_rate_schedule(config.optim, steps)
     checkpointer = Checkpointer(run_dir, config.checkpoint)
@@ -160,7 +161,7 @@ def _train(config: Config, run_dir: pathlib.Path, mesh, mesh_shape: dict, optimi
     window_tokens, window_time = 0, 0.0
     try:
         for step in range(start + 1, steps + 1):
-            batch = shard_batch(next(data.train), mesh)
+            batch = shard_batch(next(data.train), mesh, batch_size=B, row_start=rows[0])
             t = time.perf_counter()
             state, metrics = train_step(state, batch)
             metrics = to_host(metrics)

@@ -87,6 +87,8 @@ class PackedBatches:
       seq_len: tokens per row, T (each row holds T + 1 stream tokens).
       seed: with the epoch number, seeds the document and row permutations.
       shuffle: permute documents and rows each epoch; if False, epochs repeat the same order.
+      row_range: (start, stop): yield only rows start..stop-1 of every global batch (one host's
+        share in a multi-process run); the position and state stay those of the global batches.
 
     The stream and row order are built once per epoch; a batch is one gather of `[B, T+1]`.
     `state()` / `restore(state)` checkpoint the position as JSON-serialisable ints.
@@ -100,8 +102,13 @@ class PackedBatches:
         seq_len: int,
         seed: int,
         shuffle: bool = True,
+        row_range: tuple[int, int] | None = None,
     ) -> None:
         _check_sizes(batch_size, seq_len)
+        start, stop = (0, batch_size) if row_range is None else row_range
+        if not 0 <= start < stop <= batch_size:
+            raise ValueError(f"row_range={row_range} must satisfy 0 <= start < stop <= batch_size={batch_size}")
+        self.row_range = (int(start), int(stop))
         if seed < 0:
             raise ValueError(f"seed={seed} must be >= 0 (it seeds default_rng([seed, epoch]))")
         self._documents = _framed(documents)
@@ -137,6 +144,7 @@ class PackedBatches:
     def __next__(self) -> Batch:
         stream, row_order = self._epoch_plan(self._epoch)
         rows = row_order[self._batch * self.batch_size : (self._batch + 1) * self.batch_size]
+        rows = rows[self.row_range[0] : self.row_range[1]]
         window = rows[:, None] * self.seq_len + np.arange(self.seq_len + 1)
         batch = batch_from_rows(stream[window])
         self._batch += 1

@@ -10,9 +10,10 @@ constraints and `shard_map` specs); this module applies it to whole train states
 logical names (`nnx.Param` and the optimiser moments that mirror them) are split by the table;
 everything else (step counters, routing state) is replicated.
 
-Multi-host: every process runs the same deterministic data iterator and packs the same global
-batch (cheap: bytes are packed by numpy), then hands JAX only the rows and columns its own devices
-hold (`jax.make_array_from_callback`); nothing crosses hosts for data.
+Multi-host: each process packs only the rows of every global batch that its devices hold
+(`process_rows`; the packer's row order is deterministic, so the processes agree without talking)
+and hands JAX only its devices' blocks (`jax.make_array_from_callback`); nothing crosses hosts
+for data. Validation batches are small: every process packs them whole and places its blocks.
 """
 
 from collections.abc import Callable
@@ -86,14 +87,30 @@ def check_batch(mesh: Mesh, batch_size: int, seq_len: int) -> None:
     check_length(seq_len, mesh.shape["seq"])
 
 
-def shard_batch(batch: dict, mesh: Mesh) -> dict:
-    """Numpy [B, T] arrays (the same global batch on every process) -> global jax arrays in zigzag
-    order over `seq`, rows over the batch axes; each process places only its devices' blocks."""
+def process_rows(mesh: Mesh, batch_size: int, seq_len: int) -> tuple[int, int]:
+    """The rows [start, stop) of a global [B, T] batch that this process's devices hold (all rows
+    when they are not one contiguous range)."""
+    index_map = batch_sharding(mesh, (batch_size, seq_len)).addressable_devices_indices_map((batch_size, seq_len))
+    ranges = {index[0].indices(batch_size)[:2] for index in index_map.values()}
+    start, stop = min(r[0] for r in ranges), max(r[1] for r in ranges)
+    covered = set().union(*(range(*r) for r in ranges))
+    return (start, stop) if covered == set(range(start, stop)) else (0, batch_size)
+
+
+def shard_batch(batch: dict, mesh: Mesh, *, batch_size: int | None = None, row_start: int = 0) -> dict:
+    """Numpy [b, T] arrays, rows row_start.. of a global batch of `batch_size` rows (default: the
+    whole batch) -> global jax arrays in zigzag order over `seq`, rows over the batch axes; each
+    process places only its devices' blocks, which must lie in the rows it has."""
     out = {}
     for key, value in batch.items():
         value = to_zigzag(np.asarray(value), mesh.shape["seq"], axis=1)
-        sharding = batch_sharding(mesh, value.shape)
-        out[key] = jax.make_array_from_callback(value.shape, sharding, lambda index, v=value: v[index])
+        shape = (batch_size or value.shape[0], *value.shape[1:])
+
+        def block(index, v=value):
+            rows = index[0].indices(shape[0])
+            return v[(slice(rows[0] - row_start, rows[1] - row_start), *index[1:])]
+
+        out[key] = jax.make_array_from_callback(shape, batch_sharding(mesh, shape), block)
     return out
 
 

@@ -157,6 +157,19 @@ def test_determinism_and_seed_dependence():
     assert not np.array_equal(a["tokens"], c["tokens"])
 
 
+def test_row_range_packs_one_hosts_rows_of_every_global_batch():
+    documents = random_documents()
+    whole = PackedBatches(documents, batch_size=4, seq_len=16, seed=3)
+    halves = [PackedBatches(documents, batch_size=4, seq_len=16, seed=3, row_range=r) for r in ((0, 2), (2, 4))]
+    for _ in range(12):   # crosses an epoch
+        want = next(whole)
+        got = [next(h) for h in halves]
+        assert all(np.array_equal(np.concatenate([g[k] for g in got]), want[k]) for k in want)
+    assert halves[1].state() == whole.state()
+    with pytest.raises(ValueError, match=re.escape("row_range=(2, 5) must satisfy 0 <= start < stop <= batch_size=4")):
+        PackedBatches(documents, batch_size=4, seq_len=16, seed=3, row_range=(2, 5))
+
+
 @pytest.mark.parametrize("seq_len", [16, 64])  # 64: only 3 batches per epoch, resume crosses epochs
 def test_resume_continues_exactly(seq_len):
     documents = random_documents()
