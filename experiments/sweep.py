@@ -1,0 +1,218 @@
+"""Sweeps: a grid of training runs from one base config, one result record per run.
+
+    python -m experiments.sweep configs/sweeps/tiny.yaml [--out DIR] [--jobs N] [--dry-run]
+
+A sweep file names a base config, overrides for every run, and a grid. Each grid axis maps point
+names to override lists; a key that is a config key maps to a list of values (shorthand):
+
+    name: tiny                           # sweep directory runs/sweeps/<name> (or --out)
+    base: configs/quickstart.yaml
+    overrides: [log.sample_tokens=0]
+    grid:
+      arch:                              # the axis named `arch` labels the records' architecture
+        attention: [model.mixers=[attention]]
+        hybrid_gla: ["model.mixers=[gla, attention]"]
+      model.d_model: [32, 64]            # shorthand: point names are the values
+      tokens:
+        short: [train.steps=100]
+        long: [train.steps=300]
+
+The grid expands to the product of its axes (run name: the point names joined by `-`). Every
+run's config is resolved and checked before the first run starts. Runs whose record is already in
+`<sweep>/results.jsonl` are skipped; an interrupted run resumes from its checkpoint. Runs go one
+after another, or `--jobs N` at a time as separate processes. Each finished run appends one JSON
+line to results.jsonl:
+
+    name, arch, overrides        the run and its resolved overrides (sweep overrides, then grid)
+    params                       total parameters (ModelConfig.num_params)
+    non_embedding_params         params minus the token embedding (and the output head if untied)
+    active_params                parameters one token uses (MoE: router, top_k and shared experts)
+    tokens                       training tokens = steps x batch_size x seq_len
+    flops                        training FLOPs = 3 x forward FLOPs per token x tokens; forward
+                                 FLOPs count 2 per multiply-add of every matmul at seq_len,
+                                 attention scores included (ModelConfig.flops_per_token)
+    val_loss, val_bpb            final validation loss (nats per token) and bits per byte
+    wall_s                       seconds the run took (process start to exit)
+"""
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import yaml
+from tqdm import tqdm
+
+from train.config import Config, ConfigError, load_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SWEEP_KEYS = {"name", "base", "overrides", "grid"}
+
+
+class SweepError(ValueError):
+    """A problem with a sweep file, one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    name: str
+    arch: str
+    overrides: tuple[str, ...]
+    config: Config
+
+
+def _axis_points(axis: str, points) -> list[tuple[str, list[str]]]:
+    """[(point name, overrides)] of one grid axis."""
+    if isinstance(points, dict):
+        out = []
+        for point, overrides in points.items():
+            overrides = [overrides] if isinstance(overrides, str) else overrides
+            if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
+                raise SweepError(f"grid.{axis}.{point} must be a list of key=value overrides, got {overrides!r}")
+            out.append((str(point), list(overrides)))
+        return out
+    if isinstance(points, list) and points and "." in axis:
+        return [(str(v), [f"{axis}={_yaml_value(v)}"]) for v in points]
+    raise SweepError(f"grid.{axis} must map point names to override lists, or (for a config key such as "
+                     f"model.d_model) be a non-empty list of values; got {points!r}")
+
+
+def _yaml_value(value) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def load_sweep(path: str | pathlib.Path) -> tuple[dict, list[Run]]:
+    """(the sweep file's tree, its runs with resolved configs); every problem is one line."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise SweepError(f"sweep file {str(path)!r} does not exist")
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict) or set(tree) - SWEEP_KEYS or "base" not in tree or "grid" not in tree:
+        raise SweepError(f"sweep file {str(path)!r} must be a mapping with keys base and grid (and optionally name, "
+                         f"overrides); got {sorted(tree) if isinstance(tree, dict) else type(tree).__name__}")
+    base = ROOT / tree["base"] if not pathlib.Path(tree["base"]).is_absolute() else pathlib.Path(tree["base"])
+    common = list(tree.get("overrides") or [])
+    grid = tree["grid"]
+    if not isinstance(grid, dict) or not grid:
+        raise SweepError(f"grid must map axis names to points; got {grid!r}")
+    axes = {axis: _axis_points(axis, points) for axis, points in grid.items()}
+    runs = []
+    for combination in itertools.product(*axes.values()):
+        names = [point for point, _ in combination]
+        overrides = tuple(common + [o for _, point_overrides in combination for o in point_overrides])
+        name = "-".join(names)
+        arch = dict(zip(axes, names)).get("arch", "default")
+        try:
+            config = load_config(base, list(overrides))
+        except ConfigError as e:
+            raise SweepError(f"run {name}: {e}") from None
+        runs.append(Run(name, arch, overrides, config))
+    return {**tree, "base": str(base)}, runs
+
+
+def record(run: Run, run_dir: pathlib.Path, wall_s: float) -> dict:
+    """The result record of a finished run (see the module docstring for the keys)."""
+    model, data, train = run.config.model, run.config.data, run.config.train
+    params = model.num_params()
+    embedding = model.vocab_size * model.d_model * (1 if model.tie_embeddings else 2)
+    tokens = train.steps * data.batch_size * data.seq_len
+    evals = [r for r in _read_jsonl(run_dir / "metrics.jsonl") if "val_loss" in r]
+    if not evals or evals[-1]["step"] != train.steps:
+        raise RuntimeError(f"run {run.name} finished without a final evaluation in {run_dir / 'metrics.jsonl'}")
+    return {"name": run.name, "arch": run.arch, "overrides": list(run.overrides), "params": params,
+            "non_embedding_params": params - embedding, "active_params": model.num_active_params(),
+            "tokens": tokens, "flops": 3 * model.flops_per_token(data.seq_len) * tokens,
+            "val_loss": evals[-1]["val_loss"], "val_bpb": evals[-1]["val_bpb"], "wall_s": round(wall_s, 2)}
+
+
+def _read_jsonl(path: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def completed(sweep_dir: pathlib.Path) -> set[str]:
+    return {r["name"] for r in _read_jsonl(sweep_dir / "results.jsonl")}
+
+
+def train_run(run: Run, base: str, sweep_dir: pathlib.Path) -> dict:
+    """Train one run in its own process (log in <run dir>/train.log); returns its record."""
+    run_dir = sweep_dir / "runs" / run.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(run_dir / "train.log", "a") as log:
+        done = subprocess.run([sys.executable, "-m", "train", "--config", base, "--run-dir", str(run_dir),
+                               *run.overrides], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if done.returncode != 0:
+        raise RuntimeError(f"run {run.name} failed with exit status {done.returncode}; see {run_dir / 'train.log'}")
+    return record(run, run_dir, time.perf_counter() - start)
+
+
+def run_sweep(path: str | pathlib.Path, out: str | pathlib.Path | None = None, *, jobs: int = 1,
+              progress: bool = True) -> pathlib.Path:
+    """Run every incomplete run of the sweep file; returns the sweep directory."""
+    tree, runs = load_sweep(path)
+    sweep_dir = pathlib.Path(out or ROOT / "runs" / "sweeps" / tree.get("name", pathlib.Path(path).stem))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / "sweep.yaml").write_text(pathlib.Path(path).read_text())
+    done = completed(sweep_dir)
+    todo = [r for r in runs if r.name not in done]
+    bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc=f"sweep {sweep_dir.name}", unit="run",
+               disable=not progress, dynamic_ncols=True)
+    bar.set_postfix_str(f"{len(todo)} to run")
+    lock = threading.Lock()
+    failures = []
+
+    def one(run: Run) -> None:
+        try:
+            result = train_run(run, tree["base"], sweep_dir)
+        except RuntimeError as e:
+            failures.append(str(e))
+            return
+        with lock:
+            with open(sweep_dir / "results.jsonl", "a") as f:
+                f.write(json.dumps(result) + "\n")
+            bar.update(1)
+            bar.set_postfix_str(f"{run.name}: val_loss {result['val_loss']:.4f}")
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        list(pool.map(one, todo))
+    bar.close()
+    if failures:
+        raise RuntimeError(f"{len(failures)} of {len(todo)} runs failed; first: {failures[0]}")
+    return sweep_dir
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.sweep", description="Run a grid of training runs.")
+    p.add_argument("sweep", help="sweep file, e.g. configs/sweeps/tiny.yaml")
+    p.add_argument("--out", default=None, help="sweep directory (default: runs/sweeps/<name>)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time, as separate processes (default 1)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their status; train nothing")
+    args = p.parse_args(argv)
+    try:
+        if args.dry_run:
+            tree, runs = load_sweep(args.sweep)
+            sweep_dir = pathlib.Path(args.out or ROOT / "runs" / "sweeps" / tree.get("name", pathlib.Path(args.sweep).stem))
+            done = completed(sweep_dir)
+            for run in runs:
+                c = run.config
+                print(f"{'done' if run.name in done else 'todo':4} {run.name:32} params {c.model.num_params():>10,} "
+                      f"tokens {c.train.steps * c.data.batch_size * c.data.seq_len:>12,}")
+            return 0
+        sweep_dir = run_sweep(args.sweep, args.out, jobs=args.jobs)
+    except (SweepError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"results: {sweep_dir / 'results.jsonl'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Sweeps: the grid expands to named runs with resolved configs, the records carry the compute
+accounting of the configs, bad sweep files fail in one line before any run, and an end-to-end
+sweep of two tiny runs writes two records and skips them when rerun."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from experiments.sweep import SweepError, load_sweep, record
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+TINY = ["model.d_model=16", "model.num_layers=1", "model.num_heads=2", "data.seq_len=32", "data.batch_size=4",
+        "train.eval_batches=1", "train.log_every=1", "log.sample_tokens=0", "log.progress_bar=false",
+        "log.tensorboard=false", "checkpoint.every=1000"]
+
+
+def write(tmp_path, text: str) -> pathlib.Path:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_grid_expands_to_the_product_with_names_and_arch(tmp_path):
+    path = write(tmp_path, """
+base: configs/quickstart.yaml
+overrides: [model.num_layers=1]
+grid:
+  arch:
+    attention: ["model.mixers=[attention]"]
+    gla: ["model.mixers=[gla]"]
+  model.d_model: [32, 64, 96]
+  tokens:
+    short: [train.steps=10]
+""")
+    _, runs = load_sweep(path)
+    assert [r.name for r in runs][:3] == ["attention-32-short", "attention-64-short", "attention-96-short"]
+    assert len(runs) == 6 and {r.arch for r in runs} == {"attention", "gla"}
+    last = runs[-1]
+    assert last.overrides == ("model.num_layers=1", "model.mixers=[gla]", "model.d_model=96", "train.steps=10")
+    assert last.config.model.d_model == 96 and last.config.model.mixers == ["gla"] and last.config.train.steps == 10
+
+
+@pytest.mark.parametrize("text,message", [
+    ("grid: {a: {x: [train.steps=1]}}", "must be a mapping with keys base and grid"),
+    ("base: configs/quickstart.yaml\ngrid: {size: [1, 2]}", "grid.size must map point names to override lists"),
+    ("base: configs/quickstart.yaml\ngrid: {size: {s: [steps]}}", "grid.size.s must be a list of key=value"),
+    ("base: configs/quickstart.yaml\ngrid: {model.d_modl: [32]}", "run 32: unknown config key 'model.d_modl'"),
+])
+def test_bad_sweep_files_fail_in_one_line(tmp_path, text, message):
+    with pytest.raises(SweepError, match=message.replace("[", r"\[")) as info:
+        load_sweep(write(tmp_path, text))
+    assert "\n" not in str(info.value)
+
+
+def test_record_holds_the_compute_accounting(tmp_path):
+    path = write(tmp_path, "base: configs/quickstart.yaml\ngrid: {arch: {moe: ['model.ffns=[moe]', train.steps=7]}}")
+    (run,) = load_sweep(path)[1]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 7, "val_loss": 1.5, "val_bpb": 2.1}) + "\n")
+    r = record(run, run_dir, 12.0)
+    m, d = run.config.model, run.config.data
+    assert r["tokens"] == 7 * d.batch_size * d.seq_len
+    assert r["flops"] == 3 * m.flops_per_token(d.seq_len) * r["tokens"]
+    assert r["params"] == m.num_params() and r["non_embedding_params"] == m.num_params() - m.vocab_size * m.d_model
+    assert r["active_params"] == m.num_active_params() < r["params"]      # MoE: top-k of the experts
+    assert (r["arch"], r["val_loss"], r["val_bpb"], r["wall_s"]) == ("moe", 1.5, 2.1, 12.0)
+
+
+@pytest.mark.slow
+def test_sweep_runs_then_skips_completed_runs(tmp_path):
+    path = write(tmp_path, "base: configs/quickstart.yaml\noverrides: " + json.dumps(TINY) + """
+grid:
+  arch:
+    attention: ["model.mixers=[attention]"]
+    gla: ["model.mixers=[gla]"]
+  tokens:
+    t: [train.steps=3, train.eval_every=3]
+""")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "experiments.sweep", str(path), "--out", str(out)]
+    first = subprocess.run(command + ["--jobs", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["name"] for r in records) == ["attention-t", "gla-t"]
+    for r in records:
+        assert r["tokens"] == 3 * 4 * 32 and r["val_loss"] > 0 and r["wall_s"] > 0
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and len((out / "results.jsonl").read_text().splitlines()) == 2
+    dry = subprocess.run(command + ["--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert dry.stdout.count("done") == 2
