@@ -46,3 +46,16 @@ def test_quickstart_trains_and_samples():
     assert losses[-1] < losses[0] - 0.3
     assert result["mixers"] == ["gla", "attention"]
     assert result["sample"].startswith("ROMEO:")
+
+
+def test_layer_zoo_covers_every_registered_mixer():
+    from arch import MIXERS
+
+    result = execute("layer_zoo.ipynb", "D_MODEL, NUM_HEADS, BATCH = 32, 2, 1\nSEQ_LENS, REPEATS = [64, 128], 1",
+                     '{"summary": summary, "rows": rows}')
+    assert sorted(result["summary"]) == MIXERS.names()
+    for name, row in result["summary"].items():
+        assert row["output_shape"] == [1, 64, 32], name
+        assert row["params"] == row["analytic_params"], name
+    assert {(r["mixer"], r["T"]) for r in result["rows"]} == {(m, T) for m in MIXERS.names() for T in (64, 128)}
+    assert all(r["us_per_token"] > 0 and r["flops_per_token"] > 0 for r in result["rows"])
