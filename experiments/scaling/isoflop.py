@@ -111,8 +111,8 @@ def fit_isoflop(records: Sequence[dict], *, params_key: str = "params", budget_k
     if len(budgets) < 2:
         sizes = max(len(np.unique(param_counts(group, params_key))) for group in groups)
         raise InsufficientDataError(
-            f"{len(budgets)} of {len(groups)} compute budgets have a loss minimum (at most {sizes} sizes "
-            "per budget); the IsoFLOP fit needs 2 budgets with 3+ sizes around their minimum")
+            f"{len(budgets)} of {len(groups)} compute budgets have a loss minimum (most sizes in one budget: "
+            f"{sizes}); the IsoFLOP fit needs 2 budgets with 3+ sizes around their minimum")
     log_c = np.log([b.flops for b in budgets])
     n_exponent, n_log_coefficient = np.polyfit(log_c, np.log([b.n_opt for b in budgets]), 1)
     d_exponent, d_log_coefficient = np.polyfit(log_c, np.log([b.d_opt for b in budgets]), 1)

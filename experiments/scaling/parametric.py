@@ -76,6 +76,8 @@ def fit_arrays(n, d, loss, *, delta=1e-3, init_grid=None, num_starts=16, extra_s
             options={"maxiter": 2000, "ftol": 1e-15, "gtol": 1e-10})
         if np.all(np.isfinite(result.x)) and (best is None or result.fun < best.fun):
             best = result
+    if best is None:
+        raise ValueError(f"L-BFGS found no finite fit from {len(starts)} starts")
     a, b, e, alpha, beta = best.x
     return {"E": float(np.exp(e)), "A": float(np.exp(a)), "B": float(np.exp(b)),
             "alpha": float(alpha), "beta": float(beta), "loss": float(best.fun * delta),
