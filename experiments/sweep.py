@@ -17,6 +17,16 @@ names to override lists; a key that is a config key maps to a list of values (sh
         short: [train.steps=100]
         long: [train.steps=300]
 
+A run may name a training compute budget instead of its step count: `sweep.flops=3e11` (a sweep
+key, not a config key) sets train.steps to the whole number of steps whose training FLOPs
+(3 x the run's own forward flops_per_token x batch_size x seq_len per step) come nearest to the
+budget. Every architecture and size then spends the same compute, whatever its attention or
+recurrence costs, and the runs of one budget form an IsoFLOP profile:
+
+      budget:
+        1e11: [sweep.flops=1e11]
+        1e12: [sweep.flops=1e12]
+
 The grid expands to the product of its axes (run name: the point names joined by `-`). Every
 run's config is resolved and checked before the first run starts. Runs whose record is already in
 `<sweep>/results.jsonl` are skipped; an interrupted run resumes from its checkpoint. Runs go one
@@ -31,6 +41,7 @@ line to results.jsonl:
     flops                        training FLOPs = 3 x forward FLOPs per token x tokens; forward
                                  FLOPs count 2 per multiply-add of every matmul at seq_len,
                                  attention scores included (ModelConfig.flops_per_token)
+    budget_flops                 the run's `sweep.flops` budget (only for runs that name one)
     val_loss, val_bpb            final validation loss (nats per token) and bits per byte
     wall_s                       seconds the run took (process start to exit)
 """
@@ -54,6 +65,7 @@ from train.config import Config, ConfigError, load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SWEEP_KEYS = {"name", "base", "overrides", "grid"}
+BUDGET_KEY = "sweep.flops"   # an override that sets train.steps from a training-FLOPs budget
 
 
 class SweepError(ValueError):
@@ -64,8 +76,9 @@ class SweepError(ValueError):
 class Run:
     name: str
     arch: str
-    overrides: tuple[str, ...]
+    overrides: tuple[str, ...]   # config overrides only: a budget is resolved into train.steps
     config: Config
+    budget_flops: float | None = None
 
 
 def _axis_points(axis: str, points) -> list[tuple[str, list[str]]]:
@@ -109,12 +122,50 @@ def load_sweep(path: str | pathlib.Path) -> tuple[dict, list[Run]]:
         overrides = tuple(common + [o for _, point_overrides in combination for o in point_overrides])
         name = "-".join(names)
         arch = dict(zip(axes, names)).get("arch", "default")
+        overrides, budget = _split_budget(name, overrides)
         try:
             config = load_config(base, list(overrides))
+            if budget is not None:
+                overrides += (f"train.steps={steps_for_budget(name, config, budget)}",)
+                config = load_config(base, list(overrides))
         except ConfigError as e:
             raise SweepError(f"run {name}: {e}") from None
-        runs.append(Run(name, arch, overrides, config))
+        runs.append(Run(name, arch, overrides, config, budget))
     return {**tree, "base": str(base)}, runs
+
+
+def _split_budget(name: str, overrides: tuple[str, ...]) -> tuple[tuple[str, ...], float | None]:
+    """(the config overrides, the `sweep.flops` budget or None); other `sweep.` keys are errors."""
+    config_overrides, budgets = [], []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if not key.startswith("sweep."):
+            config_overrides.append(override)
+        elif key != BUDGET_KEY:
+            raise SweepError(f"run {name}: unknown sweep key {key!r}; the only one is {BUDGET_KEY!r}")
+        else:
+            try:
+                budgets.append(float(yaml.safe_load(value)))
+            except (ValueError, TypeError, yaml.YAMLError):
+                raise SweepError(f"run {name}: {BUDGET_KEY}={value!r} must be a number of FLOPs, e.g. 3e11") from None
+            if not budgets[-1] > 0 or budgets[-1] == float("inf"):
+                raise SweepError(f"run {name}: {BUDGET_KEY}={value} must be a positive number of FLOPs")
+    if len(budgets) > 1:
+        raise SweepError(f"run {name}: {BUDGET_KEY} is set {len(budgets)} times; a run has one budget")
+    if budgets and any(o.startswith("train.steps=") for o in config_overrides):
+        raise SweepError(f"run {name}: both {BUDGET_KEY} and train.steps are set; the budget decides the steps")
+    return tuple(config_overrides), budgets[0] if budgets else None
+
+
+def steps_for_budget(name: str, config: Config, budget: float) -> int:
+    """The number of training steps whose FLOPs come nearest to `budget` (at least 1 step's worth)."""
+    data = config.data
+    per_step = 3 * config.model.flops_per_token(data.seq_len) * data.batch_size * data.seq_len
+    steps = round(budget / per_step)
+    if steps < 1:
+        raise SweepError(f"run {name}: {BUDGET_KEY}={budget:g} is less than one step "
+                         f"({per_step:.3g} training FLOPs at batch_size={data.batch_size}, seq_len={data.seq_len})")
+    return steps
 
 
 def record(run: Run, run_dir: pathlib.Path, wall_s: float) -> dict:
@@ -126,9 +177,10 @@ def record(run: Run, run_dir: pathlib.Path, wall_s: float) -> dict:
     evals = [r for r in _read_jsonl(run_dir / "metrics.jsonl") if "val_loss" in r]
     if not evals or evals[-1]["step"] != train.steps:
         raise RuntimeError(f"run {run.name} finished without a final evaluation in {run_dir / 'metrics.jsonl'}")
+    budget = {} if run.budget_flops is None else {"budget_flops": run.budget_flops}
     return {"name": run.name, "arch": run.arch, "overrides": list(run.overrides), "params": params,
             "non_embedding_params": params - embedding, "active_params": model.num_active_params(),
-            "tokens": tokens, "flops": 3 * model.flops_per_token(data.seq_len) * tokens,
+            "tokens": tokens, "flops": 3 * model.flops_per_token(data.seq_len) * tokens, **budget,
             "val_loss": evals[-1]["val_loss"], "val_bpb": evals[-1]["val_bpb"], "wall_s": round(wall_s, 2)}
 
 
@@ -203,8 +255,10 @@ def main(argv=None) -> int:
             done = completed(sweep_dir)
             for run in runs:
                 c = run.config
+                tokens = c.train.steps * c.data.batch_size * c.data.seq_len
                 print(f"{'done' if run.name in done else 'todo':4} {run.name:32} params {c.model.num_params():>10,} "
-                      f"tokens {c.train.steps * c.data.batch_size * c.data.seq_len:>12,}")
+                      f"steps {c.train.steps:>6,} tokens {tokens:>12,} "
+                      f"flops {3 * c.model.flops_per_token(c.data.seq_len) * tokens:.3g}")
             return 0
         sweep_dir = run_sweep(args.sweep, args.out, jobs=args.jobs)
     except (SweepError, RuntimeError) as e:

@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--num-starts", type=int, default=16, help="L-BFGS starts (best points of the grid)")
     fit.add_argument("--k", type=float, default=6.0, help="C = k N D for the compute-optimal allocation")
     fit.add_argument("--budget-key", default=None,
-                     help="record key or override naming the compute budget (default: group by flops)")
+                     help="record key or override naming the compute budget (default: budget_flops where every "
+                          "run has one, i.e. a sweep.flops sweep; else group by flops)")
     fit.add_argument("--budget-tolerance", type=float, default=0.05,
                      help="without --budget-key: runs within this many decades of flops share a budget")
     args = parser.parse_args(argv)

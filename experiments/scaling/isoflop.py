@@ -5,7 +5,9 @@ loss in log N gives N_opt(C) at its vertex, and one in log D gives D_opt(C). Ove
 least squares in log space fits N_opt = a C**b and D_opt = a' C**b'; under C = k N D, b + b' = 1.
 
 A budget's runs are those whose `budget_key` (a record key or "key=value" override) is equal, or,
-without a key, whose log10(flops) lie within `tolerance` of the smallest in the group.
+without a key, those with the same `budget_flops` (the `sweep.flops` a sweep run was given) when
+every record has one, and otherwise those whose log10(flops) lie within `tolerance` of the
+smallest in the group.
 """
 
 import dataclasses
@@ -50,6 +52,8 @@ class IsoFLOPFit:
 def group_budgets(records: Sequence[dict], *, budget_key: str | None = None,
                   tolerance: float = 0.05) -> list[list[dict]]:
     """Records grouped into compute budgets, in increasing flops (see the module docstring)."""
+    if budget_key is None and records and all(record.get("budget_flops") for record in records):
+        budget_key = "budget_flops"
     if budget_key is not None:
         groups = list(group_by(records, budget_key).values())
         return sorted(groups, key=lambda group: float(np.mean(np.log(column(group, "flops")))))

@@ -10,6 +10,7 @@ import pathlib
 from collections.abc import Mapping, Sequence
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
@@ -71,6 +72,10 @@ def plot_isoflop(groups: Mapping[str, Sequence[dict]], isoflop_fits: Mapping[str
                 axes.plot(fitted.n_opt, fitted.loss_opt, "x", color=color, ms=8)
         title = arch if fit else f"{arch} (no IsoFLOP fit)"
         axes.set(xscale="log", xlabel=f"N ({params_key})", ylabel="val loss (nats/token)", title=title)
+        # ticks at 1, 2 and 5 per decade: matplotlib's own minor labels collide over one or two decades
+        axes.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        axes.xaxis.set_major_formatter(matplotlib.ticker.LogFormatterSciNotation(labelOnlyBase=False))
+        axes.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axes.legend(fontsize=7)
     return _save(figure, path)
 

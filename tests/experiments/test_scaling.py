@@ -99,6 +99,17 @@ def test_isoflop_groups_by_flops_tolerance_and_by_key():
     assert [len(g) for g in group_budgets(records, tolerance=0.01)] == [2, 2, 2, 2]
 
 
+def test_isoflop_groups_sweep_budgets_by_budget_flops():
+    # a sweep.flops sweep records each run's budget: whole steps put its flops within a step of it
+    records = isoflop_records(CHINCHILLA, [1e18, 1e19], noise=0.0, seed=0, sizes=4)
+    for i, record in enumerate(records):
+        record["budget_flops"] = 1e18 if i < 4 else 1e19
+        record["flops"] *= 1.2 if i % 2 else 0.9
+    assert [len(g) for g in group_budgets(records, tolerance=0.01)] == [4, 4]
+    del records[0]["budget_flops"]   # not every record has one: grouped by flops
+    assert [len(g) for g in group_budgets(records, tolerance=0.01)] == [2, 2, 2, 2]
+
+
 def test_isoflop_too_few_budgets_is_one_line_error():
     tiny = make_records(CHINCHILLA, np.repeat([1e7, 3e7, 1e8], 2), np.tile([1e9, 4e9], 3), noise=0.0, seed=0)
     with pytest.raises(ValueError, match="IsoFLOP fit needs 2 budgets") as error:

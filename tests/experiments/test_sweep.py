@@ -70,6 +70,51 @@ def test_record_holds_the_compute_accounting(tmp_path):
     assert (r["arch"], r["val_loss"], r["val_bpb"], r["wall_s"]) == ("moe", 1.5, 2.1, 12.0)
 
 
+def test_flops_budget_sets_the_steps_from_each_runs_own_flops(tmp_path):
+    """One budget buys each architecture and size the steps its own flops_per_token allows: the
+    training FLOPs are within half a step of the budget, and a costlier model gets fewer steps."""
+    path = write(tmp_path, """
+base: configs/quickstart.yaml
+overrides: [model.num_layers=2, data.seq_len=128, data.batch_size=16]
+grid:
+  arch:
+    attention: ["model.mixers=[attention]"]
+    gla: ["model.mixers=[gla]"]
+  model.d_model: [32, 64]
+  sweep.flops: [3.0e+11, 1e12]
+""")
+    runs = load_sweep(path)[1]
+    assert [r.name for r in runs][:2] == ["attention-32-300000000000.0", "attention-32-1e12"]
+    steps = {}
+    for run in runs:
+        m, d, t = run.config.model, run.config.data, run.config.train
+        per_step = 3 * m.flops_per_token(d.seq_len) * d.batch_size * d.seq_len
+        assert abs(t.steps * per_step - run.budget_flops) <= per_step / 2, run.name
+        assert run.overrides[-1] == f"train.steps={t.steps}" and not any("sweep." in o for o in run.overrides)
+        steps[run.name] = t.steps
+    assert steps["attention-64-1e12"] < steps["attention-32-1e12"]
+    assert steps["gla-32-1e12"] != steps["attention-32-1e12"]             # GLA's FLOPs per token differ
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"step": runs[1].config.train.steps, "val_loss": 1.5,
+                                                       "val_bpb": 2.1}) + "\n")
+    r = record(runs[1], run_dir, 1.0)
+    assert r["budget_flops"] == 1e12 and r["flops"] == pytest.approx(1e12, rel=0.01)
+
+
+@pytest.mark.parametrize("grid,message", [
+    ("{b: {x: [sweep.flops=1e3]}}", "sweep.flops=1000 is less than one step"),
+    ("{b: {x: [sweep.flops=-5]}}", "sweep.flops=-5 must be a positive number of FLOPs"),
+    ("{b: {x: [sweep.flops=lots]}}", "sweep.flops='lots' must be a number of FLOPs"),
+    ("{b: {x: [sweep.flops=1e12, train.steps=5]}}", "both sweep.flops and train.steps are set"),
+    ("{b: {x: [sweep.tokens=1e6]}}", "unknown sweep key 'sweep.tokens'"),
+])
+def test_bad_budgets_fail_in_one_line(tmp_path, grid, message):
+    with pytest.raises(SweepError, match=message) as info:
+        load_sweep(write(tmp_path, f"base: configs/quickstart.yaml\ngrid: {grid}"))
+    assert "\n" not in str(info.value)
+
+
 @pytest.mark.slow
 def test_sweep_runs_then_skips_completed_runs(tmp_path):
     path = write(tmp_path, "base: configs/quickstart.yaml\noverrides: " + json.dumps(TINY) + """
