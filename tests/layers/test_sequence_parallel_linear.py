@@ -113,7 +113,7 @@ def gathered_arrays(text, op):
 B = 2
 mesh = mesh_of(seq=4)
 results = {}
-for name in ("gla", "mamba2"):
+for name in ("linear_attention", "gla", "mamba2"):
     graphdef, params, rest = abstract(lambda: StackOfTwo(name))
     loss = lambda params, x, segment_ids: jnp.sum(nnx.merge(graphdef, params, rest, copy=True)(x, segment_ids) ** 2)
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
@@ -159,7 +159,8 @@ def test_sequence_parallel_equals_single_device(name):
 
 @pytest.mark.multi_device
 def test_one_all_gather_per_layer_and_direction():
-    """Compiled forward + backward of a stack of two layers (GLA, Mamba-2) with seq=4, at T and 2T.
+    """Compiled forward + backward of a stack of two layers (linear attention, GLA, Mamba-2) with
+    seq=4, at T and 2T.
 
     The property: per layer, one all-gather in the forward (the packed buffer of chunk states,
     decays and segment ids, [P, 2, b, H K V + H K' + 4]) and one in the backward (the cotangents of
@@ -169,14 +170,16 @@ def test_one_all_gather_per_layer_and_direction():
     their shapes. Mamba-2's convolution halo moves by collective-permutes (2 per layer and direction).
     """
     results = run_with_devices(COLLECTIVES, devices=8)
-    # b = 2 rows, P = 4; K' = K for GLA's per-channel gates, 1 for Mamba-2's scalar decay
-    for name, (H, K, V, K_decay) in {"gla": (2, 8, 16, 8), "mamba2": (4, 8, 16, 1)}.items():
+    # b = 2 rows, P = 4; K' = K for GLA's per-channel gates, 1 for the scalar decays of linear
+    # attention (fixed per head) and Mamba-2
+    layers = {"linear_attention": (2, 8, 8, 1), "gla": (2, 8, 16, 8), "mamba2": (4, 8, 16, 1)}
+    for name, (H, K, V, K_decay) in layers.items():
         forward, backward = f"f32[4,2,2,{H * K * V + H * K_decay + 4}]", f"f32[4,2,2,{H},{K},{V}]"
         for T in (96, 192):
             gathered = results[f"{name} T={T}"]["all-gather"]
             assert sorted(gathered) == sorted([forward, forward, backward, backward]), (name, T, gathered)
         assert results[f"{name} T=96"] == results[f"{name} T=192"]
-    assert results["gla T=96"]["collective-permute"] == 0
+    assert results["gla T=96"]["collective-permute"] == results["linear_attention T=96"]["collective-permute"] == 0
     assert results["mamba2 T=96"]["collective-permute"] == 2 * 2 * 2
 
 
