@@ -70,6 +70,15 @@ def test_record_holds_the_compute_accounting(tmp_path):
     assert (r["arch"], r["val_loss"], r["val_bpb"], r["wall_s"]) == ("moe", 1.5, 2.1, 12.0)
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_sweeps_load(path):
+    """Every run of every sweep in configs/sweeps resolves to a valid config; budgets buy >= 20 steps."""
+    _, runs = load_sweep(path)
+    assert len(runs) >= 12 and len({r.name for r in runs}) == len(runs)
+    assert {r.arch for r in runs} >= {"attention", "hybrid_gla"}
+    assert all(r.config.train.steps >= 20 for r in runs)
+
+
 def test_flops_budget_sets_the_steps_from_each_runs_own_flops(tmp_path):
     """One budget buys each architecture and size the steps its own flops_per_token allows: the
     training FLOPs are within half a step of the budget, and a costlier model gets fewer steps."""
