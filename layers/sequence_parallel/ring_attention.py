@@ -152,6 +152,18 @@ def _scores(q_bxQxGxMxD, k_bxKxGxD, allowed_bxQxK, scale):
     return jnp.where(allowed_bxQxK[:, None, None], s, -jnp.inf)
 
 
+def _put(x, axis, part, new, *, add=False):
+    """x with its rows `part` (a slice) along `axis` replaced by `new`, or increased by it.
+
+    A static-slice `x.at[...].set` lowers to a scatter whose empty index arrays jax 0.11 hoists
+    into the shard_map as zero-sized operands, and XLA:CPU's SPMD partitioner then crashes
+    (segfault); dynamic_update_slice has no index arrays."""
+    start = part.start or 0
+    if add:
+        new = jax.lax.slice_in_dim(x, start, start + new.shape[axis], axis=axis) + new
+    return jax.lax.dynamic_update_slice_in_dim(x, new.astype(x.dtype), start, axis)
+
+
 def _square_cases(c, causal_LxL):
     """(query rows, key rows, causal mask or None) of the three cases of `_case`."""
     return ((slice(None), slice(None), causal_LxL), (slice(None), slice(0, c), None),
@@ -174,7 +186,7 @@ def _forward_local(q, k, v, seg, *, scale, num_devices):
         l = alpha * l + p.sum(-1)
         acc = alpha[..., None] * acc + jnp.einsum("bgmqk,bkgd->bgmqd", p.astype(v.dtype), v[:, cols],
                                                   preferred_element_type=F32)
-        return tuple(x.at[:, :, :, rows].set(new) for x, new in zip(state, (m_new, l, acc)))
+        return tuple(_put(x, 3, rows, new) for x, new in zip(state, (m_new, l, acc)))
 
     def step(state, blocks, accumulators, src):
         branches = [functools.partial(fold, rows=r, cols=c, causal=m) for r, c, m in cases]
@@ -203,11 +215,11 @@ def _backward_local(q, k, v, seg, o, lse, do, *, scale, num_devices):
         p = jnp.exp(s - lse[:, :, :, rows, None])                                           # masked: 0
         dp = jnp.einsum("bqgmd,bkgd->bgmqk", do[:, rows], v[:, cols], preferred_element_type=F32)
         ds = p * (dp - delta[:, :, :, rows, None]) * scale
-        dq = dq.at[:, rows].add(jnp.einsum("bgmqk,bkgd->bqgmd", ds.astype(k.dtype), k[:, cols],
-                                           preferred_element_type=F32))
+        dq = _put(dq, 1, rows, jnp.einsum("bgmqk,bkgd->bqgmd", ds.astype(k.dtype), k[:, cols],
+                                          preferred_element_type=F32), add=True)
         dk = jnp.einsum("bgmqk,bqgmd->bkgd", ds.astype(q.dtype), q[:, rows], preferred_element_type=F32)
         dv = jnp.einsum("bgmqk,bqgmd->bkgd", p.astype(do.dtype), do[:, rows], preferred_element_type=F32)
-        return dq, (dkv[0].at[:, cols].add(dk), dkv[1].at[:, cols].add(dv))
+        return dq, (_put(dkv[0], 1, cols, dk, add=True), _put(dkv[1], 1, cols, dv, add=True))
 
     def step(dq, blocks, dkv, src):
         branches = [functools.partial(grads, rows=r, cols=c, causal=m) for r, c, m in cases]
