@@ -52,6 +52,12 @@ def plot_loss_vs_compute(groups: Mapping[str, Sequence[dict]], path: pathlib.Pat
     return _save(figure, path)
 
 
+def _short_exponent(value: float, _position=None) -> str:
+    """2e4 for 20000 (tick labels)."""
+    mantissa, exponent = f"{value:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
 def plot_isoflop(groups: Mapping[str, Sequence[dict]], isoflop_fits: Mapping[str, IsoFLOPFit | None],
                  path: pathlib.Path, *, params_key: str = "params", budget_key: str | None = None,
                  tolerance: float = 0.05) -> pathlib.Path:
@@ -74,7 +80,7 @@ def plot_isoflop(groups: Mapping[str, Sequence[dict]], isoflop_fits: Mapping[str
         axes.set(xscale="log", xlabel=f"N ({params_key})", ylabel="val loss (nats/token)", title=title)
         # ticks at 1, 2 and 5 per decade: matplotlib's own minor labels collide over one or two decades
         axes.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
-        axes.xaxis.set_major_formatter(matplotlib.ticker.LogFormatterSciNotation(labelOnlyBase=False))
+        axes.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_short_exponent))
         axes.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axes.legend(fontsize=7)
     return _save(figure, path)
