@@ -72,11 +72,11 @@ def test_record_holds_the_compute_accounting(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.stem)
 def test_shipped_sweeps_load(path):
-    """Every run of every sweep in configs/sweeps resolves to a valid config; budgets buy >= 20 steps."""
+    """Every run of every sweep in configs/sweeps resolves to a valid config under its own name, and
+    runs long enough to finish its warmup."""
     _, runs = load_sweep(path)
-    assert len(runs) >= 12 and len({r.name for r in runs}) == len(runs)
-    assert {r.arch for r in runs} >= {"attention", "hybrid_gla"}
-    assert all(r.config.train.steps >= 20 for r in runs)
+    assert len({r.name for r in runs}) == len(runs)
+    assert all(r.config.train.steps > r.config.optim.warmup_steps for r in runs)
 
 
 def test_flops_budget_sets_the_steps_from_each_runs_own_flops(tmp_path):
@@ -90,10 +90,10 @@ grid:
     attention: ["model.mixers=[attention]"]
     gla: ["model.mixers=[gla]"]
   model.d_model: [32, 64]
-  sweep.flops: [3.0e+11, 1e12]
+  sweep.flops: [3e11, 1e12]
 """)
     runs = load_sweep(path)[1]
-    assert [r.name for r in runs][:2] == ["attention-32-300000000000.0", "attention-32-1e12"]
+    assert [r.name for r in runs][:2] == ["attention-32-3e11", "attention-32-1e12"]
     steps = {}
     for run in runs:
         m, d, t = run.config.model, run.config.data, run.config.train
