@@ -20,7 +20,6 @@ class SparseAttentionConfig(StrictConfig):
 
     block_size: int = 16                # tokens per query block and per key block
     top_k: int = 2                      # past blocks selected per query block; the current block is always added
-    implementation: str | None = None   # block_sparse_attention implementation (None: best for the backend)
     # training-free sparse prefill of the softmax `attention` mixer (layers/sparse_prefill): the selector
     # lists blocks of block_size on the no-cache path; prefill_options are its budget knobs, e.g.
     # {threshold: 0.95}. Decoding with a KV cache stays dense.
@@ -51,10 +50,56 @@ class MoEOptions(StrictConfig):
     balance_scope: Literal["sequence", "micro", "global"] = "micro"
     z_loss_weight: float = 0.0          # router z-loss (1e-3 in ST-MoE; 0: off)
     bias_update_rate: float = 0.0       # auxiliary-loss-free balancing (1e-3 in Wang et al. 2024; 0: off)
-    implementation: str | None = None   # grouped_matmul implementation (None: best for the backend)
     # expert parallelism (mesh axis `expert`): a padded all_to_all (runs anywhere; the tested one) or
     # ragged_all_to_all (GPU/TPU only; compiled for TPU in the tests, not yet run on hardware)
     exchange: Literal["padded", "ragged"] = "padded"
+
+
+KernelChoice = str | list[str]
+
+
+class KernelsConfig(StrictConfig):
+    """Which implementation runs each op (pallas_kernels): "auto" (the op's default order, keeping
+    only implementations verified on the running backend: pallas_kernels/verified.py), a name, or a
+    list of names tried in order. The run log says once per op which one ran and why the others
+    were refused; `strict` makes a refusal an error at trace time, before anything compiles."""
+
+    attention: KernelChoice = "auto"               # dot_product_attention: xla, cudnn, splash, pallas_gpu, ...
+    linear_attention: KernelChoice = "auto"        # xla, pallas_tpu, pallas_gpu, pallas, reference
+    block_sparse_attention: KernelChoice = "auto"  # xla, pallas_tpu, pallas_gpu, pallas, reference
+    grouped_matmul: KernelChoice = "auto"          # xla, ragged_dot, pallas_tpu, reference
+    strict: bool = False
+
+    @model_validator(mode="after")
+    def _check_names(self):
+        for key, implementations in kernel_implementations().items():
+            value = getattr(self, key)
+            names = [value] if isinstance(value, str) else value
+            if not names:
+                raise ValueError(f"model.kernels.{key}=[] names nothing; use 'auto' or names from "
+                                 f"{sorted(implementations)}")
+            for name in names:
+                if name not in implementations and not (name == "auto" and isinstance(value, str)):
+                    raise ValueError(f"model.kernels.{key}: unknown implementation {name!r}; valid: 'auto' or "
+                                     f"{sorted(implementations)}")
+        return self
+
+    def implementation(self, key: str) -> str | tuple[str, ...] | None:
+        """What a layer passes to the op: None for auto, a name, or a tuple of names."""
+        value = getattr(self, key)
+        if isinstance(value, str):
+            return None if value == "auto" else value
+        return tuple(value)
+
+
+def kernel_implementations() -> dict:
+    """model.kernels key -> the op's implementation table."""
+    from pallas_kernels.block_sparse_attention.api import IMPLEMENTATIONS as block_sparse
+    from pallas_kernels.dot_product_attention.api import IMPLEMENTATIONS as dense
+    from pallas_kernels.grouped_matmul.api import IMPLEMENTATIONS as grouped
+    from pallas_kernels.linear_attention.api import IMPLEMENTATIONS as linear
+    return {"attention": dense, "linear_attention": linear, "block_sparse_attention": block_sparse,
+            "grouped_matmul": grouped}
 
 
 class ModelConfig(StrictConfig):
@@ -71,12 +116,12 @@ class ModelConfig(StrictConfig):
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-6
     init_std: float = 0.02
-    attention_implementation: str | None = None
     dtype: DType = "float32"
     param_dtype: DType = "float32"
     remat: bool = False                 # recompute each block's activations in the backward pass
     sparse: SparseAttentionConfig = SparseAttentionConfig()
     moe: MoEOptions = MoEOptions()
+    kernels: KernelsConfig = KernelsConfig()
 
     @model_validator(mode="after")
     def _check_shapes(self):

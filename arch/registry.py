@@ -59,29 +59,32 @@ FFNS = Registry("ffn")
 def _attention_config(m: ModelConfig) -> AttentionConfig:
     return AttentionConfig(d_model=m.d_model, num_heads=m.num_heads, num_kv_heads=m.kv_heads,
                            head_dim=m.head_size, rope_theta=m.rope_theta, init_std=m.init_std,
-                           implementation=m.attention_implementation, dtype=m.dtype, param_dtype=m.param_dtype,
+                           implementation=m.kernels.implementation("attention"), dtype=m.dtype, param_dtype=m.param_dtype,
                            sparse_prefill=m.sparse.prefill_selector, sparse_block_size=m.sparse.block_size,
                            sparse_options=tuple(sorted(m.sparse.prefill_options.items())),
-                           sparse_implementation=m.sparse.implementation)
+                           sparse_implementation=m.kernels.implementation("block_sparse_attention"))
 
 
 def _linear_attention_config(m: ModelConfig) -> LinearAttentionConfig:
     """Lightning attention with the attention heads' shape: H = num_heads, K = V = head_size."""
     return LinearAttentionConfig(d_model=m.d_model, num_heads=m.num_heads, head_dim=m.head_size, init_std=m.init_std,
-                                 dtype=m.dtype, param_dtype=m.param_dtype)
+                                 implementation=m.kernels.implementation("linear_attention"), dtype=m.dtype,
+                                 param_dtype=m.param_dtype)
 
 
 def _gla_config(m: ModelConfig) -> GLAConfig:
     """GLA's expand_k = 1/2, expand_v = 1: H = num_heads, K = head_size / 2, V = head_size."""
     return GLAConfig(d_model=m.d_model, num_heads=m.num_heads, key_dim=m.head_size // 2, value_dim=m.head_size,
-                     init_std=m.init_std, dtype=m.dtype, param_dtype=m.param_dtype)
+                     init_std=m.init_std, implementation=m.kernels.implementation("linear_attention"), dtype=m.dtype,
+                     param_dtype=m.param_dtype)
 
 
 def _mamba2_config(m: ModelConfig) -> Mamba2Config:
     """Mamba-2's expand = 2 as twice the heads of width head_size (d_model 256, 4 heads: 8 heads of
     64, the reference head_dim); state size N = 128."""
     return Mamba2Config(d_model=m.d_model, num_heads=2 * m.num_heads, head_dim=m.head_size, init_std=m.init_std,
-                        dtype=m.dtype, param_dtype=m.param_dtype)
+                        implementation=m.kernels.implementation("linear_attention"), dtype=m.dtype,
+                        param_dtype=m.param_dtype)
 
 
 def _routing_attention_config(m: ModelConfig) -> RoutingAttentionConfig:
@@ -90,7 +93,7 @@ def _routing_attention_config(m: ModelConfig) -> RoutingAttentionConfig:
                                   head_dim=m.head_size, block_size=s.block_size, top_k=s.top_k,
                                   num_clusters=s.num_clusters, local_heads=s.local_heads,
                                   kmeans_decay=s.kmeans_decay, commitment_weight=s.commitment_weight,
-                                  rope_theta=m.rope_theta, init_std=m.init_std, implementation=s.implementation,
+                                  rope_theta=m.rope_theta, init_std=m.init_std, implementation=m.kernels.implementation("block_sparse_attention"),
                                   dtype=m.dtype, param_dtype=m.param_dtype)
 
 
@@ -98,7 +101,7 @@ def _block_sparse_shapes(m: ModelConfig) -> dict:
     """The attention shapes and m.sparse's block selection, shared by moba, nsa and bilevel routing."""
     return dict(d_model=m.d_model, num_heads=m.num_heads, num_kv_heads=m.kv_heads, head_dim=m.head_size,
                 block_size=m.sparse.block_size, top_k=m.sparse.top_k, rope_theta=m.rope_theta,
-                init_std=m.init_std, implementation=m.sparse.implementation, dtype=m.dtype,
+                init_std=m.init_std, implementation=m.kernels.implementation("block_sparse_attention"), dtype=m.dtype,
                 param_dtype=m.param_dtype)
 
 
@@ -130,7 +133,7 @@ def _moe_config(m: ModelConfig) -> MoEConfig:
                      dispatch=o.dispatch, capacity_factor=o.capacity_factor,
                      balance_loss_weight=o.balance_loss_weight, balance_scope=o.balance_scope,
                      z_loss_weight=o.z_loss_weight, bias_update_rate=o.bias_update_rate,
-                     exchange=o.exchange, implementation=o.implementation, init_std=m.init_std, dtype=m.dtype, param_dtype=m.param_dtype)
+                     exchange=o.exchange, implementation=m.kernels.implementation("grouped_matmul"), init_std=m.init_std, dtype=m.dtype, param_dtype=m.param_dtype)
 
 
 MIXERS.register("attention", _attention_config, Attention)

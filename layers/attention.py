@@ -20,11 +20,11 @@ from flax import nnx
 
 from layers.embeddings import apply_rotary
 from layers.parameters import logical_param, normal
+from layers.partitioned import dot_product_attention
 from layers.projection import project
 from layers.sequence_parallel.layout import default_positions, seq_size
 from layers.sequence_parallel.ring_attention import ring_attention
 from layers.sparse_prefill import check_options, sparse_prefill_attention
-from pallas_kernels.dot_product_attention import dot_product_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,13 +37,13 @@ class AttentionConfig:
     head_dim: int
     rope_theta: float = 10_000.0
     init_std: float = 0.02
-    implementation: str | None = None
+    implementation: str | tuple[str, ...] | None = None   # the op's implementation (None: auto)
     dtype: str = "float32"
     param_dtype: str = "float32"
     sparse_prefill: str | None = None                       # selector for the no-cache path (None: dense)
     sparse_block_size: int = 16                             # its square block size
     sparse_options: tuple[tuple[str, object], ...] = ()     # its budget knobs, e.g. (("threshold", 0.95),)
-    sparse_implementation: str | None = None                # block_sparse_attention implementation
+    sparse_implementation: str | tuple[str, ...] | None = None              # block_sparse_attention implementation
 
     def __post_init__(self):
         if self.sparse_prefill is not None:

@@ -36,7 +36,7 @@ class LinearAttentionConfig:
     chunk_size: int = 64
     norm_eps: float = 1e-5
     init_std: float = 0.02
-    implementation: str | None = None
+    implementation: str | tuple[str, ...] | None = None   # the op's implementation (None: auto)
     dtype: str = "float32"
     param_dtype: str = "float32"
 

@@ -9,15 +9,16 @@ with q, k `[B, T, H, K]`, v `[B, T, H, V]`, g None, `[B, T, H]` or `[B, T, H, K]
 token at a time through `recurrent_step` (the recurrence itself, written independently of the op)
 or several at a time through the op with `initial_state` (a prefill). Under a mesh whose `seq` axis
 has more than one device, training runs LASP-2 (layers/sequence_parallel/lasp2.py) on inputs in the
-zigzag order of layers/sequence_parallel/layout.py.
+zigzag order of layers/sequence_parallel/layout.py; otherwise the op runs partitioned over rows and
+heads (layers/partitioned.py).
 """
 
 import jax
 import jax.numpy as jnp
 
+from layers.partitioned import linear_attention
 from layers.sequence_parallel.lasp2 import linear_attention_sequence_parallel
 from layers.sequence_parallel.layout import seq_size
-from pallas_kernels.linear_attention import linear_attention
 
 
 def recurrent_step(q_BxHxK, k_BxHxK, v_BxHxV, log_decay, state_BxHxKxV, scale: float):

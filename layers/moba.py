@@ -37,10 +37,10 @@ from flax import nnx
 from layers import block_selection as bs
 from layers.attention import declare_projections
 from layers.embeddings import apply_rotary
+from layers.partitioned import block_sparse_attention
 from layers.projection import project
 from layers.sequence_parallel.gathered_keys import attend_with_gathered_keys, offset_implementation
 from layers.sequence_parallel.layout import default_positions, seq_size
-from pallas_kernels.block_sparse_attention import block_sparse_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +55,7 @@ class MoBAConfig:
     top_k: int = 2                # past blocks per query block; the current block is always added
     rope_theta: float = 10_000.0
     init_std: float = 0.02
-    implementation: str | None = None   # block_sparse_attention implementation (None: best available)
+    implementation: str | tuple[str, ...] | None = None   # block_sparse_attention implementation (None: auto)
     dtype: str = "float32"
     param_dtype: str = "float32"
 

@@ -44,11 +44,10 @@ from layers import block_selection as bs
 from layers.attention import declare_projections
 from layers.embeddings import apply_rotary
 from layers.parameters import logical_param, normal
+from layers.partitioned import block_sparse_attention, dot_product_attention
 from layers.projection import project
 from layers.sequence_parallel.gathered_keys import attend_with_gathered_keys, offset_implementation
 from layers.sequence_parallel.layout import default_positions, seq_size
-from pallas_kernels.block_sparse_attention import block_sparse_attention
-from pallas_kernels.dot_product_attention import dot_product_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +64,7 @@ class NSAConfig:
     compress_block: int = 16      # tokens per compressed token (divides block_size)
     rope_theta: float = 10_000.0
     init_std: float = 0.02
-    implementation: str | None = None   # block_sparse_attention implementation (None: best available)
+    implementation: str | tuple[str, ...] | None = None   # block_sparse_attention implementation (None: auto)
     dtype: str = "float32"
     param_dtype: str = "float32"
 

@@ -49,11 +49,11 @@ from layers.auxiliary import RouterState, report_loss, report_metric
 from layers.block_selection import (attend_with_mask, block_mean, causal_top_k_blocks, local_blocks,
                                     same_segment_candidates, selection_mask)
 from layers.embeddings import apply_rotary
+from layers.partitioned import block_sparse_attention
 from layers.projection import project
 from layers.sequence_parallel.gathered_keys import (attend_with_gathered_keys, gather_natural,
                                                     offset_implementation)
 from layers.sequence_parallel.layout import default_positions, seq_size
-from pallas_kernels.block_sparse_attention import block_sparse_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +72,7 @@ class RoutingAttentionConfig:
     commitment_weight: float = 1e-4
     rope_theta: float = 10_000.0
     init_std: float = 0.02
-    implementation: str | None = None
+    implementation: str | tuple[str, ...] | None = None   # the op's implementation (None: auto)
     dtype: str = "float32"
     param_dtype: str = "float32"
 

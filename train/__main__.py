@@ -35,13 +35,14 @@ def main(argv=None) -> int:
     except distributed.DistributedConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from pallas_kernels.implementation import KernelRefused
     from train.checkpoint import CheckpointMismatch
     from train.loop import train
 
     run_dir = pathlib.Path(args.run_dir or pathlib.Path("runs") / pathlib.Path(args.config).stem)
     try:
         return train(config, run_dir)
-    except (ConfigError, CheckpointMismatch) as e:
+    except (ConfigError, CheckpointMismatch, KernelRefused) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

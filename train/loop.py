@@ -17,22 +17,21 @@ import threading
 import time
 
 import jax
-import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
+from pallas_kernels.implementation import current_choices, kernel_policy
 from train.checkpoint import CheckpointMismatch, Checkpointer
+from train.compile import batch_spec, sharded_steps
 from train.config import Config, check_devices
 from train.data import build_datasets, validation_batches
 from train.hardware import peak_flops_per_device
 from train.metrics import MetricsWriter, console_line, is_finite, plain
-from train.optim import learning_rate_schedule, make_optimizer
+from train.optim import make_optimizer
 from train.sample import generate
-from train.sharding import (batch_sharding, create_sharded, make_mesh, process_rows, shard_batch, state_shardings,
-                            to_host, with_shardings)
-from train.step import (BATCH_KEYS, create_model, init_state, make_eval_step, make_train_step, merge_model,
-                        summarize_eval)
+from train.sharding import (create_sharded, make_mesh, process_rows, shard_batch, state_shardings, to_host,
+                            with_shardings)
+from train.step import create_model, init_state, merge_model, summarize_eval
 from train.step import abstract_state as abstract_train_state
 
 
@@ -84,8 +83,8 @@ def train(config: Config, run_dir: str | pathlib.Path, *, log=print) -> int:
         log = lambda *args, **kwargs: None  # noqa: E731 (only process 0 logs)
     optimizer = make_optimizer(config.optim, config.train.steps)
     graphdef, abstract = abstract_train_state(config.model, optimizer)  # outside the mesh: nnx would apply
-    with jax.set_mesh(mesh):                                             # the logical names as mesh axes
-        code, state = _train(config, run_dir, mesh, mesh_shape, optimizer, graphdef, abstract, lead, log)
+    with jax.set_mesh(mesh), kernel_policy(strict=config.model.kernels.strict):  # the logical names as mesh
+        code, state = _train(config, run_dir, mesh, mesh_shape, optimizer, graphdef, abstract, lead, log)  # axes
     if code == 0 and state is not None and config.log.sample_tokens > 0:
         _sample(config, run_dir, graphdef, state, lead, log)
     return code
@@ -114,7 +113,6 @@ def _train(config: Config, run_dir: pathlib.Path, mesh, mesh_shape: dict, optimi
     rows = process_rows(mesh, config.data.batch_size, config.data.seq_len)   # this process's share
     data = build_datasets(config.data, config.train.seed, row_range=rows)
     steps, seed = config.train.steps, config.train.seed
-    schedule = learning_rate_schedule(config.optim, steps)
     checkpointer = Checkpointer(run_dir, config.checkpoint)
     start = checkpointer.latest_step() or 0
     shardings = state_shardings(abstract, mesh)
@@ -132,15 +130,13 @@ def _train(config: Config, run_dir: pathlib.Path, mesh, mesh_shape: dict, optimi
         _write_atomically(run_dir / "config.yaml", config.to_yaml())  # only once the checkpoint fits it
 
     B, T = config.data.batch_size, config.data.seq_len
-    batch_spec = {k: jax.ShapeDtypeStruct((B, T), np.float32 if k == "loss_mask" else np.int32,
-                                          sharding=batch_sharding(mesh, (B, T))) for k in BATCH_KEYS}
-    replicated = NamedSharding(mesh, PartitionSpec())
+    train_step, eval_step = sharded_steps(config, graphdef, optimizer, shardings, mesh)
     t0 = time.perf_counter()
-    train_step = make_train_step(graphdef, optimizer, schedule, config.train.grad_accum, state_sharding=shardings,
-                                 metrics_sharding=replicated).lower(state, batch_spec).compile()
+    train_step = train_step.lower(state, batch_spec(config, mesh)).compile()
     compile_s = time.perf_counter() - t0
     log(f"train step memory per device: {_memory_line(train_step)}")
-    eval_step = make_eval_step(graphdef, metrics_sharding=replicated)
+    for line in current_choices().report():   # which kernel each op runs, and why the others did not
+        log(f"kernel {line}")
 
     num_params, active_params = config.model.num_params(), config.model.num_active_params()
     train_flops_per_token = 3 * config.model.flops_per_token(T)

@@ -31,7 +31,7 @@ class MoEConfig:
     bias_update_rate: float = 0.0            # auxiliary-loss-free balancing: bias step per update (0: off)
     exchange: str = "padded"                 # expert parallelism: padded all_to_all | ragged_all_to_all (GPU/TPU)
     init_std: float = 0.02
-    implementation: str | None = None        # grouped_matmul implementation (None: best for the backend)
+    implementation: str | tuple[str, ...] | None = None   # grouped_matmul implementation (None: auto)
     dtype: str = "float32"
     param_dtype: str = "float32"
 

@@ -7,12 +7,20 @@ the load; then unsort and combine with the weights.
     group_size = assignments per expert          [E]
     h          = silu(gmm(rows, W_gate)) * gmm(rows, W_up);  out = gmm(h, W_down)
     y_n        = sum_j weights[n, j] out[position of assignment (n, j)]
+
+Under a mesh the whole dispatch runs per device (layers/partitioned.py): each device sorts its own
+rows (tokens over data, fsdp) and runs the grouped matmuls on them with its group sizes, with the
+experts' hidden width F split over tensor (partial outputs summed); a `pallas_call` inside is never
+handed a global array. Expert parallelism (mesh axis expert > 1) is expert_parallel.py.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
 from layers.moe.balancing import assignment_counts
+from layers.partitioned import partitioned
 from pallas_kernels.grouped_matmul import grouped_matmul
 
 
@@ -37,6 +45,13 @@ def expert_ffn_grouped(rows_MxD, group_sizes_E, w_gate, w_up, w_down, dtype, imp
 
 def dropless(x_NxD, experts_NxK, weights_NxK, w_gate, w_up, w_down, *, dtype, implementation=None):
     """float32 [N, D]: the routed output with nothing dropped."""
+    local = functools.partial(_dropless, dtype=dtype, implementation=implementation)
+    rows, gate_up, down = ("batch", None), (None, None, "mlp"), (None, "mlp", None)
+    return partitioned(local, (rows, rows, rows, gate_up, gate_up, down), rows, summed=("mlp",))(
+        x_NxD, experts_NxK, weights_NxK, w_gate, w_up, w_down)
+
+
+def _dropless(x_NxD, experts_NxK, weights_NxK, w_gate, w_up, w_down, *, dtype, implementation):
     N, K = experts_NxK.shape
     order, token, group_sizes = sort_by_expert(experts_NxK, w_gate.shape[0])
     out_MxD = expert_ffn_grouped(x_NxD[token], group_sizes, w_gate, w_up, w_down, dtype, implementation)

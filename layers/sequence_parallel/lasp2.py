@@ -81,8 +81,9 @@ def _local(arrays, *, scale, chunk_size, implementation):
     g = local_chunks.stack(arrays["log_decay"]) if "log_decay" in arrays else None
     seg = local_chunks.stack(arrays["segment_ids"]) if "segment_ids" in arrays else None
     two_b, c, H, K = q.shape
+    # a local chunk shorter than the op's chunk is one chunk: no kernel steps over padding
     o_loc, final = linear_attention(q, k, v, g, scale=scale, segment_ids=seg, return_final_state=True,
-                                    chunk_size=chunk_size, implementation=implementation)
+                                    chunk_size=min(chunk_size, c), implementation=implementation)
     per_channel = g is not None and g.ndim == 4
     a = _carried_decay(g, seg, (two_b, c, H, K if per_channel else 1))
     if seg is None:

@@ -27,11 +27,11 @@ from collections.abc import Mapping
 
 import jax
 
+from layers.partitioned import block_sparse_attention
 from layers.sequence_parallel.gathered_keys import (attend_with_gathered_keys, gather_natural, natural_rows,
                                                     offset_implementation)
 from layers.sequence_parallel.layout import seq_size
 from layers.sparse_prefill import flexprefill, minference, xattention
-from pallas_kernels.block_sparse_attention import block_sparse_attention
 
 SELECTORS = {
     "xattention": xattention.select_blocks,

@@ -41,6 +41,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.implementation import interpret_mode
+
 F32 = jnp.float32
 
 
@@ -240,9 +242,9 @@ def segment_blocks(segment_ids_BxT, config: Config):
 
 def block_sparse_attention_kernel(q, k, v, block_indices, *, block_size, causal: bool, scale: float,
                                   segment_ids, interpret=None):
-    """The contract's signature plus `interpret` (None: interpret mode off GPU)."""
+    """The contract's signature plus `interpret` (None: compiled on a GPU, interpreted on a CPU, refused on a TPU)."""
     if interpret is None:
-        interpret = jax.default_backend() != "gpu"
+        interpret = interpret_mode("pallas_gpu block_sparse_attention", "gpu")
     B, T, H, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     block_q, block_k = block_size

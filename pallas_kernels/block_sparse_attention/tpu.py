@@ -37,6 +37,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.implementation import interpret_mode
+
 F32 = jnp.float32
 NT = (((1,), (1,)), ((), ()))  # x @ y^T
 TN = (((0,), (0,)), ((), ()))  # x^T @ y
@@ -314,7 +316,7 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_indic
     if dtype not in (jnp.float32, jnp.bfloat16):
         raise NotImplementedError(f"pallas_tpu block_sparse_attention takes float32 or bfloat16; got {dtype}")
     if interpret is None:
-        interpret = INTERPRET if INTERPRET is not None else jax.default_backend() != "tpu"
+        interpret = INTERPRET if INTERPRET is not None else interpret_mode("pallas_tpu block_sparse_attention", "tpu")
     sublanes = 16 if dtype == jnp.bfloat16 else 8   # Mosaic tiles: a block's rows come in multiples of these
     if not interpret and any(b % sublanes for b in block_size):
         raise NotImplementedError(f"pallas_tpu needs block_size={tuple(block_size)} in multiples of {sublanes} "

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.implementation import interpret_mode
+
 # the megablox package exports the function `gmm` under the module's own name
 megablox = importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm")
 
@@ -34,7 +36,7 @@ def _tile(size: int, name: str) -> int:
 
 
 def _interpret():
-    return False if jax.default_backend() == "tpu" else pltpu.InterpretParams()
+    return pltpu.InterpretParams() if interpret_mode("pallas_tpu grouped_matmul", "tpu") else False
 
 
 def _pad_rows(x, rows: int):

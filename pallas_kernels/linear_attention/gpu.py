@@ -37,6 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.implementation import interpret_mode
 from pallas_kernels.linear_attention import chunking
 
 F32 = jnp.float32
@@ -227,10 +228,10 @@ def _pow2_at_least_16(n: int) -> int:
 
 def linear_attention_kernel(q, k, v, log_decay, *, scale: float, initial_state, segment_ids,
                             return_final_state: bool, chunk_size: int, interpret=None):
-    """The contract's signature plus `interpret` (None: interpret mode off GPU)."""
+    """The contract's signature plus `interpret` (None: compiled on a GPU, interpreted on a CPU, refused on a TPU)."""
     chunk_size = _pow2_at_least_16(chunk_size)  # Triton block shapes; same result, any chunk
     if interpret is None:
-        interpret = jax.default_backend() != "gpu"
+        interpret = interpret_mode("pallas_gpu linear_attention", "gpu")
     key_dim, value_dim = q.shape[-1], v.shape[-1]
     kp, vp = _pow2_at_least_16(key_dim) - key_dim, _pow2_at_least_16(value_dim) - value_dim
     pad_last = lambda x, n: x if x is None or n == 0 else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n)])

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.implementation import interpret_mode
 from pallas_kernels.linear_attention import chunking, tpu_gates
 from pallas_kernels.linear_attention.tpu_chunk import (F32, NT, TN, chunk_vectors, dot, pair_keep,
                                                         scalar_decay_weights)
@@ -223,10 +224,10 @@ _chunked = chunking.with_own_backward(forward, _backward)
 
 def linear_attention_kernel(q, k, v, log_decay, *, scale: float, initial_state, segment_ids,
                             return_final_state: bool, chunk_size: int, interpret=None):
-    """The contract's signature plus `interpret` (None: interpret mode off TPU)."""
+    """The contract's signature plus `interpret` (None: compiled on a TPU, interpreted on a CPU, refused on a GPU)."""
     chunk_size = -(-chunk_size // 8) * 8  # a whole number of sublane tiles; same result, any chunk
     if interpret is None:
-        interpret = jax.default_backend() != "tpu"
+        interpret = interpret_mode("pallas_tpu linear_attention", "tpu")
     layout = chunking.make_layout(q, v, log_decay, segment_ids, chunk_size)
     low_precision = all(x.dtype == jnp.bfloat16 for x in (q, k, v))
     config = Config(layout, float(scale), initial_state is not None, interpret,
