@@ -4,8 +4,21 @@
 scale=None, segment_ids=None [B, T], mask=None [B?, Tq, Tk], implementation=None) -> o [B, Tq, H, D]`
 
 Which keys a query sees is decided by one rule (mask.py): causal AND same segment AND mask.
-Implementations: `reference` (definition, float32), `xla` (jax.nn.dot_product_attention, XLA),
-`cudnn` (fused cuDNN kernel on GPU). Default order: GPU tries cudnn then xla; elsewhere xla.
+
+Implementations:
+- `reference`: the definition, float32, [B, H, Tq, Tk] scores (the oracle).
+- `xla`: jax.nn.dot_product_attention with XLA's own fusion; takes everything, but with segment
+  ids or a mask it materialises the [B, H, Tq, Tk] scores.
+- `cudnn`: cuDNN's fused kernel on GPU, 16-bit inputs, no segment ids or mask (cudnn.py says why).
+- `splash`: jax's splash attention on TPU (splash.py), fused: O(T) memory, with packed segment
+  ids and GQA; TPU interpret mode on a CPU.
+- `pallas_gpu`: hybrax's block-sparse Pallas GPU kernel with every causal key block listed
+  (block_sparse.py), fused, with segment ids and GQA; Pallas interpret mode on a CPU.
+The two fused kernels refuse an explicit mask and causal Tq != Tk (decoding against a KV cache),
+which fall through to xla.
+
+Default order (`auto` keeps only those verified on the backend, pallas_kernels/verified.py):
+TPU (splash, xla); GPU (cudnn, pallas_gpu, xla); elsewhere xla.
 """
 
 from collections.abc import Sequence
@@ -14,14 +27,16 @@ import jax.numpy as jnp
 
 from pallas_kernels.dot_product_attention import cudnn, reference, xla
 from pallas_kernels.dot_product_attention.mask import check_inputs
-from pallas_kernels.implementation import dispatch
+from pallas_kernels.implementation import dispatch, lazy_backend
 
 IMPLEMENTATIONS = {
     "reference": reference.dot_product_attention,
     "xla": xla.dot_product_attention,
     "cudnn": cudnn.dot_product_attention,
+    "splash": lazy_backend("pallas_kernels.dot_product_attention", "splash", "dot_product_attention"),
+    "pallas_gpu": lazy_backend("pallas_kernels.dot_product_attention", "block_sparse", "dot_product_attention"),
 }
-DEFAULTS = {"gpu": ("cudnn", "xla"), "default": ("xla",)}
+DEFAULTS = {"tpu": ("splash", "xla"), "gpu": ("cudnn", "pallas_gpu", "xla"), "default": ("xla",)}
 
 
 def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, causal: bool = True,

@@ -110,7 +110,7 @@ def test_cudnn_falls_through_on_cpu():
         dot_product_attention(q, k, v, implementation="cudnn")
     out = dot_product_attention(q, k, v, implementation=["cudnn", "xla"])
     np.testing.assert_allclose(out, dot_product_attention(q, k, v, implementation="reference"), atol=1e-5)
-    assert set(IMPLEMENTATIONS) == {"reference", "xla", "cudnn"}
+    assert set(IMPLEMENTATIONS) == {"reference", "xla", "cudnn", "splash", "pallas_gpu"}
 
 
 def test_bad_inputs_name_the_problem():

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from pallas_kernels.linear_attention import linear_attention, xla
-from linear_attention_cases import Case, assert_matches_reference, make_inputs
+from linear_attention_cases import REFUSED, Case, assert_matches_reference, make_inputs
+from refusals import expect_refusal_or_run
 
 IMPLEMENTATIONS = ["xla"] + [
     name for name, module in (("pallas_tpu", "tpu"), ("pallas_gpu", "gpu"))
@@ -52,10 +53,8 @@ MATRIX = ([pytest.param("xla", case, id=f"xla-{case.id}") for case in CORE]
 
 @pytest.mark.parametrize("impl,case", MATRIX)
 def test_matches_float64_reference(impl, case):
-    try:
-        assert_matches_reference(impl, case)
-    except NotImplementedError as e:  # an implementation may refuse inputs (the dispatch contract)
-        pytest.skip(f"{impl} refuses {case.id}: {e}")
+    """A NotImplementedError fails, unless (impl, case) is in REFUSED: then it must be raised."""
+    expect_refusal_or_run(REFUSED, impl, case, lambda: assert_matches_reference(impl, case))
 
 
 def test_reference_matches_numpy_loop():
@@ -150,7 +149,8 @@ def test_defaults_jit_and_no_final_state():
     assert none is None and o.dtype == v.dtype
     o_xla, _ = linear_attention(q, k, v, g, scale=q.shape[-1] ** -0.5, implementation="xla")
     o_jit, _ = jax.jit(lambda q, k, v, g: linear_attention(q, k, v, g))(q, k, v, g)
-    np.testing.assert_array_equal(o, o_xla)
+    if jax.default_backend() == "cpu":  # elsewhere auto may pick a verified kernel
+        np.testing.assert_array_equal(o, o_xla)
     np.testing.assert_allclose(o_jit, o, rtol=1e-6, atol=1e-6)
     o_ref, _ = linear_attention(q, k, v, g, implementation="reference")
     np.testing.assert_allclose(o, o_ref, rtol=1e-5, atol=1e-5)
