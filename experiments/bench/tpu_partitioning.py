@@ -6,7 +6,8 @@ do the kernels run on per-device shards, and what travels?
 For each preset (shrunk to 2 layers of d_model 128 so the compiles take seconds; the mixers keep
 their kinds) and mesh it AOT-compiles the train step (train/compile.py) with the Pallas kernels
 forced (`model.kernels.linear_attention=pallas`, `block_sparse_attention=pallas`,
-`grouped_matmul=pallas_tpu`, attention `splash`) and reports, per device:
+`grouped_matmul=pallas_tpu`, attention `splash`, then xla where splash refuses: NSA's
+compressed branch has an explicit mask) and reports, per device:
 
 - temporaries, and their ratio to the same global batch on one chip (data=1);
 - the bytes of every Mosaic kernel's operands, and their ratio to one chip: 1/4 when each kernel
@@ -41,7 +42,7 @@ PRESETS = ("hybrid_gla", "mamba2", "moba", "nsa", "routing_attention", "bilevel_
 MESHES = {"data=4": {"data": 4}, "fsdp=4": {"fsdp": 4}, "data=2,tensor=2": {"data": 2, "tensor": 2},
           "data=2,seq=2": {"data": 2, "seq": 2}}
 KERNELS = ["model.kernels.linear_attention=pallas", "model.kernels.block_sparse_attention=pallas",
-           "model.kernels.grouped_matmul=pallas_tpu", "model.kernels.attention=splash"]
+           "model.kernels.grouped_matmul=pallas_tpu", "model.kernels.attention=[splash,xla]"]
 SMALL = {"hybrid_gla": ["model.mixers=[gla,attention]"], "moe": ["train.grad_accum=2"]}
 _GATHER = re.compile(r"^\s*(?:ROOT )?%?\S+ = (?P<shape>\S+) (?P<kind>all-gather|all-to-all)(?:-start)?\(")
 
@@ -99,30 +100,29 @@ def activation_gathers(hlo: str, parameters: set[int]) -> list[str]:
     return found
 
 
-def measure(preset: str, mesh_name: str) -> Partitioning:
+def measure(preset: str, mesh_name: str, step: str = "train") -> Partitioning:
     mesh = MESHES.get(mesh_name, {"data": 1})
     devices = 1
     for n in mesh.values():
         devices *= n
     config = load_config(REPO / "configs" / f"{preset}.yaml", overrides(preset, mesh))
     topology = topology_devices("v5e:1x1" if devices == 1 else "v5e:2x2")
-    report = compile_step(config, topology, step="train")
+    report = compile_step(config, topology, step=step)
     calls, operand_bytes = kernel_operands(report.hlo)
     return Partitioning(preset, mesh_name, report.memory.temporaries, operand_bytes, calls, report.collectives,
                         activation_gathers(report.hlo, parameter_sizes(config)), report.kernel_choices)
 
 
-def table(rows: dict[tuple[str, str], Partitioning]) -> str:
-    lines = ["| preset | mesh | temp MiB (x one chip) | kernel calls | kernel operand MiB (x one chip) | "
-             "activation gathers | collectives (count, MiB) |", "|---|---|---|---|---|---|---|"]
-    for (preset, mesh), p in rows.items():
-        one = rows.get((preset, "data=1"))
-        ratio = lambda a, b: f" ({a / b:.2f})" if one is not None and mesh != "data=1" and b else ""  # noqa: E731
-        comms = ", ".join(f"{k} {c}x {b / 2**20:.2f}" for k, (c, b) in sorted(p.collectives.items())) or "-"
-        lines.append(f"| {preset} | {mesh} | {p.temporaries / 2**20:.1f}{ratio(p.temporaries, one and one.temporaries)}"
-                     f" | {p.kernel_calls} | {p.kernel_operands / 2**20:.2f}"
-                     f"{ratio(p.kernel_operands, one and one.kernel_operands)} | {len(p.activation_gathers)} | {comms} |")
-    return "\n".join(lines)
+HEADER = ["| preset | mesh | temp MiB (x one chip) | kernel calls | kernel operand MiB (x one chip) | "
+          "activation gathers | collectives (count, MiB) |", "|---|---|---|---|---|---|---|"]
+
+
+def row(p: Partitioning, one: Partitioning | None) -> str:
+    ratio = lambda a, b: f" ({a / b:.2f})" if one is not None and p is not one and b else ""  # noqa: E731
+    comms = ", ".join(f"{k} {c}x {b / 2**20:.2f}" for k, (c, b) in sorted(p.collectives.items())) or "-"
+    return (f"| {p.preset} | {p.mesh} | {p.temporaries / 2**20:.1f}{ratio(p.temporaries, one and one.temporaries)} | "
+            f"{p.kernel_calls} | {p.kernel_operands / 2**20:.2f}{ratio(p.kernel_operands, one and one.kernel_operands)}"
+            f" | {len(p.activation_gathers)} | {comms} |")
 
 
 def main(argv=None) -> int:
@@ -130,13 +130,14 @@ def main(argv=None) -> int:
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
     parser.add_argument("--meshes", nargs="+", default=list(MESHES), choices=list(MESHES))
     args = parser.parse_args(argv)
-    rows = {}
+    print(f"jax {jax.__version__}, v5e AOT from a CPU host, train step, global batch 32 x 256, 2 layers of "
+          "d_model 128", flush=True)
+    print("\n".join(HEADER), flush=True)
     for preset in args.presets:
-        for mesh in ["data=1", *args.meshes]:
-            rows[(preset, mesh)] = measure(preset, mesh)
-            print(f"{preset} {mesh}: done", file=sys.stderr, flush=True)
-    print(f"jax {jax.__version__}, v5e AOT from a CPU host, train step, global batch 32 x 256, 2 layers of d_model 128")
-    print(table(rows))
+        one = measure(preset, "data=1")
+        print(row(one, one), flush=True)
+        for mesh in args.meshes:
+            print(row(measure(preset, mesh), one), flush=True)
     return 0
 
 

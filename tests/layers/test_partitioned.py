@@ -104,7 +104,7 @@ for kernels in ("xla", "pallas"):
         if kernels == "pallas" and name in ("dot_product_attention", "moe_dropless"):
             continue
         want = value_and_grads(fn, q, k, v)
-        for mesh_shape in ((2, 2, 2, 1, 1), (4, 1, 2, 1, 1)):
+        for mesh_shape in ((2, 2, 2, 1, 1),):
             mesh = jax.make_mesh(mesh_shape, ("data", "fsdp", "tensor", "seq", "expert"),
                                  axis_types=(AxisType.Auto,) * 5)
             with jax.set_mesh(mesh):
@@ -121,7 +121,7 @@ print(json.dumps(out))
 def test_partitioned_ops_equal_unpartitioned_on_8_devices():
     results = run_with_devices(_EQUALS_UNPARTITIONED, devices=8)
     print({case: f"{r['error']:.1e}" for case, r in results.items()})
-    assert len(results) == 12, sorted(results)
+    assert len(results) == 6, sorted(results)
     for case, result in results.items():
         assert result["shard_map"], case
         # float32 sums in another order: per-device blocks (kernels' dk, dv accumulation), the MoE

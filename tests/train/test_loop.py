@@ -150,3 +150,15 @@ def test_moe_run_logs_load_per_layer_and_resumes(tmp_path):
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resumed from checkpoint at step 4" in resumed.stdout
     assert sorted(train_losses(metrics(tmp_path))) == list(range(1, 7))
+
+
+def test_run_log_names_each_kernel_and_a_strict_refusal_stops_before_compiling(tmp_path):
+    ran = run(tmp_path / "auto", "train.steps=1", "log.sample_tokens=0")
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert "kernel dot_product_attention: xla (auto on cpu)" in ran.stdout
+    refused = run(tmp_path / "strict", "train.steps=1", "model.kernels.attention=cudnn", "model.kernels.strict=true")
+    assert refused.returncode == 2
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [refused.stderr.strip().splitlines()[-1]] and "Traceback" not in refused.stderr
+    assert "dot_product_attention: implementation 'cudnn' refused these inputs on cpu" in errors[0]
+    assert finished_checkpoints(tmp_path / "strict") == [] and metrics(tmp_path / "strict") == []
