@@ -99,7 +99,8 @@ class Attention(nnx.Module):
                                                  segment_ids=segment_ids, implementation=c.sparse_implementation)
             return project("bthk,hkd->btd", o_BxTxHxK, self.w_o, c.dtype)
         if cache is None and seq_size() > 1:   # sequence parallel: x is in zigzag order, split over seq
-            o_BxTxHxK = ring_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids=segment_ids)
+            o_BxTxHxK = ring_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids=segment_ids,
+                                       implementation=c.implementation)
             return project("bthk,hkd->btd", o_BxTxHxK, self.w_o, c.dtype)
         if cache is None:
             o_BxTxHxK = dot_product_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, causal=True, segment_ids=segment_ids,

@@ -7,7 +7,9 @@ kernel whose own CI runs on that hardware. Backend "*" means every backend: plai
 lowers the same everywhere, matched against the reference on the CPU by the test suite.
 
 Today no hybrax Pallas kernel has run on a real GPU or TPU, so none is listed: `auto` runs `xla`
-(and the upstream kernels below) on every backend. A forced name (`model.kernels.<op>=pallas_gpu`)
+(and the upstream kernels below) on every backend. Ring attention's splash block is not listed
+either: it drives splash's private backward kernels with the ring's global log-sum-exp, which
+jax's CI does not cover, and it has run only in TPU interpret mode. A forced name (`model.kernels.<op>=pallas_gpu`)
 still runs an unlisted kernel. `experiments/bench/device_check.py` is the way in: run it on the
 hardware, and add a row per kernel whose cases all passed there, with the jax version and date of
 that run and the results file it wrote.
@@ -34,6 +36,9 @@ VERIFIED: tuple[Verification, ...] = (
     Verification("dot_product_attention", "tpu", "splash", "upstream", "-",
                  "jax.experimental.pallas.ops.tpu.splash_attention, covered by jax's TPU CI; hybrax's wrapper "
                  "matched the reference in TPU interpret mode"),
+    Verification("ring_attention_block", "*", "xla", "0.10.2", "2026-12-06",
+                 "jnp block of layers/sequence_parallel/ring_attention.py; tests/layers/test_ring_attention.py "
+                 "(8 devices vs one)"),
     Verification("linear_attention", "*", "xla", "0.10.2", "2026-12-06",
                  "chunked jnp vs the float64 reference; tests/pallas_kernels/test_linear_attention.py"),
     Verification("block_sparse_attention", "*", "xla", "0.10.2", "2026-12-06",

@@ -2,6 +2,7 @@
 
 - the op: `ring_attention` in zigzag order == `dot_product_attention(causal=True, segment_ids)`
   (reference implementation) in natural order, outputs and dq, dk, dv (relative error <= 1e-5), with
+  the jnp block (what auto runs on a CPU; the splash block: test_ring_attention_splash.py), with
   grouped-query heads and packed segments whose boundaries fall inside chunks and on chunk seams,
   under meshes seq=8, (data=2, seq=4), (data=2, seq=2, tensor=2) and (seq=2, tensor=4);
 - the Attention layer: one jitted value_and_grad, single device in natural order == sharded run on
@@ -58,7 +59,8 @@ def one_line_error(call):
 """
 
 OP_CHECK = COMMON + r"""
-from layers.sequence_parallel.ring_attention import ring_attention
+from layers.sequence_parallel.ring_attention import ring_attention, BLOCK_OP
+from pallas_kernels.implementation import kernel_policy
 from pallas_kernels.dot_product_attention import dot_product_attention
 
 B, T, H, Hkv, D = 4, 32, 4, 2, 8
@@ -83,11 +85,12 @@ results = {}
 for shape, names in MESHES + [((2, 4), ("seq", "tensor"))]:
     P = dict(zip(names, shape))["seq"]
     args = [to_zigzag(x, P) for x in (q, k, v, seg, do)]
-    with jax.set_mesh(make_mesh(shape, names)):
+    with jax.set_mesh(make_mesh(shape, names)), kernel_policy() as choices:
         got = ring(*args)
         hlo = ring.lower(*args).compile().as_text()
     errors = {name: rel(from_zigzag(a, P), b) for name, a, b in zip(("o", "dq", "dk", "dv"), got, want)}
-    results[str(dict(zip(names, shape)))] = {"errors": errors, **collectives(hlo)}
+    results[str(dict(zip(names, shape)))] = {"errors": errors, "block": sorted(choices.ran(BLOCK_OP)),
+                                             **collectives(hlo)}
 with jax.set_mesh(make_mesh((8,), ("seq",))):
     results["bad_length"] = one_line_error(lambda: ring_attention(q[:, :24], k[:, :24], v[:, :24]))
 print(json.dumps(results))
@@ -161,6 +164,7 @@ def test_ring_attention_equals_dense_attention():
                   "zigzag order")
     for r in results.values():
         assert set(r["errors"]) == {"o", "dq", "dk", "dv"}
+        assert r["block"] == ["xla"], r   # auto on a CPU: the jnp block
 
 
 @pytest.mark.multi_device
