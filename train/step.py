@@ -124,7 +124,10 @@ def accumulate_gradients(graphdef: nnx.GraphDef, params: nnx.State, model_state:
                          grad_accum: int):
     """Mean-token-loss gradients of one batch split into `grad_accum` microbatches:
     (grads, mean loss, scored tokens, reported aux values per microbatch, new model state)."""
-    micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
+    # microbatch a = rows a, a + A, a + 2A, ...: each device's block of rows holds its share of every
+    # microbatch, so the scan over microbatches moves no rows between data shards
+    micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1),
+                         batch)
     batch_statistics = "own"   # with one microbatch, it is the batch
     if grad_accum > 1 and has_batch_statistics(model_state):
         model_state = collect_batch_statistics(graphdef, params, model_state, micro)

@@ -4,7 +4,8 @@ do the kernels run on per-device shards, and what travels?
     python experiments/bench/tpu_partitioning.py [--presets hybrid_gla moe] [--meshes data=4 fsdp=4]
 
 For each preset (shrunk to 2 layers of d_model 128 so the compiles take seconds; the mixers keep
-their kinds) and mesh it AOT-compiles the train step (train/compile.py) with the Pallas kernels
+their kinds; 32 rows of 256 tokens, 128 for moe, where XLA's TPU scheduler keeps the small expert
+buffers of 32 rows live long enough to hide the 1/4 split) and mesh it AOT-compiles the train step (train/compile.py) with the Pallas kernels
 forced (`model.kernels.linear_attention=pallas`, `block_sparse_attention=pallas`,
 `grouped_matmul=pallas_tpu`, attention `splash`, then xla where splash refuses: NSA's
 compressed branch has an explicit mask) and reports, per device:
@@ -43,7 +44,7 @@ MESHES = {"data=4": {"data": 4}, "fsdp=4": {"fsdp": 4}, "data=2,tensor=2": {"dat
           "data=2,seq=2": {"data": 2, "seq": 2}}
 KERNELS = ["model.kernels.linear_attention=pallas", "model.kernels.block_sparse_attention=pallas",
            "model.kernels.grouped_matmul=pallas_tpu", "model.kernels.attention=[splash,xla]"]
-SMALL = {"hybrid_gla": ["model.mixers=[gla,attention]"], "moe": ["train.grad_accum=2"]}
+SMALL = {"hybrid_gla": ["model.mixers=[gla,attention]"], "moe": ["train.grad_accum=2", "data.batch_size=128"]}
 _GATHER = re.compile(r"^\s*(?:ROOT )?%?\S+ = (?P<shape>\S+) (?P<kind>all-gather|all-to-all)(?:-start)?\(")
 
 
@@ -130,8 +131,8 @@ def main(argv=None) -> int:
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
     parser.add_argument("--meshes", nargs="+", default=list(MESHES), choices=list(MESHES))
     args = parser.parse_args(argv)
-    print(f"jax {jax.__version__}, v5e AOT from a CPU host, train step, global batch 32 x 256, 2 layers of "
-          "d_model 128", flush=True)
+    print(f"jax {jax.__version__}, v5e AOT from a CPU host, train step, global batch 32 x 256 (moe: 128 "
+          "rows in 2 microbatches), 2 layers of d_model 128", flush=True)
     print("\n".join(HEADER), flush=True)
     for preset in args.presets:
         one = measure(preset, "data=1")

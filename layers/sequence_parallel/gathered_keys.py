@@ -116,5 +116,7 @@ def attend_with_gathered_keys(core: Callable, q: jax.Array, k: jax.Array, v: jax
         return core(q, gather_natural(k, num_devices), gather_natural(v, num_devices), segment_ids, kv_segment_ids,
                     query_block_Q, axes["heads"], **{n: given[n] for n in extras if n in given})
 
-    return jax.shard_map(local, in_specs=({n: specs[n] for n in present},), out_specs=q_spec)(
+    # check_vma=False as in the other sequence-parallel maps: the ops' own scans start from
+    # replicated zeros (block_sparse_attention's xla backward over many key chunks)
+    return jax.shard_map(local, in_specs=({n: specs[n] for n in present},), out_specs=q_spec, check_vma=False)(
         {n: arrays[n] for n in present})

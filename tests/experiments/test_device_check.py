@@ -4,6 +4,7 @@ xla, the two 3-step training runs agree); tests are attributed to the implementa
 
 import json
 import math
+import os
 import pathlib
 import subprocess
 import sys
@@ -40,8 +41,9 @@ def test_ops_of_test_files():
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="on an accelerator the check runs")
 def test_refuses_a_cpu_in_one_line(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}   # no libtpu start-up chatter on stderr
     result = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "x.json")], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "needs a GPU or TPU" in result.stderr
     assert not (tmp_path / "x.json").exists()
