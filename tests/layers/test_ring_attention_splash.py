@@ -153,6 +153,7 @@ print(json.dumps(results))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.multi_device
 def test_ring_with_splash_block_equals_dense_attention():
     results = run_with_devices(RING_CHECK, devices=4, timeout=300)

@@ -103,6 +103,7 @@ print(json.dumps(results))
 MIXERS = ["moba", "bilevel_routing_attention", "nsa", "routing_attention", "xattention", "minference", "flexprefill"]
 
 
+@pytest.mark.slow
 @pytest.mark.multi_device
 @pytest.mark.parametrize("names", [MIXERS[:2], MIXERS[2:4], MIXERS[4:]], ids=lambda names: "+".join(names))
 def test_sequence_parallel_equals_single_device(names):

@@ -86,6 +86,7 @@ def test_topology_devices_and_their_hbm():
         topology_devices("v9z:2x2")
 
 
+@pytest.mark.slow
 @pytest.mark.tpu_compile
 def test_quickstart_data_parallel_on_v5e_obeys_flop_memory_and_gradient_laws():
     _tpu()
@@ -128,6 +129,7 @@ def _error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
+@pytest.mark.slow
 @pytest.mark.tpu_compile
 def test_cli_exit_codes_for_a_model_too_big_and_bad_input(capsys):
     _tpu()
