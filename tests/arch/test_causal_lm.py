@@ -66,7 +66,8 @@ def test_model_is_causal():
     assert not np.allclose(base[:, 12:], changed[:, 12:])
 
 
-@pytest.mark.parametrize("name", ["untied_gqa", "hybrid_gla", "mamba2", "lightning_hybrid", "sparse_mixers", "moe"])
+@pytest.mark.parametrize("name", ["untied_gqa", "hybrid_gla", "mamba2", "lightning_hybrid",
+                                  pytest.param("sparse_mixers", marks=pytest.mark.slow), "moe"])
 def test_cached_decoding_matches_full_forward(name):
     """Prefill then one token at a time, through every registered mixer's cache."""
     config = CONFIGS[name]

@@ -53,6 +53,7 @@ def test_quickstart_trains_and_samples():
     assert result["sample"].startswith("ROMEO:")
 
 
+@pytest.mark.slow
 def test_layer_zoo_covers_every_registered_mixer():
     from arch import MIXERS
 

@@ -205,6 +205,7 @@ def test_bias_update_moves_a_skewed_router_toward_uniform_load():
     assert bias[0] == bias.min()                                # the favoured expert is held back
 
 
+@pytest.mark.slow
 def test_global_scope_with_accumulation_equals_one_batch_and_micro_does_not():
     from train.config import DataConfig, OptimConfig
     from train.data import build_datasets

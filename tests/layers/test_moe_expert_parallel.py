@@ -64,6 +64,7 @@ print(json.dumps(results))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.multi_device
 def test_expert_parallel_equals_single_device():
     results = run_with_devices(CHECK, devices=8)
@@ -74,6 +75,7 @@ def test_expert_parallel_equals_single_device():
         assert r["all_to_all"] >= 2, (name, r)   # tokens really travel
 
 
+@pytest.mark.slow
 @pytest.mark.tpu_compile
 @pytest.mark.parametrize("exchange", ["padded", "ragged"])
 def test_expert_parallel_compiles_for_a_tpu_topology(exchange):

@@ -145,7 +145,8 @@ print(json.dumps(results))
 
 
 @pytest.mark.multi_device
-@pytest.mark.parametrize("name", ["linear_attention", "gla", "mamba2"])
+@pytest.mark.parametrize("name", ["linear_attention", pytest.param("gla", marks=pytest.mark.slow),
+                                  pytest.param("mamba2", marks=pytest.mark.slow)])
 def test_sequence_parallel_equals_single_device(name):
     """value_and_grad of sum(mixer(x, segment_ids) * cotangent) w.r.t. the parameters and x under
     (data=2, seq=4) and (data=2, seq=2, tensor=2), inputs in zigzag order, against one device."""
@@ -157,6 +158,7 @@ def test_sequence_parallel_equals_single_device(name):
             assert error <= 1e-5, (name, mesh, quantity, error)
 
 
+@pytest.mark.slow
 @pytest.mark.multi_device
 def test_one_all_gather_per_layer_and_direction():
     """Compiled forward + backward of a stack of two layers (linear attention, GLA, Mamba-2) with

@@ -44,6 +44,7 @@ class Case:
 
 CASES = [Case(1, 2), Case(63, 1), Case(65, 2), Case(257, 1), Case(128, 2, segments=False),
          Case(65, 2, segments=False, causal=False), Case(65, 2, "bfloat16"), Case(257, 1, "bfloat16")]
+SLOW_CASES = {"T257-Hkv1-float32", "T128-Hkv2-float32-noseg", "T257-Hkv1-bfloat16"}   # make test-slow
 
 
 def packed_segments(B, T, seed=0):
@@ -94,12 +95,14 @@ def assert_matches_reference(impl, case: Case):
     assert not bad, f"{impl} {case.id}: relative errors {bad} > {TOLERANCE[case.dtype]}"
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c.id in SLOW_CASES else c for c in CASES],
+                         ids=lambda case: case.id)
 @pytest.mark.parametrize("impl", FUSED)
 def test_fused_matches_reference(impl, case):
     assert_matches_reference(impl, case)
 
 
+@pytest.mark.slow
 def test_splash_tpu_semantics_interpreter(monkeypatch):
     """pltpu.InterpretParams(): the TPU interpreter that also checks DMAs, semaphores and races."""
     def kernel(q, k, v, *, causal, scale, segment_ids, mask):

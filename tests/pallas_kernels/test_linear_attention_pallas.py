@@ -35,6 +35,7 @@ KERNELS = {"pallas_tpu": tpu.linear_attention_kernel, "pallas_gpu": gpu.linear_a
 @pytest.mark.parametrize("case", [Case(70, "channel", segments=True, chunk_size=32),
                                   Case(65, "scalar", segments=True, dtype="bfloat16")],
                          ids=lambda case: case.id)
+@pytest.mark.slow
 def test_tpu_semantics_interpreter_matches_reference(monkeypatch, case):
     kernel = functools.partial(tpu.linear_attention_kernel, interpret=pltpu.InterpretParams())
     monkeypatch.setitem(api.IMPLEMENTATIONS, "pallas_tpu", kernel)
