@@ -147,7 +147,7 @@ class RoutingAttention(nnx.Module):
         q_BxTxHxK = project("btd,dhk->bthk", x_BxTxD, self.w_q, c.dtype)
         k_BxTxGxK = project("btd,dhk->bthk", x_BxTxD, self.w_k, c.dtype)
         v_BxTxGxK = project("btd,dhk->bthk", x_BxTxD, self.w_v, c.dtype)
-        q_hat = _unit(q_BxTxHxK[:, :, c.num_local_heads:])              # routing heads' content vectors
+        q_hat = _unit(q_BxTxHxK)   # every head's content vector; the local heads' go unused
         k_hat = _unit(k_BxTxGxK)
         q_rot = apply_rotary(q_BxTxHxK, positions, c.rope_theta)
         k_rot = apply_rotary(k_BxTxGxK, positions, c.rope_theta)
@@ -170,18 +170,26 @@ class RoutingAttention(nnx.Module):
         return jnp.einsum("bmrd,rcd->brmc", _unit(key_means_BxMxRxD), centroids_RxCxD)
 
     # -- training-time k-means -------------------------------------------------------------------
-    def _update_centroids(self, q_hat_BxTxRxD, k_hat_BxTxRxD):
+    def _update_centroids(self, q_hat_BxTxHxD, k_hat_BxTxGxD):
+        """Online k-means step over the routing heads' unit queries and keys, written over all H heads
+        (the local heads count nowhere and their rows are dropped at the end), so heads split over
+        tensor never gather: only the [Hr, C, D] sums are shared."""
         c = self.config
-        x_hat = jnp.concatenate([q_hat_BxTxRxD, k_hat_BxTxRxD], axis=1)                # [B, 2T, Hr, D]
+        L, R, group = c.num_local_heads, c.num_routing_heads, c.num_heads // c.num_kv_heads
+        x_hat = jnp.concatenate([q_hat_BxTxHxD, jnp.repeat(k_hat_BxTxGxD, group, axis=2)], axis=1)   # [B, 2T, H, D]
         mu = self.centroids[...]
-        assign = jnp.argmax(jnp.einsum("btrd,rcd->brtc", jax.lax.stop_gradient(x_hat), mu), axis=-1)
-        onehot_BxRxTxC = jax.nn.one_hot(assign, c.num_clusters, dtype=jnp.float32)
-        nearest_BxRxTxD = jnp.einsum("brtc,rcd->brtd", onehot_BxRxTxC, mu)
+        mu_HxCxD = _pad_heads(mu, L, axis=0)
+        routing_H = (jnp.arange(c.num_heads) >= L).astype(jnp.float32)
+        assign = jnp.argmax(jnp.einsum("bthd,hcd->bhtc", jax.lax.stop_gradient(x_hat), mu_HxCxD), axis=-1)
+        onehot_BxHxTxC = jax.nn.one_hot(assign, c.num_clusters, dtype=jnp.float32) * routing_H[:, None, None]
+        nearest_BxHxTxD = jnp.einsum("bhtc,hcd->bhtd", onehot_BxHxTxC, mu_HxCxD)
         if c.commitment_weight:
-            gap = x_hat.transpose(0, 2, 1, 3) - nearest_BxRxTxD
-            report_loss(self, "commitment", c.commitment_weight * jnp.mean(jnp.sum(gap * gap, axis=-1)))
-        counts_RxC = onehot_BxRxTxC.sum(axis=(0, 2))
-        sums_RxCxD = jnp.einsum("brtc,btrd->rcd", onehot_BxRxTxC, jax.lax.stop_gradient(x_hat))
+            gap = x_hat.transpose(0, 2, 1, 3) - nearest_BxHxTxD
+            B, T2 = x_hat.shape[:2]
+            commitment = jnp.sum(jnp.sum(gap * gap, axis=-1) * routing_H[:, None]) / (B * R * T2)
+            report_loss(self, "commitment", c.commitment_weight * commitment)
+        counts_RxC = onehot_BxHxTxC.sum(axis=(0, 2))[L:]
+        sums_RxCxD = jnp.einsum("bhtc,bthd->hcd", onehot_BxHxTxC, jax.lax.stop_gradient(x_hat))[L:]
         means = sums_RxCxD / jnp.maximum(counts_RxC, 1.0)[..., None]
         moved = _unit(c.kmeans_decay * mu + (1.0 - c.kmeans_decay) * means)
         self.centroids[...] = jnp.where(counts_RxC[..., None] > 0, moved, mu)
@@ -200,20 +208,22 @@ class RoutingAttention(nnx.Module):
         if positions is None:
             positions = default_positions(B, T, sequence_shards)
         q, k, v, q_hat, k_hat = self._project(x_BxTxD, positions)
-        k_hat_routed = self._routing_keys(k_hat)
         if sequence_shards > 1:
             # every head gets a routing slot (zeros for the local heads), so the heads split over tensor
             L = c.num_local_heads
-            extras = {"q_hat_BxTxHxD": (_pad_heads(q_hat, L, axis=2), ("batch", "length", "heads", None)),
+            extras = {"q_hat_BxTxHxD": (q_hat, ("batch", "length", "heads", None)),
                       "k_hat_BxTxGxD": (k_hat, ("batch", "length", "kv_heads", None)),
                       "centroids_HxCxD": (_pad_heads(self._centroids(), L, axis=0), ("heads", None, None))}
             o_BxTxHxK = attend_with_gathered_keys(self._attend_gathering_means, q, k, v, segment_ids, block=b,
                                                   extras=extras)
-        else:
+        else:   # the same all-heads form, so that heads split over tensor keep their routing local
+            L, group = c.num_local_heads, c.num_heads // c.num_kv_heads
             o_BxTxHxK = self._attend(q, k, v, segment_ids, segment_ids, q_hat_BxTxRxD=q_hat,
-                                     key_means_BxNxRxD=block_mean(k_hat_routed, b), centroids_RxCxD=self._centroids())
+                                     key_means_BxNxRxD=jnp.repeat(block_mean(k_hat, b), group, axis=2),
+                                     centroids_RxCxD=_pad_heads(self._centroids(), L, axis=0),
+                                     routing_H=jnp.arange(c.num_heads) >= L)
         if not self.deterministic:
-            self._update_centroids(q_hat, k_hat_routed)
+            self._update_centroids(q_hat, k_hat)
         return project("bthk,hkd->btd", o_BxTxHxK, self.w_o, c.dtype)
 
     def _attend(self, q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, q_segment_ids, kv_segment_ids, query_block_Q=None,
@@ -249,7 +259,7 @@ class RoutingAttention(nnx.Module):
                                 head_axes, *, q_hat_BxTxHxD, k_hat_BxTxGxD, centroids_HxCxD):
         """`_attend` inside shard_map over seq: each device averages the unit keys of its own key
         blocks and all-gathers those means (1 / block of the unit keys), not the unit keys. Every
-        local head has a routing slot (q_hat, centroids zero for the local heads); which of them
+        local head has a routing slot (centroids zero for the local heads); which of them
         route follows from their index in the whole set of heads."""
         H, G = q_BxTxHxK.shape[2], k_BxSxGxK.shape[2]
         key_means_BxNxGxD = gather_natural(block_mean(k_hat_BxTxGxD, self.config.block_size), seq_size())
@@ -289,7 +299,8 @@ class RoutingAttention(nnx.Module):
         S = k_cache.shape[1]
         n = t // b
         centroids_RxCxD = self._centroids()
-        new_cluster = jnp.argmax(jnp.einsum("btrd,rcd->brtc", q_hat, centroids_RxCxD)[:, :, 0], axis=-1)
+        q_hat_routed = q_hat[:, :, c.num_local_heads:]
+        new_cluster = jnp.argmax(jnp.einsum("btrd,rcd->brtc", q_hat_routed, centroids_RxCxD)[:, :, 0], axis=-1)
         cluster_BxR = jnp.where(t % b == 0, new_cluster, cache["cluster"])
         key_scores = self._key_block_scores(block_mean(self._routing_keys(k_hat_cache), b), centroids_RxCxD)
         M = key_scores.shape[2]

@@ -14,7 +14,8 @@ compressed branch has an explicit mask) and reports, per device:
 - the bytes of every Mosaic kernel's operands, and their ratio to one chip: 1/4 when each kernel
   sees only its device's rows or heads;
 - the collectives (count, bytes), and the all-gathers / all-to-alls that are not parameter
-  all-gathers (a result with as many elements as a parameter, as fsdp gathers its shards): on data, fsdp
+  all-gathers (a result with as many elements as a parameter or a routing state, as fsdp gathers
+  its shards): on data, fsdp
   and tensor meshes there must be none, since nothing around a kernel needs a gathered activation.
   Under seq, the sequence-parallel paths gather by design (LASP-2 states, the sparse mixers' keys).
 """
@@ -83,9 +84,10 @@ def kernel_operands(hlo: str) -> tuple[int, int]:
 
 
 def parameter_sizes(config) -> set[int]:
-    """Element counts of the parameters (an fsdp all-gather may gather one transposed or reshaped)."""
+    """Element counts of the parameters and the layers' non-gradient state (routing centroids): an
+    fsdp all-gather may gather one transposed or reshaped, a centroid update shares its new rows."""
     _, state = abstract_state(config.model, make_optimizer(config.optim, config.train.steps))
-    return {leaf.size for leaf in jax.tree.leaves(state.params)}
+    return {leaf.size for leaf in jax.tree.leaves((state.params, state.model_state))}
 
 
 def activation_gathers(hlo: str, parameters: set[int]) -> list[str]:
