@@ -176,20 +176,21 @@ class RoutingAttention(nnx.Module):
         tensor never gather: only the [Hr, C, D] sums are shared."""
         c = self.config
         L, R, group = c.num_local_heads, c.num_routing_heads, c.num_heads // c.num_kv_heads
-        x_hat = jnp.concatenate([q_hat_BxTxHxD, jnp.repeat(k_hat_BxTxGxD, group, axis=2)], axis=1)   # [B, 2T, H, D]
+        # queries and keys side by side on a new axis, not concatenated along the (seq-split) time
+        x_hat = jnp.stack([q_hat_BxTxHxD, jnp.repeat(k_hat_BxTxGxD, group, axis=2)], axis=1)   # [B, 2, T, H, D]
         mu = self.centroids[...]
         mu_HxCxD = _pad_heads(mu, L, axis=0)
         routing_H = (jnp.arange(c.num_heads) >= L).astype(jnp.float32)
-        assign = jnp.argmax(jnp.einsum("bthd,hcd->bhtc", jax.lax.stop_gradient(x_hat), mu_HxCxD), axis=-1)
-        onehot_BxHxTxC = jax.nn.one_hot(assign, c.num_clusters, dtype=jnp.float32) * routing_H[:, None, None]
-        nearest_BxHxTxD = jnp.einsum("bhtc,hcd->bhtd", onehot_BxHxTxC, mu_HxCxD)
+        assign = jnp.argmax(jnp.einsum("bsthd,hcd->bshtc", jax.lax.stop_gradient(x_hat), mu_HxCxD), axis=-1)
+        onehot_Bx2xHxTxC = jax.nn.one_hot(assign, c.num_clusters, dtype=jnp.float32) * routing_H[:, None, None]
         if c.commitment_weight:
-            gap = x_hat.transpose(0, 2, 1, 3) - nearest_BxHxTxD
-            B, T2 = x_hat.shape[:2]
-            commitment = jnp.sum(jnp.sum(gap * gap, axis=-1) * routing_H[:, None]) / (B * R * T2)
+            nearest_Bx2xTxHxD = jnp.einsum("bshtc,hcd->bsthd", onehot_Bx2xHxTxC, mu_HxCxD)
+            gap = x_hat - nearest_Bx2xTxHxD
+            B, _, T = x_hat.shape[:3]
+            commitment = jnp.sum(jnp.sum(gap * gap, axis=-1) * routing_H) / (B * R * 2 * T)
             report_loss(self, "commitment", c.commitment_weight * commitment)
-        counts_RxC = onehot_BxHxTxC.sum(axis=(0, 2))[L:]
-        sums_RxCxD = jnp.einsum("bhtc,bthd->hcd", onehot_BxHxTxC, jax.lax.stop_gradient(x_hat))[L:]
+        counts_RxC = onehot_Bx2xHxTxC.sum(axis=(0, 1, 3))[L:]
+        sums_RxCxD = jnp.einsum("bshtc,bsthd->hcd", onehot_Bx2xHxTxC, jax.lax.stop_gradient(x_hat))[L:]
         means = sums_RxCxD / jnp.maximum(counts_RxC, 1.0)[..., None]
         moved = _unit(c.kmeans_decay * mu + (1.0 - c.kmeans_decay) * means)
         self.centroids[...] = jnp.where(counts_RxC[..., None] > 0, moved, mu)
