@@ -23,7 +23,7 @@ $(VENV)/.installed-test: pyproject.toml | $(PY)
 train: $(VENV)/.installed-base
 	$(PY) -m train --config $(CONFIG) $(ARGS)
 
-# The suite without the end-to-end runs marked slow (about 12 minutes on 2 cores); CI runs both.
+# The suite without the runs marked slow (about 11 minutes on 2 cores); CI runs both (test-slow: about 26).
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
