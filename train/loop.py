@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from pallas_kernels.implementation import current_choices, kernel_policy
 from train.checkpoint import CheckpointMismatch, Checkpointer
-from train.compile import batch_spec, sharded_steps
+from train.compile import batch_spec, memory_of, sharded_steps
 from train.config import Config, check_devices
 from train.data import build_datasets, validation_batches
 from train.hardware import peak_flops_per_device
@@ -54,15 +54,13 @@ def _write_atomically(path: pathlib.Path, text: str) -> None:
 
 
 def _memory_line(compiled) -> str:
-    """XLA's compile-time account of one device's memory for a step (arguments, outputs, temporaries)."""
-    analysis = compiled.memory_analysis()
-    if analysis is None:
+    """XLA's compile-time account of one device's memory for a step (train.compile.Memory)."""
+    if compiled.memory_analysis() is None:
         return "not reported by this backend"
+    m = memory_of(compiled, hbm_bytes=0)
     mib = lambda n: f"{n / 2**20:,.1f} MiB"  # noqa: E731
-    arguments, outputs = analysis.argument_size_in_bytes, analysis.output_size_in_bytes
-    temporaries, aliased = analysis.temp_size_in_bytes, analysis.alias_size_in_bytes
-    return (f"peak {mib(arguments + outputs - aliased + temporaries)} = arguments {mib(arguments)} + outputs "
-            f"{mib(outputs)} - donated {mib(aliased)} + temporaries {mib(temporaries)}")
+    return (f"peak {mib(m.total)} = arguments {mib(m.arguments)} + outputs {mib(m.outputs)} - donated "
+            f"{mib(m.aliased)} + temporaries {mib(m.temporaries)}")
 
 
 def evaluate(eval_step, state, batches, mesh) -> dict:

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
-from pallas_kernels.dot_product_attention.splash import LANES, MAX_BLOCK, _over_batch
+from pallas_kernels.dot_product_attention.splash import LANES, MAX_BLOCK, over_batch
 from pallas_kernels.implementation import interpret_mode
 
 F32 = jnp.float32
@@ -88,7 +88,7 @@ def attend(q_bxHxQxD, k_bxGxKxD, v_bxGxKxD, seg_q_bxQ, seg_k_bxK, *, causal: boo
         return o, lse
 
     q_scaled = (q_bxHxQxD.astype(F32) * scale).astype(dtype)
-    return _over_batch(one_row, interpret=interpret)(q_scaled, k_bxGxKxD.astype(dtype), v_bxGxKxD.astype(dtype),
+    return over_batch(one_row, interpret=interpret)(q_scaled, k_bxGxKxD.astype(dtype), v_bxGxKxD.astype(dtype),
                                                      seg_q_bxQ.astype(jnp.int32), seg_k_bxK.astype(jnp.int32))
 
 
@@ -116,7 +116,7 @@ def grads(q_bxHxQxD, k_bxGxKxD, v_bxGxKxD, seg_q_bxQ, seg_k_bxK, lse_bxHxQ, do_b
         return dq, dk, dv
 
     q_scaled = (q_bxHxQxD.astype(F32) * scale).astype(dtype)
-    dq, dk, dv = _over_batch(one_row, interpret=interpret)(
+    dq, dk, dv = over_batch(one_row, interpret=interpret)(
         q_scaled, k_bxGxKxD.astype(dtype), v_bxGxKxD.astype(dtype), seg_q_bxQ.astype(jnp.int32),
         seg_k_bxK.astype(jnp.int32), lse_bxHxQ.astype(F32), do_bxHxQxD.astype(dtype), delta_bxHxQ.astype(F32))
     return dq.astype(F32) * scale, dk.astype(F32), dv.astype(F32)

@@ -78,7 +78,7 @@ def make_kernel(padded_len: int, heads: int, block: int, causal: bool, interpret
                                   q_seq_shards=1, interpret=interpret)
 
 
-def _over_batch(fn, *, interpret):
+def over_batch(fn, *, interpret):
     """`fn` over the batch rows: vmap (a grid dimension of the kernel), or lax.map under
     `pltpu.InterpretParams()`, whose interpreter in jax 0.10 rejects a vmapped grid dimension."""
     if isinstance(interpret, pltpu.InterpretParams):
@@ -104,9 +104,9 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, 
 
     q_BxHxTxD, k_BxGxTxD, v_BxGxTxD = heads_major(q_scaled), heads_major(k), heads_major(v)
     kernel = make_kernel(padded, H, block, bool(causal), interpret)
-    over_batch = functools.partial(_over_batch, interpret=interpret)
+    per_row = functools.partial(over_batch, interpret=interpret)
     if segment_ids is None and padded == T:
-        o_BxHxTxD = over_batch(kernel)(q_BxHxTxD, k_BxGxTxD, v_BxGxTxD)
+        o_BxHxTxD = per_row(kernel)(q_BxHxTxD, k_BxGxTxD, v_BxGxTxD)
     else:
         seg_BxT = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
         padding_id = jnp.max(seg_BxT) + 1
@@ -114,7 +114,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, 
 
         def one_row(q, k, v, seg):
             return kernel(q, k, v, segment_ids=splash.SegmentIds(q=seg, kv=seg))
-        o_BxHxTxD = over_batch(one_row)(q_BxHxTxD, k_BxGxTxD, v_BxGxTxD, seg_BxT)
+        o_BxHxTxD = per_row(one_row)(q_BxHxTxD, k_BxGxTxD, v_BxGxTxD, seg_BxT)
     return jnp.swapaxes(o_BxHxTxD[:, :, :T], 1, 2).astype(q.dtype)
 
 
