@@ -21,7 +21,7 @@ $(VENV)/.installed-test: pyproject.toml | $(PY)
 	touch $@ $(VENV)/.installed-base
 
 train: $(VENV)/.installed-base
-	$(PY) -m train --config $(CONFIG) $(ARGS)
+	$(PY) -m hybrax.train --config $(CONFIG) $(ARGS)
 
 # The suite without the runs marked slow (about 11 minutes on 2 cores); CI runs both (test-slow: about 26).
 test: $(VENV)/.installed-test

@@ -10,12 +10,12 @@ the constraints are no-ops.
 import jax.numpy as jnp
 from flax import nnx
 
-from arch.config import ModelConfig
-from arch.registry import FFNS, MIXERS
-from layers.embeddings import TokenEmbedding
-from layers.norms import RMSNorm
-from layers.parameters import logical_param, normal
-from layers.sharding import constrain
+from hybrax.arch.config import ModelConfig
+from hybrax.arch.registry import FFNS, MIXERS
+from hybrax.layers.embeddings import TokenEmbedding
+from hybrax.layers.norms import RMSNorm
+from hybrax.layers.parameters import logical_param, normal
+from hybrax.layers.sharding import constrain
 
 RESIDUAL = ("batch", "length", "act_embed")
 

@@ -20,7 +20,7 @@ class SparseAttentionConfig(StrictConfig):
 
     block_size: int = 16                # tokens per query block and per key block
     top_k: int = 2                      # past blocks selected per query block; the current block is always added
-    # training-free sparse prefill of the softmax `attention` mixer (layers/sparse_prefill): the selector
+    # training-free sparse prefill of the softmax `attention` mixer (layers/sparse/prefill): the selector
     # lists blocks of block_size on the no-cache path; prefill_options are its budget knobs, e.g.
     # {threshold: 0.95}. Decoding with a KV cache stays dense.
     prefill_selector: Literal["xattention", "minference", "flexprefill"] | None = None
@@ -94,10 +94,10 @@ class KernelsConfig(StrictConfig):
 
 def kernel_implementations() -> dict:
     """model.kernels key -> the op's implementation table."""
-    from pallas_kernels.block_sparse_attention.api import IMPLEMENTATIONS as block_sparse
-    from pallas_kernels.dot_product_attention.api import IMPLEMENTATIONS as dense
-    from pallas_kernels.grouped_matmul.api import IMPLEMENTATIONS as grouped
-    from pallas_kernels.linear_attention.api import IMPLEMENTATIONS as linear
+    from hybrax.pallas_kernels.block_sparse_attention.api import IMPLEMENTATIONS as block_sparse
+    from hybrax.pallas_kernels.dot_product_attention.api import IMPLEMENTATIONS as dense
+    from hybrax.pallas_kernels.grouped_matmul.api import IMPLEMENTATIONS as grouped
+    from hybrax.pallas_kernels.linear_attention.api import IMPLEMENTATIONS as linear
     return {"attention": dense, "linear_attention": linear, "block_sparse_attention": block_sparse,
             "grouped_matmul": grouped}
 
@@ -136,7 +136,7 @@ class ModelConfig(StrictConfig):
             raise ValueError(f"model.head_dim={self.head_size} must be even for rotary embeddings")
         if not self.mixers or not self.ffns:
             raise ValueError("model.mixers and model.ffns need at least one name each")
-        from arch.registry import FFNS, MIXERS  # the registry imports this module
+        from hybrax.arch.registry import FFNS, MIXERS  # the registry imports this module
         for key, registry in (("mixers", MIXERS), ("ffns", FFNS)):
             for name in getattr(self, key):
                 if name not in registry.names():
@@ -166,7 +166,7 @@ class ModelConfig(StrictConfig):
         return [(self.mixers[i % len(self.mixers)], self.ffns[i % len(self.ffns)]) for i in range(self.num_layers)]
 
     def layer_configs(self) -> list[tuple[object, object]]:
-        from arch.registry import FFNS, MIXERS  # the registry imports this module
+        from hybrax.arch.registry import FFNS, MIXERS  # the registry imports this module
         return [(MIXERS.config_for(m, self), FFNS.config_for(f, self)) for m, f in self.layer_pattern()]
 
     def num_params(self) -> int:

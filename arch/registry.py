@@ -7,17 +7,17 @@ An entry is a config builder (ModelConfig -> the layer's frozen config, which kn
 import dataclasses
 from collections.abc import Callable
 
-from arch.config import ModelConfig
-from layers.attention import Attention, AttentionConfig
-from layers.bilevel_routing_attention import BilevelRoutingAttention, BilevelRoutingConfig
-from layers.gla import GLA, GLAConfig
-from layers.linear_attention import LinearAttention, LinearAttentionConfig
-from layers.mamba2 import Mamba2, Mamba2Config
-from layers.mlp import MLPConfig, SwiGLU
-from layers.moba import MoBA, MoBAConfig
-from layers.moe import MoE, MoEConfig
-from layers.nsa import NSA, NSAConfig
-from layers.routing_attention import RoutingAttention, RoutingAttentionConfig
+from hybrax.arch.config import ModelConfig
+from hybrax.layers.softmax.attention import Attention, AttentionConfig
+from hybrax.layers.sparse.bilevel_routing_attention import BilevelRoutingAttention, BilevelRoutingConfig
+from hybrax.layers.linear.gla import GLA, GLAConfig
+from hybrax.layers.linear.linear_attention import LinearAttention, LinearAttentionConfig
+from hybrax.layers.linear.mamba2 import Mamba2, Mamba2Config
+from hybrax.layers.mlp import MLPConfig, SwiGLU
+from hybrax.layers.sparse.moba import MoBA, MoBAConfig
+from hybrax.layers.moe import MoE, MoEConfig
+from hybrax.layers.sparse.nsa import NSA, NSAConfig
+from hybrax.layers.sparse.routing_attention import RoutingAttention, RoutingAttentionConfig
 
 
 @dataclasses.dataclass(frozen=True)

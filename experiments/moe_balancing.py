@@ -9,7 +9,7 @@ Variants (overrides on top of the preset, which has z-loss 1e-3 in all of them):
 - `switch_global`: switch loss 0.01, counts over the global batch (the preset's setting);
 - `bias`: auxiliary-loss-free balancing, bias step 1e-3, no balance loss.
 
-Each variant is one `python -m train` run in `<out>/<variant>` (a finished run is reused, an
+Each variant is one `hybrax-train` run in `<out>/<variant>` (a finished run is reused, an
 interrupted one resumes). The table reads each run's `metrics.jsonl`: the imbalance (max load / mean
 load) of every MoE layer averaged over the last `--tail` logged steps, the final validation bits
 per byte and the training throughput.
@@ -58,7 +58,7 @@ def main():
         run_dir = args.out / name
         if summarize(run_dir, args.tail)["step"] >= args.steps:
             continue
-        subprocess.run([sys.executable, "-m", "train", "--config", "configs/moe.yaml", "--run-dir", str(run_dir),
+        subprocess.run([sys.executable, "-m", "hybrax.train", "--config", "configs/moe.yaml", "--run-dir", str(run_dir),
                         f"train.steps={args.steps}", "log.progress_bar=false", *VARIANTS[name]],
                        cwd=ROOT, check=True)
     print(f"max load / mean load of each MoE layer, mean of the last {args.tail} logged steps "

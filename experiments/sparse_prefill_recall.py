@@ -30,19 +30,19 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from layers.embeddings import apply_rotary  # noqa: E402
-from layers.projection import project  # noqa: E402
-from layers.sparse_prefill import SELECTORS, blocks  # noqa: E402
-from train.corpus import shakespeare  # noqa: E402
-from train.tokenizer import ByteTokenizer  # noqa: E402
+from hybrax.layers.embeddings import apply_rotary  # noqa: E402
+from hybrax.layers.projection import project  # noqa: E402
+from hybrax.layers.sparse.prefill import SELECTORS, blocks  # noqa: E402
+from hybrax.train.corpus import shakespeare  # noqa: E402
+from hybrax.train.tokenizer import ByteTokenizer  # noqa: E402
 
 
 def load_params(run_dir: pathlib.Path):
-    """(config, params nnx.State) of the latest checkpoint of a `python -m train` run."""
+    """(config, params nnx.State) of the latest checkpoint of a `hybrax-train` run."""
     import orbax.checkpoint as ocp
 
-    from train.config import load_config
-    from train.step import create_model
+    from hybrax.train.config import load_config
+    from hybrax.train.step import create_model
 
     config = load_config(run_dir / "config.yaml")
     manager = ocp.CheckpointManager((run_dir / "checkpoints").absolute(), item_names=("state", "data"),
@@ -50,7 +50,7 @@ def load_params(run_dir: pathlib.Path):
                                                    "data": ocp.JsonCheckpointHandler()})
     step = manager.latest_step()
     if step is None:
-        raise FileNotFoundError(f"no checkpoint under {run_dir / 'checkpoints'}; train first (python -m train)")
+        raise FileNotFoundError(f"no checkpoint under {run_dir / 'checkpoints'}; train first (hybrax-train)")
     stored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]["params"]
     manager.close()
     params = nnx.state(create_model(config.model, 0), nnx.Param)
@@ -76,7 +76,7 @@ def validation_rows(length: int, rows: int) -> np.ndarray:
 
 
 def model_with(config, params, **sparse):
-    from train.step import create_model
+    from hybrax.train.step import create_model
     model_config = config.model.model_copy(update={"sparse": config.model.sparse.model_copy(update=sparse)})
     model = create_model(model_config, 0)
     nnx.update(model, params)
@@ -145,7 +145,7 @@ def measure(config, params, length: int, block: int, num_rows: int, batch: int =
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", default="/tmp/runs/quickstart", help="run directory of python -m train")
+    p.add_argument("--run", default="/tmp/runs/quickstart", help="run directory of hybrax-train")
     p.add_argument("--rows", type=int, default=32, help="validation scenes per length")
     p.add_argument("--lengths", type=int, nargs="+", default=[128, 512])
     p.add_argument("--blocks", type=int, nargs="+", default=[16, 32], help="block size per length")

@@ -1,6 +1,6 @@
 """Sweeps: a grid of training runs from one base config, one result record per run.
 
-    python -m experiments.sweep configs/sweeps/tiny.yaml [--out DIR] [--jobs N] [--dry-run]
+    hybrax-sweep configs/sweeps/tiny.yaml [--out DIR] [--jobs N] [--dry-run]
 
 A sweep file names a base config, overrides for every run, and a grid. Each grid axis maps point
 names to override lists; a key that is a config key maps to a list of values (shorthand):
@@ -61,7 +61,7 @@ from concurrent.futures import ThreadPoolExecutor
 import yaml
 from tqdm import tqdm
 
-from train.config import Config, ConfigError, load_config
+from hybrax.train.config import Config, ConfigError, load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SWEEP_KEYS = {"name", "base", "overrides", "grid"}
@@ -198,7 +198,7 @@ def train_run(run: Run, base: str, sweep_dir: pathlib.Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(run_dir / "train.log", "a") as log:
-        done = subprocess.run([sys.executable, "-m", "train", "--config", base, "--run-dir", str(run_dir),
+        done = subprocess.run([sys.executable, "-m", "hybrax.train", "--config", base, "--run-dir", str(run_dir),
                                *run.overrides], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if done.returncode != 0:
@@ -242,7 +242,7 @@ def run_sweep(path: str | pathlib.Path, out: str | pathlib.Path | None = None, *
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.sweep", description="Run a grid of training runs.")
+    p = argparse.ArgumentParser(prog="hybrax-sweep", description="Run a grid of training runs.")
     p.add_argument("sweep", help="sweep file, e.g. configs/sweeps/tiny.yaml")
     p.add_argument("--out", default=None, help="sweep directory (default: runs/sweeps/<name>)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, as separate processes (default 1)")

@@ -7,7 +7,7 @@ rotated by angle `position * theta^(-2i/D)`, so q.k depends only on the relative
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.parameters import logical_param, normal
+from hybrax.layers.parameters import logical_param, normal
 
 
 class TokenEmbedding(nnx.Module):

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.parameters import logical_param, normal
-from layers.projection import project
+from hybrax.layers.parameters import logical_param, normal
+from hybrax.layers.projection import project
 
 
 @dataclasses.dataclass(frozen=True)

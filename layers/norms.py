@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.parameters import logical_param, ones
+from hybrax.layers.parameters import logical_param, ones
 
 
 class RMSNorm(nnx.Module):

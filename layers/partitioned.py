@@ -27,10 +27,10 @@ from collections.abc import Callable, Sequence
 import jax
 from jax.sharding import AxisType, PartitionSpec as P
 
-from layers.sharding import current_mesh
-from pallas_kernels import block_sparse_attention as _block_sparse_attention
-from pallas_kernels import dot_product_attention as _dot_product_attention
-from pallas_kernels import linear_attention as _linear_attention
+from hybrax.layers.sharding import current_mesh
+from hybrax.pallas_kernels import block_sparse_attention as _block_sparse_attention
+from hybrax.pallas_kernels import dot_product_attention as _dot_product_attention
+from hybrax.pallas_kernels import linear_attention as _linear_attention
 
 Names = tuple[str | None, ...] | None   # one logical name per dimension; None: a replicated argument
 

@@ -134,7 +134,7 @@ def requested_names(op: str, implementations: Mapping[str, Callable],
 def dispatch(op: str, implementations: Mapping[str, Callable], defaults: Mapping[str, Sequence[str]],
              implementation: str | Sequence[str] | None, *args, **kwargs):
     """Call the first implementation that accepts the inputs."""
-    from pallas_kernels.verified import is_verified  # the table imports nothing from here at import time
+    from hybrax.pallas_kernels.verified import is_verified  # the table imports nothing from here at import time
 
     backend = current_backend()
     names = requested_names(op, implementations, implementation)

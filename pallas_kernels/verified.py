@@ -37,7 +37,7 @@ VERIFIED: tuple[Verification, ...] = (
                  "jax.experimental.pallas.ops.tpu.splash_attention, covered by jax's TPU CI; hybrax's wrapper "
                  "matched the reference in TPU interpret mode"),
     Verification("ring_attention_block", "*", "xla", "0.10.2", "2026-12-06",
-                 "jnp block of layers/sequence_parallel/ring_attention.py; tests/layers/test_ring_attention.py "
+                 "jnp block of layers/softmax/ring_attention.py; tests/layers/test_ring_attention.py "
                  "(8 devices vs one)"),
     Verification("linear_attention", "*", "xla", "0.10.2", "2026-12-06",
                  "chunked jnp vs the float64 reference; tests/pallas_kernels/test_linear_attention.py"),

@@ -1,4 +1,4 @@
-"""python -m train --config configs/quickstart.yaml [--run-dir DIR] [key=value ...]
+"""hybrax-train --config configs/quickstart.yaml [--run-dir DIR] [key=value ...]
 
 Multi-process (train.distributed): add --coordinator HOST:PORT --num-processes N --process-id I
 (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), or --distributed on a cluster
@@ -9,11 +9,11 @@ import argparse
 import pathlib
 import sys
 
-from train.config import ConfigError, load_config
+from hybrax.train.config import ConfigError, load_config
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train", description="Train a hybrax model from a YAML preset.")
+    p = argparse.ArgumentParser(prog="hybrax-train", description="Train a hybrax model from a YAML preset.")
     p.add_argument("--config", required=True, help="YAML preset, e.g. configs/quickstart.yaml")
     p.add_argument("--run-dir", default=None, help="run directory (default: runs/<config name>)")
     p.add_argument("--coordinator", default=None, help="multi-process: address host:port of process 0")
@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     except ConfigError as e:  # reported before any compute
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from train import distributed
+    from hybrax.train import distributed
 
     try:
         distributed.initialize(distributed.settings(args.coordinator, args.num_processes, args.process_id),
@@ -35,9 +35,9 @@ def main(argv=None) -> int:
     except distributed.DistributedConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from pallas_kernels.implementation import KernelRefused
-    from train.checkpoint import CheckpointMismatch
-    from train.loop import train
+    from hybrax.pallas_kernels.implementation import KernelRefused
+    from hybrax.train.checkpoint import CheckpointMismatch
+    from hybrax.train.loop import train
 
     run_dir = pathlib.Path(args.run_dir or pathlib.Path("runs") / pathlib.Path(args.config).stem)
     try:

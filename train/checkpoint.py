@@ -11,7 +11,7 @@ import pathlib
 import jax
 import orbax.checkpoint as ocp
 
-from train.config import CheckpointConfig
+from hybrax.train.config import CheckpointConfig
 
 
 class CheckpointMismatch(ValueError):

@@ -1,4 +1,4 @@
-"""python -m train.compile --config configs/quickstart.yaml --topology v5e:2x4 [key=value ...]
+"""hybrax-compile --config configs/quickstart.yaml --topology v5e:2x4 [key=value ...]
 
 Ahead-of-time compilation of the sharded train and eval steps for a TPU topology, on a machine
 with no TPU (libtpu compiles for `jax.experimental.topologies` devices), in the spirit of
@@ -33,11 +33,11 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from pallas_kernels import implementation
-from train.config import Config, ConfigError, check_devices, load_config
-from train.optim import learning_rate_schedule, make_optimizer
-from train.sharding import batch_sharding, make_mesh, state_shardings, with_shardings
-from train.step import BATCH_KEYS, abstract_state, make_eval_step, make_train_step
+from hybrax.pallas_kernels import implementation
+from hybrax.train.config import Config, ConfigError, check_devices, load_config
+from hybrax.train.optim import learning_rate_schedule, make_optimizer
+from hybrax.train.sharding import batch_sharding, make_mesh, state_shardings, with_shardings
+from hybrax.train.step import BATCH_KEYS, abstract_state, make_eval_step, make_train_step
 
 GiB = 2**30
 # HBM per chip, by what `device.device_kind` reports (vendor data sheets).
@@ -273,7 +273,7 @@ def format_reports(config_path: str, reports: list[CompiledReport]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.compile",
+    p = argparse.ArgumentParser(prog="hybrax-compile",
                                 description="Compile the sharded train and eval steps for a TPU topology, "
                                             "ahead of time, and print memory, FLOPs and collectives per device.")
     p.add_argument("--config", required=True, help="YAML preset, e.g. configs/quickstart.yaml")

@@ -16,8 +16,8 @@ import pydantic
 import yaml
 from pydantic import model_validator
 
-from arch.config import ModelConfig, StrictConfig
-from layers.sharding import MESH_AXES
+from hybrax.arch.config import ModelConfig, StrictConfig
+from hybrax.layers.sharding import MESH_AXES
 
 
 class ConfigError(ValueError):

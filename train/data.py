@@ -11,10 +11,10 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from train import corpus
-from train.config import DataConfig
-from train.packing import PackedBatches, evaluation_batches
-from train.tokenizer import ByteTokenizer
+from hybrax.train import corpus
+from hybrax.train.config import DataConfig
+from hybrax.train.packing import PackedBatches, evaluation_batches
+from hybrax.train.tokenizer import ByteTokenizer
 
 
 @dataclasses.dataclass

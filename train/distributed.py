@@ -1,8 +1,8 @@
 """Multi-process runs through `jax.distributed`: one process per host (or several CPU processes
-on one machine, for tests), all running the same `python -m train` command.
+on one machine, for tests), all running the same `hybrax-train` command.
 
-    python -m train --config C --coordinator host0:1234 --num-processes 2 --process-id 0   # on host 0
-    python -m train --config C --coordinator host0:1234 --num-processes 2 --process-id 1   # on host 1
+    hybrax-train --config C --coordinator host0:1234 --num-processes 2 --process-id 0   # on host 0
+    hybrax-train --config C --coordinator host0:1234 --num-processes 2 --process-id 1   # on host 1
 
 or the same through the environment: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID.
 On clusters JAX can detect by itself (SLURM, Open MPI, Kubernetes/GKE, Cloud TPU),

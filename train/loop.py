@@ -20,19 +20,19 @@ import jax
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from pallas_kernels.implementation import current_choices, kernel_policy
-from train.checkpoint import CheckpointMismatch, Checkpointer
-from train.compile import batch_spec, memory_of, sharded_steps
-from train.config import Config, check_devices
-from train.data import build_datasets, validation_batches
-from train.hardware import peak_flops_per_device
-from train.metrics import MetricsWriter, console_line, is_finite, plain
-from train.optim import make_optimizer
-from train.sample import generate
-from train.sharding import (create_sharded, make_mesh, process_rows, shard_batch, state_shardings, to_host,
+from hybrax.pallas_kernels.implementation import current_choices, kernel_policy
+from hybrax.train.checkpoint import CheckpointMismatch, Checkpointer
+from hybrax.train.compile import batch_spec, memory_of, sharded_steps
+from hybrax.train.config import Config, check_devices
+from hybrax.train.data import build_datasets, validation_batches
+from hybrax.train.hardware import peak_flops_per_device
+from hybrax.train.metrics import MetricsWriter, console_line, is_finite, plain
+from hybrax.train.optim import make_optimizer
+from hybrax.train.sample import generate
+from hybrax.train.sharding import (create_sharded, make_mesh, process_rows, shard_batch, state_shardings, to_host,
                             with_shardings)
-from train.step import create_model, init_state, merge_model, summarize_eval
-from train.step import abstract_state as abstract_train_state
+from hybrax.train.step import create_model, init_state, merge_model, summarize_eval
+from hybrax.train.step import abstract_state as abstract_train_state
 
 
 class _Termination:

@@ -3,7 +3,7 @@
 import jax
 import optax
 
-from train.config import OptimConfig
+from hybrax.train.config import OptimConfig
 
 
 def learning_rate_schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:

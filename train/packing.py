@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from train.tokenizer import BOS, EOS, PAD
+from hybrax.train.tokenizer import BOS, EOS, PAD
 
 Batch = dict[str, np.ndarray]
 

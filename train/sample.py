@@ -1,6 +1,6 @@
 """Generate text from a run's latest checkpoint with a KV cache.
 
-    python -m train.sample --run runs/quickstart --prompt "ROMEO:" --max-new-tokens 200
+    hybrax-sample --run runs/quickstart --prompt "ROMEO:" --max-new-tokens 200
 """
 
 import argparse
@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from arch import CausalLM
-from train.tokenizer import BOS, EOS, ByteTokenizer
+from hybrax.arch import CausalLM
+from hybrax.train.tokenizer import BOS, EOS, ByteTokenizer
 
 
 def generate(model: CausalLM, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.8,
@@ -58,16 +58,16 @@ def generate(model: CausalLM, prompt: str, *, max_new_tokens: int = 200, tempera
 
 def load_latest(run_dir: pathlib.Path) -> CausalLM:
     """The model of the latest checkpoint in `run_dir`, built from its saved config.yaml."""
-    from train.checkpoint import Checkpointer
-    from train.config import load_config
-    from train.optim import make_optimizer
-    from train.step import abstract_state, merge_model
+    from hybrax.train.checkpoint import Checkpointer
+    from hybrax.train.config import load_config
+    from hybrax.train.optim import make_optimizer
+    from hybrax.train.step import abstract_state, merge_model
 
     config = load_config(run_dir / "config.yaml")
     checkpointer = Checkpointer(run_dir, config.checkpoint)
     step = checkpointer.latest_step()
     if step is None:
-        raise FileNotFoundError(f"no checkpoint in {str(run_dir / 'checkpoints')!r}; train first (python -m train)")
+        raise FileNotFoundError(f"no checkpoint in {str(run_dir / 'checkpoints')!r}; train first (hybrax-train)")
     graphdef, target = abstract_state(config.model, make_optimizer(config.optim, config.train.steps))
     state, _ = checkpointer.restore(step, target)
     checkpointer.close()
@@ -75,7 +75,7 @@ def load_latest(run_dir: pathlib.Path) -> CausalLM:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.sample", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="hybrax-sample", description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, help="run directory holding config.yaml and checkpoints/")
     p.add_argument("--prompt", default="ROMEO:")
     p.add_argument("--max-new-tokens", type=int, default=200)
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     run_dir = pathlib.Path(args.run)
     if not (run_dir / "config.yaml").is_file():
-        print(f"error: --run {args.run!r} has no config.yaml; expected a run directory of python -m train",
+        print(f"error: --run {args.run!r} has no config.yaml; expected a run directory of hybrax-train",
               file=sys.stderr)
         return 2
     try:

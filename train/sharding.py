@@ -23,9 +23,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from layers.sequence_parallel.layout import check_length, to_zigzag
-from layers.sharding import MESH_AXES, spec
-from train.config import MeshConfig
+from hybrax.layers.sequence_parallel.layout import check_length, to_zigzag
+from hybrax.layers.sharding import MESH_AXES, spec
+from hybrax.train.config import MeshConfig
 
 BATCH_NAMES = ("batch", "length")
 

@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from arch import CausalLM, ModelConfig
-from layers.auxiliary import BatchStatistic, RouterState, forward_with_auxiliaries
-from train.tokenizer import BOS
+from hybrax.arch import CausalLM, ModelConfig
+from hybrax.layers.auxiliary import BatchStatistic, RouterState, forward_with_auxiliaries
+from hybrax.train.tokenizer import BOS
 
 BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
 

@@ -18,8 +18,8 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 REPO = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from train.compile import COLLECTIVES, DoesNotFit, compile_step, topology_devices  # noqa: E402
-from train.config import load_config  # noqa: E402
+from hybrax.train.compile import COLLECTIVES, DoesNotFit, compile_step, topology_devices  # noqa: E402
+from hybrax.train.config import load_config  # noqa: E402
 
 MiB = 2**20
 

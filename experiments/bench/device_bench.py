@@ -21,15 +21,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.bench.grouped_matmul import group_sizes, programs as grouped_programs
-from experiments.bench.sparse_attention_gpu import causal_block_lists, timed_pair
-from experiments.bench.timing import best_time
-from pallas_kernels.block_sparse_attention import block_sparse_attention
-from pallas_kernels.dot_product_attention import dot_product_attention
-from pallas_kernels.dot_product_attention.api import IMPLEMENTATIONS as DENSE_IMPLEMENTATIONS
-from pallas_kernels.grouped_matmul import grouped_matmul
-from pallas_kernels.implementation import current_backend
-from pallas_kernels.linear_attention import linear_attention
+from hybrax.experiments.bench.grouped_matmul import group_sizes, programs as grouped_programs
+from hybrax.experiments.bench.sparse_attention_gpu import causal_block_lists, timed_pair
+from hybrax.experiments.bench.timing import best_time
+from hybrax.pallas_kernels.block_sparse_attention import block_sparse_attention
+from hybrax.pallas_kernels.dot_product_attention import dot_product_attention
+from hybrax.pallas_kernels.dot_product_attention.api import IMPLEMENTATIONS as DENSE_IMPLEMENTATIONS
+from hybrax.pallas_kernels.grouped_matmul import grouped_matmul
+from hybrax.pallas_kernels.implementation import current_backend
+from hybrax.pallas_kernels.linear_attention import linear_attention
 
 # Training-like shapes, sized so that the whole section runs in about two minutes on one H100.
 FULL = dict(B=8, T=2048, H=8, D=128, block=64, densities=(4, 8), M=16384, K=1024, N=2048, groups=(8, 64),

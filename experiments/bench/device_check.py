@@ -49,8 +49,8 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 
-from experiments.bench.device_bench import FULL, TINY, pallas_name, run_benchmarks  # noqa: E402
-from pallas_kernels.implementation import current_backend  # noqa: E402
+from hybrax.experiments.bench.device_bench import FULL, TINY, pallas_name, run_benchmarks  # noqa: E402
+from hybrax.pallas_kernels.implementation import current_backend  # noqa: E402
 
 REFUSED_MARK = "refused on purpose:"    # printed by tests/pallas_kernels/refusals.py
 TEST_FILE_OPS = {"flash_attention": "dot_product_attention"}   # test file stem -> op, where they differ
@@ -127,7 +127,7 @@ def op_of(file_stem: str) -> str:
 
 def implementation_names(op: str) -> list[str]:
     try:
-        module = __import__(f"pallas_kernels.{op}.api", fromlist=["IMPLEMENTATIONS"])
+        module = __import__(f"hybrax.pallas_kernels.{op}.api", fromlist=["IMPLEMENTATIONS"])
         return list(module.IMPLEMENTATIONS)
     except ImportError:
         return []
@@ -225,7 +225,7 @@ def attention_accepts(name: str) -> bool:
     (what the training step asks of it), traced with abstract inputs only."""
     import jax.numpy as jnp
 
-    from pallas_kernels.dot_product_attention import dot_product_attention
+    from hybrax.pallas_kernels.dot_product_attention import dot_product_attention
     x = jax.ShapeDtypeStruct((1, 128, 2, 64), jnp.bfloat16)
     seg = jax.ShapeDtypeStruct((1, 128), jnp.int32)
     try:
@@ -265,7 +265,7 @@ def run_training(config: str, steps: int, extra: list[str], deadline: float, wor
     overrides = kernel_overrides()
     for index, (label, kernels) in enumerate(overrides.items()):
         run_dir = work / f"train_{label}"
-        command = [sys.executable, "-m", "train", "--config", config, "--run-dir", str(run_dir),
+        command = [sys.executable, "-m", "hybrax.train", "--config", config, "--run-dir", str(run_dir),
                    *common, *extra, *kernels]
         share = (deadline - time.monotonic()) / (len(overrides) - index)   # split what is left evenly
         code, seconds = run_bounded(command, work / f"train_{label}.log", share)

@@ -24,8 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
-from experiments.bench.timing import best_time  # noqa: E402
-from pallas_kernels.grouped_matmul import grouped_matmul  # noqa: E402
+from hybrax.experiments.bench.timing import best_time  # noqa: E402
+from hybrax.pallas_kernels.grouped_matmul import grouped_matmul  # noqa: E402
 
 
 def group_sizes(M: int, G: int, load: str, seed: int = 0) -> jnp.ndarray:

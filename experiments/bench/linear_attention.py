@@ -23,8 +23,8 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
-from pallas_kernels.linear_attention import linear_attention  # noqa: E402
-from experiments.bench.timing import best_time  # noqa: E402
+from hybrax.pallas_kernels.linear_attention import linear_attention  # noqa: E402
+from hybrax.experiments.bench.timing import best_time  # noqa: E402
 
 
 def make_inputs(T: int, B: int, H: int, D: int, gates: str | None):

@@ -5,7 +5,7 @@ and XLA's per-device memory of the compiled step, with ratios against seq=1 from
 
     python experiments/bench/long_context.py [--seq 1 8] [--seq-len 16384] [--steps 4]
 
-Each setting runs `python -m train` in a subprocess with that many fake CPU devices
+Each setting runs `hybrax-train` in a subprocess with that many fake CPU devices
 (XLA_FLAGS=--xla_force_host_platform_device_count=N). On a CPU the fake devices share the cores,
 so the step time shows the cost of the split, not a speed-up; the memory per device is the point.
 A setting that does not fit in host memory (killed) still reports XLA's memory plan, with its exit
@@ -29,7 +29,7 @@ MEMORY = re.compile(r"train step memory per device: peak ([\d,.]+) MiB")
 def run(seq: int, seq_len: int, steps: int, extra: list[str]) -> dict:
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={seq}", "JAX_PLATFORMS": "cpu"}
     with tempfile.TemporaryDirectory() as run_dir:
-        out = subprocess.run([sys.executable, "-m", "train", "--config", "configs/long_context.yaml", "--run-dir",
+        out = subprocess.run([sys.executable, "-m", "hybrax.train", "--config", "configs/long_context.yaml", "--run-dir",
                               run_dir, f"mesh.seq={seq}", f"data.seq_len={seq_len}", f"train.steps={steps}",
                               "log.progress_bar=false", "log.tensorboard=false", *extra],
                              cwd=ROOT, env=env, capture_output=True, text=True)

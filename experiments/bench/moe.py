@@ -27,11 +27,11 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
-from experiments.bench.timing import best_time  # noqa: E402
-from layers.mlp import MLPConfig, SwiGLU  # noqa: E402
-from layers.moe import MoE, MoEConfig  # noqa: E402
-from layers.moe.balancing import assignment_counts, imbalance  # noqa: E402
-from layers.moe.dropless import dropless  # noqa: E402
+from hybrax.experiments.bench.timing import best_time  # noqa: E402
+from hybrax.layers.mlp import MLPConfig, SwiGLU  # noqa: E402
+from hybrax.layers.moe import MoE, MoEConfig  # noqa: E402
+from hybrax.layers.moe.balancing import assignment_counts, imbalance  # noqa: E402
+from hybrax.layers.moe.dropless import dropless  # noqa: E402
 
 LAYOUTS = ((8, 2, None), (16, 2, None), (64, 8, 4))   # (E, top_k, F as a fraction of d_model: None = d_model)
 

@@ -27,9 +27,9 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
-from pallas_kernels.block_sparse_attention import block_sparse_attention  # noqa: E402
-from pallas_kernels.dot_product_attention import dot_product_attention  # noqa: E402
-from experiments.bench.timing import best_time  # noqa: E402
+from hybrax.pallas_kernels.block_sparse_attention import block_sparse_attention  # noqa: E402
+from hybrax.pallas_kernels.dot_product_attention import dot_product_attention  # noqa: E402
+from hybrax.experiments.bench.timing import best_time  # noqa: E402
 
 
 def causal_block_lists(rng, B: int, H: int, num_blocks: int, density: int) -> np.ndarray:

@@ -35,10 +35,10 @@ import jax  # noqa: E402
 REPO = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from train.compile import array_bytes, compile_step, topology_devices  # noqa: E402
-from train.config import load_config  # noqa: E402
-from train.step import abstract_state  # noqa: E402
-from train.optim import make_optimizer  # noqa: E402
+from hybrax.train.compile import array_bytes, compile_step, topology_devices  # noqa: E402
+from hybrax.train.config import load_config  # noqa: E402
+from hybrax.train.step import abstract_state  # noqa: E402
+from hybrax.train.optim import make_optimizer  # noqa: E402
 
 PRESETS = ("hybrid_gla", "mamba2", "moba", "nsa", "routing_attention", "bilevel_routing", "moe")
 MESHES = {"data=4": {"data": 4}, "fsdp=4": {"fsdp": 4}, "data=2,tensor=2": {"data": 2, "tensor": 2},

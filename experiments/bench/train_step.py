@@ -17,11 +17,11 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
-from train.config import load_config  # noqa: E402
-from train.data import build_datasets  # noqa: E402
-from train.hardware import peak_flops_per_device  # noqa: E402
-from train.optim import learning_rate_schedule, make_optimizer  # noqa: E402
-from train.step import create_model, init_state, make_train_step  # noqa: E402
+from hybrax.train.config import load_config  # noqa: E402
+from hybrax.train.data import build_datasets  # noqa: E402
+from hybrax.train.hardware import peak_flops_per_device  # noqa: E402
+from hybrax.train.optim import learning_rate_schedule, make_optimizer  # noqa: E402
+from hybrax.train.step import create_model, init_state, make_train_step  # noqa: E402
 
 
 def time_step(config, steps: int, warmup: int) -> dict:

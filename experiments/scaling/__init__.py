@@ -1,14 +1,14 @@
 """Scaling-law analysis of sweep results: parametric fits (Chinchilla approach 3), IsoFLOP
 profiles (approach 2), bootstrap intervals, compute-optimal allocation, plots.
 
-    python -m experiments.scaling fit <sweep_dir> [--params-key ...] [--bootstrap N]
+    hybrax-fit fit <sweep_dir> [--params-key ...] [--bootstrap N]
 """
 
-from experiments.scaling.bootstrap import fit_parametric_bootstrap
-from experiments.scaling.isoflop import BudgetFit, InsufficientDataError, IsoFLOPFit, fit_isoflop, group_budgets
-from experiments.scaling.parametric import CONSTANTS, compute_optimal, fit_parametric, predict_loss
-from experiments.scaling.plots import compute_frontier, plot_fit_vs_observed, plot_isoflop, plot_loss_vs_compute
-from experiments.scaling.records import PARAMS_KEYS, group_by, load_records, param_counts
+from hybrax.experiments.scaling.bootstrap import fit_parametric_bootstrap
+from hybrax.experiments.scaling.isoflop import BudgetFit, InsufficientDataError, IsoFLOPFit, fit_isoflop, group_budgets
+from hybrax.experiments.scaling.parametric import CONSTANTS, compute_optimal, fit_parametric, predict_loss
+from hybrax.experiments.scaling.plots import compute_frontier, plot_fit_vs_observed, plot_isoflop, plot_loss_vs_compute
+from hybrax.experiments.scaling.records import PARAMS_KEYS, group_by, load_records, param_counts
 
 __all__ = [
     "BudgetFit", "CONSTANTS", "InsufficientDataError", "IsoFLOPFit", "PARAMS_KEYS", "compute_frontier",

@@ -1,6 +1,6 @@
 """Fit scaling laws to a sweep's results.jsonl, per architecture, and draw the plots.
 
-    python -m experiments.scaling fit <sweep_dir> [--params-key params] [--bootstrap 200]
+    hybrax-fit fit <sweep_dir> [--params-key params] [--bootstrap 200]
 
 Prints per `arch` the parametric law (Chinchilla approach 3) with bootstrap intervals, the
 compute-optimal exponents it implies, and the IsoFLOP exponents (approach 2) when the sweep has
@@ -13,11 +13,11 @@ import sys
 
 import numpy as np
 
-from experiments.scaling.bootstrap import fit_parametric_bootstrap
-from experiments.scaling.isoflop import fit_isoflop
-from experiments.scaling.parametric import CONSTANTS, MIN_RECORDS, compute_optimal, fit_parametric
-from experiments.scaling.plots import plot_fit_vs_observed, plot_isoflop, plot_loss_vs_compute
-from experiments.scaling.records import PARAMS_KEYS, column, group_by, load_records, param_counts, split_finite_loss
+from hybrax.experiments.scaling.bootstrap import fit_parametric_bootstrap
+from hybrax.experiments.scaling.isoflop import fit_isoflop
+from hybrax.experiments.scaling.parametric import CONSTANTS, MIN_RECORDS, compute_optimal, fit_parametric
+from hybrax.experiments.scaling.plots import plot_fit_vs_observed, plot_isoflop, plot_loss_vs_compute
+from hybrax.experiments.scaling.records import PARAMS_KEYS, column, group_by, load_records, param_counts, split_finite_loss
 
 
 def _span(values: np.ndarray) -> str:
@@ -98,7 +98,7 @@ def fit_command(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.scaling", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="hybrax-fit", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     fit = commands.add_parser("fit", help="fit the laws of <sweep_dir>/results.jsonl and plot them")
     fit.add_argument("sweep_dir")

@@ -4,8 +4,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from experiments.scaling.parametric import CONSTANTS, MIN_RECORDS, fit_arrays
-from experiments.scaling.records import law_arrays
+from hybrax.experiments.scaling.parametric import CONSTANTS, MIN_RECORDS, fit_arrays
+from hybrax.experiments.scaling.records import law_arrays
 
 
 def fit_parametric_bootstrap(records: Sequence[dict], *, n: int = 100, seed: int = 0,

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from experiments.scaling.records import column, group_by, param_counts
+from hybrax.experiments.scaling.records import column, group_by, param_counts
 
 
 class InsufficientDataError(ValueError):

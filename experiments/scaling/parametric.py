@@ -23,7 +23,7 @@ import numpy as np
 import scipy.optimize
 import scipy.special
 
-from experiments.scaling.records import law_arrays
+from hybrax.experiments.scaling.records import law_arrays
 
 CONSTANTS = ("E", "A", "B", "alpha", "beta")
 # Chinchilla's grid (alpha, beta in 0..2 by 0.5, e in -1..1 by 0.5, a, b in 0..25 by 5), with

@@ -16,9 +16,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 import numpy as np  # noqa: E402
 
-from experiments.scaling.isoflop import IsoFLOPFit, group_budgets  # noqa: E402
-from experiments.scaling.parametric import predict_loss  # noqa: E402
-from experiments.scaling.records import column, param_counts  # noqa: E402
+from hybrax.experiments.scaling.isoflop import IsoFLOPFit, group_budgets  # noqa: E402
+from hybrax.experiments.scaling.parametric import predict_loss  # noqa: E402
+from hybrax.experiments.scaling.records import column, param_counts  # noqa: E402
 
 
 def compute_frontier(flops: np.ndarray, losses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,6 +1,6 @@
 """Sweep records: read `results.jsonl`, check them, pick the parameter count N and group them.
 
-One record per training run, as `python -m experiments.sweep` appends it: `name`, `arch`,
+One record per training run, as `hybrax-sweep` appends it: `name`, `arch`,
 `overrides` ("key=value" strings), `params`, `non_embedding_params`, `active_params`, `tokens`,
 `flops` (3 x forward FLOPs per token x tokens, 2 FLOPs per multiply-add), `val_loss` (nats per
 token), `val_bpb`, `wall_s`.

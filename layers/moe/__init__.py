@@ -1,6 +1,6 @@
 """Mixture-of-experts FFN: router, dropless and capacity dispatch, balancing, expert parallelism."""
 
-from layers.moe.config import MoEConfig
-from layers.moe.layer import MoE
+from hybrax.layers.moe.config import MoEConfig
+from hybrax.layers.moe.layer import MoE
 
 __all__ = ["MoE", "MoEConfig"]

@@ -19,9 +19,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from layers.moe.balancing import assignment_counts
-from layers.partitioned import partitioned
-from pallas_kernels.grouped_matmul import grouped_matmul
+from hybrax.layers.moe.balancing import assignment_counts
+from hybrax.layers.partitioned import partitioned
+from hybrax.pallas_kernels.grouped_matmul import grouped_matmul
 
 
 def sort_by_expert(experts_NxK: jax.Array, num_experts: int):

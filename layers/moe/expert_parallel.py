@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from layers.moe.capacity import dispatch_and_combine, expert_ffn_slots, gather_slots
-from layers.moe.dropless import expert_ffn_grouped, sort_by_expert
+from hybrax.layers.moe.capacity import dispatch_and_combine, expert_ffn_slots, gather_slots
+from hybrax.layers.moe.dropless import expert_ffn_grouped, sort_by_expert
 
 AXIS = "expert"
 TOKEN_AXES = ("data", "fsdp", AXIS)

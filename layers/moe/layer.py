@@ -18,14 +18,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.auxiliary import BatchStatistic, RouterState, report_loss, report_metric
-from layers.mlp import MLPConfig, SwiGLU
-from layers.moe import balancing, expert_parallel
-from layers.moe.capacity import capacity
-from layers.moe.config import MoEConfig
-from layers.moe.dropless import dropless
-from layers.moe.router import Routing, route
-from layers.parameters import logical_param, normal
+from hybrax.layers.auxiliary import BatchStatistic, RouterState, report_loss, report_metric
+from hybrax.layers.mlp import MLPConfig, SwiGLU
+from hybrax.layers.moe import balancing, expert_parallel
+from hybrax.layers.moe.capacity import capacity
+from hybrax.layers.moe.config import MoEConfig
+from hybrax.layers.moe.dropless import dropless
+from hybrax.layers.moe.router import Routing, route
+from hybrax.layers.parameters import logical_param, normal
 
 BATCH_STATISTICS_MODES = ("own", "collect", "use")
 

@@ -18,11 +18,11 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from layers.sequence_parallel import local_chunks
-from layers.sequence_parallel.layout import SEQ_AXIS, check_length, seq_size
-from layers.sequence_parallel.packing import float32_to_ids, ids_to_float32
-from layers.sharding import spec
-from layers.short_conv import short_causal_conv
+from hybrax.layers.sequence_parallel import local_chunks
+from hybrax.layers.sequence_parallel.layout import SEQ_AXIS, check_length, seq_size
+from hybrax.layers.sequence_parallel.packing import float32_to_ids, ids_to_float32
+from hybrax.layers.sharding import spec
+from hybrax.layers.short_conv import short_causal_conv
 
 
 def short_causal_convs_sequence_parallel(convs: Sequence[tuple], *, segment_ids=None) -> list[jax.Array]:

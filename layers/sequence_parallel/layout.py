@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from layers.sharding import axis_size
+from hybrax.layers.sharding import axis_size
 
 SEQ_AXIS = "seq"
 

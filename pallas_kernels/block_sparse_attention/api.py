@@ -38,18 +38,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.block_sparse_attention import reference
-from pallas_kernels.implementation import dispatch, lazy_backend, pallas_for_backend
+from hybrax.pallas_kernels.block_sparse_attention import reference
+from hybrax.pallas_kernels.implementation import dispatch, lazy_backend, pallas_for_backend
 
 
-_pallas_tpu = lazy_backend("pallas_kernels.block_sparse_attention", "tpu", "block_sparse_attention")
-_pallas_gpu = lazy_backend("pallas_kernels.block_sparse_attention", "gpu", "block_sparse_attention")
+_pallas_tpu = lazy_backend("hybrax.pallas_kernels.block_sparse_attention", "tpu", "block_sparse_attention")
+_pallas_gpu = lazy_backend("hybrax.pallas_kernels.block_sparse_attention", "gpu", "block_sparse_attention")
 _pallas = pallas_for_backend(_pallas_tpu, _pallas_gpu)
 
 
 IMPLEMENTATIONS = {
     "reference": reference.block_sparse_attention,
-    "xla": lazy_backend("pallas_kernels.block_sparse_attention", "xla", "block_sparse_attention"),
+    "xla": lazy_backend("hybrax.pallas_kernels.block_sparse_attention", "xla", "block_sparse_attention"),
     "pallas_tpu": _pallas_tpu,
     "pallas_gpu": _pallas_gpu,
     "pallas": _pallas,

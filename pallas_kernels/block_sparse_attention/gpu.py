@@ -41,7 +41,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.implementation import interpret_mode
+from hybrax.pallas_kernels.implementation import interpret_mode
 
 F32 = jnp.float32
 
@@ -188,7 +188,7 @@ def _attention_fwd(config, q, k, v, lists, counts, segments):
 
 
 def _attention_bwd(config, residuals, do):
-    from pallas_kernels.block_sparse_attention.gpu_backward import backward  # imports this module
+    from hybrax.pallas_kernels.block_sparse_attention.gpu_backward import backward  # imports this module
     q, k, v, lists, counts, segments, o, lse = residuals
     dq, dk, dv = backward(config, q, k, v, lists, counts, segments, o, lse, do)
     return dq, dk, dv, None, None, tuple(None for _ in segments)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.block_sparse_attention.gpu import F32, Config, compiler_params, kernel_inputs, masked_scores
+from hybrax.pallas_kernels.block_sparse_attention.gpu import F32, Config, compiler_params, kernel_inputs, masked_scores
 
 
 def _query_block(refs, b, h, n):

@@ -37,7 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.implementation import interpret_mode
+from hybrax.pallas_kernels.implementation import interpret_mode
 
 F32 = jnp.float32
 NT = (((1,), (1,)), ((), ()))  # x @ y^T
@@ -280,7 +280,7 @@ def forward(config: Config, q, k, v, codes, segments):
 
 
 def _backward():
-    from pallas_kernels.block_sparse_attention.tpu_backward import backward
+    from hybrax.pallas_kernels.block_sparse_attention.tpu_backward import backward
     return backward
 
 

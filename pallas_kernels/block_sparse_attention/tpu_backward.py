@@ -25,7 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.block_sparse_attention.tpu import (F32, NT, TN, Config, compiler_params, dot,
+from hybrax.pallas_kernels.block_sparse_attention.tpu import (F32, NT, TN, Config, compiler_params, dot,
                                                        forward_slot, forward_specs, key_major_pairs,
                                                        row_specs, visible, visited_key_blocks)
 

@@ -25,16 +25,16 @@ from collections.abc import Sequence
 
 import jax.numpy as jnp
 
-from pallas_kernels.dot_product_attention import cudnn, reference, xla
-from pallas_kernels.dot_product_attention.mask import check_inputs
-from pallas_kernels.implementation import dispatch, lazy_backend
+from hybrax.pallas_kernels.dot_product_attention import cudnn, reference, xla
+from hybrax.pallas_kernels.dot_product_attention.mask import check_inputs
+from hybrax.pallas_kernels.implementation import dispatch, lazy_backend
 
 IMPLEMENTATIONS = {
     "reference": reference.dot_product_attention,
     "xla": xla.dot_product_attention,
     "cudnn": cudnn.dot_product_attention,
-    "splash": lazy_backend("pallas_kernels.dot_product_attention", "splash", "dot_product_attention"),
-    "pallas_gpu": lazy_backend("pallas_kernels.dot_product_attention", "block_sparse", "dot_product_attention"),
+    "splash": lazy_backend("hybrax.pallas_kernels.dot_product_attention", "splash", "dot_product_attention"),
+    "pallas_gpu": lazy_backend("hybrax.pallas_kernels.dot_product_attention", "block_sparse", "dot_product_attention"),
 }
 DEFAULTS = {"tpu": ("splash", "xla"), "gpu": ("cudnn", "pallas_gpu", "xla"), "default": ("xla",)}
 

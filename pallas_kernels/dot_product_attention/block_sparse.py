@@ -22,8 +22,8 @@ dot_product_attention implementation rather than to block_sparse_attention's own
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.block_sparse_attention import block_sparse_attention
-from pallas_kernels.implementation import interpret_mode
+from hybrax.pallas_kernels.block_sparse_attention import block_sparse_attention
+from hybrax.pallas_kernels.implementation import interpret_mode
 
 BLOCK = 64
 

@@ -15,7 +15,7 @@ wrapper over a private API that no test here can run (no GPU) would be unverifie
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.implementation import current_backend
+from hybrax.pallas_kernels.implementation import current_backend
 
 
 def dot_product_attention(q, k, v, *, causal, scale, segment_ids, mask):

@@ -44,7 +44,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
-from pallas_kernels.implementation import interpret_mode
+from hybrax.pallas_kernels.implementation import interpret_mode
 
 LANES = 128          # splash's tiles: block sizes must be multiples of this
 MAX_BLOCK = 512

@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.dot_product_attention.mask import allowed_mask
+from hybrax.pallas_kernels.dot_product_attention.mask import allowed_mask
 
 
 def dot_product_attention(q, k, v, *, causal, scale, segment_ids, mask):

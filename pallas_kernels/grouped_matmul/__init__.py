@@ -1,3 +1,3 @@
-from pallas_kernels.grouped_matmul.api import grouped_matmul
+from hybrax.pallas_kernels.grouped_matmul.api import grouped_matmul
 
 __all__ = ["grouped_matmul"]

@@ -30,14 +30,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.grouped_matmul import reference
-from pallas_kernels.implementation import dispatch, lazy_backend
+from hybrax.pallas_kernels.grouped_matmul import reference
+from hybrax.pallas_kernels.implementation import dispatch, lazy_backend
 
 IMPLEMENTATIONS = {
     "reference": reference.grouped_matmul,
-    "xla": lazy_backend("pallas_kernels.grouped_matmul", "xla", "grouped_matmul"),
-    "ragged_dot": lazy_backend("pallas_kernels.grouped_matmul", "ragged_dot", "grouped_matmul"),
-    "pallas_tpu": lazy_backend("pallas_kernels.grouped_matmul", "tpu", "grouped_matmul"),
+    "xla": lazy_backend("hybrax.pallas_kernels.grouped_matmul", "xla", "grouped_matmul"),
+    "ragged_dot": lazy_backend("hybrax.pallas_kernels.grouped_matmul", "ragged_dot", "grouped_matmul"),
+    "pallas_tpu": lazy_backend("hybrax.pallas_kernels.grouped_matmul", "tpu", "grouped_matmul"),
 }
 DEFAULTS = {"tpu": ("pallas_tpu", "ragged_dot", "xla"), "gpu": ("ragged_dot", "xla"), "default": ("xla",)}
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.implementation import interpret_mode
+from hybrax.pallas_kernels.implementation import interpret_mode
 
 # the megablox package exports the function `gmm` under the module's own name
 megablox = importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm")

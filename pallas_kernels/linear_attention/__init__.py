@@ -1,3 +1,3 @@
-from pallas_kernels.linear_attention.api import linear_attention
+from hybrax.pallas_kernels.linear_attention.api import linear_attention
 
 __all__ = ["linear_attention"]

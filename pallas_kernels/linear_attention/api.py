@@ -28,12 +28,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.implementation import dispatch, lazy_backend, pallas_for_backend
-from pallas_kernels.linear_attention import reference, xla
+from hybrax.pallas_kernels.implementation import dispatch, lazy_backend, pallas_for_backend
+from hybrax.pallas_kernels.linear_attention import reference, xla
 
 
-_pallas_tpu = lazy_backend("pallas_kernels.linear_attention", "tpu", "linear_attention")
-_pallas_gpu = lazy_backend("pallas_kernels.linear_attention", "gpu", "linear_attention")
+_pallas_tpu = lazy_backend("hybrax.pallas_kernels.linear_attention", "tpu", "linear_attention")
+_pallas_gpu = lazy_backend("hybrax.pallas_kernels.linear_attention", "gpu", "linear_attention")
 _pallas = pallas_for_backend(_pallas_tpu, _pallas_gpu)
 
 

@@ -37,8 +37,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.implementation import interpret_mode
-from pallas_kernels.linear_attention import chunking
+from hybrax.pallas_kernels.implementation import interpret_mode
+from hybrax.pallas_kernels.linear_attention import chunking
 
 F32 = jnp.float32
 MAX_VALUE_BLOCK = 64
@@ -215,7 +215,7 @@ def forward(config: Config, q, k, v, b, s0, seg, save_states: bool):
 
 
 def _backward():
-    from pallas_kernels.linear_attention.gpu_backward import backward
+    from hybrax.pallas_kernels.linear_attention.gpu_backward import backward
     return backward
 
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.linear_attention.gpu import (F32, ChunkView, Config, chunk_terms, compiler_params,
+from hybrax.pallas_kernels.linear_attention.gpu import (F32, ChunkView, Config, chunk_terms, compiler_params,
                                                  kernel_inputs, one_hot_row, row_weights, scalar_weights)
 
 

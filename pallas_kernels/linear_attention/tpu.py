@@ -42,9 +42,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.implementation import interpret_mode
-from pallas_kernels.linear_attention import chunking, tpu_gates
-from pallas_kernels.linear_attention.tpu_chunk import (F32, NT, TN, chunk_vectors, dot, pair_keep,
+from hybrax.pallas_kernels.implementation import interpret_mode
+from hybrax.pallas_kernels.linear_attention import chunking, tpu_gates
+from hybrax.pallas_kernels.linear_attention.tpu_chunk import (F32, NT, TN, chunk_vectors, dot, pair_keep,
                                                         scalar_decay_weights)
 
 
@@ -215,7 +215,7 @@ def forward(config: Config, q, k, v, b, s0, seg, save_states: bool):
 
 
 def _backward():
-    from pallas_kernels.linear_attention.tpu_backward import backward
+    from hybrax.pallas_kernels.linear_attention.tpu_backward import backward
     return backward
 
 

@@ -22,10 +22,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.linear_attention import tpu_gates
-from pallas_kernels.linear_attention.tpu import (Config, block_specs, compiler_params, fill_gate_refs,
+from hybrax.pallas_kernels.linear_attention import tpu_gates
+from hybrax.pallas_kernels.linear_attention.tpu import (Config, block_specs, compiler_params, fill_gate_refs,
                                                  gate_scratch, gate_scratch_names, inputs_and_specs)
-from pallas_kernels.linear_attention.tpu_chunk import (F32, NT, TN, chunk_vectors, dot, pair_keep,
+from hybrax.pallas_kernels.linear_attention.tpu_chunk import (F32, NT, TN, chunk_vectors, dot, pair_keep,
                                                         scalar_decay_weights, sum_to, to_row)
 
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.linear_attention.tpu_chunk import F32, NT, TN, dot
+from hybrax.pallas_kernels.linear_attention.tpu_chunk import F32, NT, TN, dot
 
 
 def sub_block(chunk: int) -> int:

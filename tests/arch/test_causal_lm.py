@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from arch import CausalLM, MIXERS, ModelConfig
+from hybrax.arch import CausalLM, MIXERS, ModelConfig
 
 CONFIGS = {
     "tied_mha": ModelConfig(d_model=64, num_layers=2, num_heads=4),

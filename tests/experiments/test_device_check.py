@@ -12,7 +12,7 @@ import sys
 import jax
 import pytest
 
-from experiments.bench.device_check import implementation_of, op_of
+from hybrax.experiments.bench.device_check import implementation_of, op_of
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "experiments" / "bench" / "device_check.py"

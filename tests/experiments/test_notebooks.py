@@ -55,7 +55,7 @@ def test_quickstart_trains_and_samples():
 
 @pytest.mark.slow
 def test_layer_zoo_covers_every_registered_mixer():
-    from arch import MIXERS
+    from hybrax.arch import MIXERS
 
     result = execute("layer_zoo.ipynb", "D_MODEL, NUM_HEADS, BATCH = 32, 2, 1\nSEQ_LENS, REPEATS = [64, 128], 1",
                      '{"summary": summary, "rows": rows}')

@@ -1,4 +1,4 @@
-"""experiments.scaling against synthetic sweeps drawn from a known law L = E + A/N^alpha + B/D^beta."""
+"""hybrax.experiments.scaling against synthetic sweeps drawn from a known law L = E + A/N^alpha + B/D^beta."""
 
 import json
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import scipy.optimize
 
-from experiments.scaling import (compute_frontier, compute_optimal, fit_isoflop, fit_parametric,
+from hybrax.experiments.scaling import (compute_frontier, compute_optimal, fit_isoflop, fit_parametric,
                                  fit_parametric_bootstrap, group_budgets, param_counts, predict_loss)
-from experiments.scaling.__main__ import main
+from hybrax.experiments.scaling.__main__ import main
 
 CHINCHILLA = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)  # Hoffmann et al. 2022
 EPOCH = dict(E=1.82, A=482.0, B=2085.4, alpha=0.35, beta=0.37)  # Besiroglu et al. 2024 replication

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from experiments.sweep import SweepError, load_sweep, record
+from hybrax.experiments.sweep import SweepError, load_sweep, record
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = ["model.d_model=16", "model.num_layers=1", "model.num_heads=2", "data.seq_len=32", "data.batch_size=4",
@@ -135,7 +135,7 @@ grid:
     t: [train.steps=3, train.eval_every=3]
 """)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "experiments.sweep", str(path), "--out", str(out)]
+    command = [sys.executable, "-m", "hybrax.experiments.sweep", str(path), "--out", str(out)]
     first = subprocess.run(command + ["--jobs", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from layers.attention import Attention, AttentionConfig
+from hybrax.layers.softmax.attention import Attention, AttentionConfig
 
 CONFIG = AttentionConfig(d_model=32, num_heads=4, num_kv_heads=2, head_dim=8)
 

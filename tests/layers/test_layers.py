@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from layers.embeddings import TokenEmbedding, apply_rotary
-from layers.mlp import MLPConfig, SwiGLU
-from layers.norms import RMSNorm
+from hybrax.layers.embeddings import TokenEmbedding, apply_rotary
+from hybrax.layers.mlp import MLPConfig, SwiGLU
+from hybrax.layers.norms import RMSNorm
 
 
 def n_params(module) -> int:

@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from arch import MIXERS, ModelConfig
-from layers.gla import GLAConfig
-from layers.linear_attention import LinearAttentionConfig
-from layers.mamba2 import Mamba2Config
+from hybrax.arch import MIXERS, ModelConfig
+from hybrax.layers.linear.gla import GLAConfig
+from hybrax.layers.linear.linear_attention import LinearAttentionConfig
+from hybrax.layers.linear.mamba2 import Mamba2Config
 
 
 def test_parameter_budgets_match_the_docstrings():

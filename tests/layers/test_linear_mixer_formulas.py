@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from layers.gla import GLA, GLAConfig
-from layers.linear_attention import LinearAttention, LinearAttentionConfig
-from layers.mamba2 import Mamba2, Mamba2Config
-from layers.short_conv import short_causal_conv
+from hybrax.layers.linear.gla import GLA, GLAConfig
+from hybrax.layers.linear.linear_attention import LinearAttention, LinearAttentionConfig
+from hybrax.layers.linear.mamba2 import Mamba2, Mamba2Config
+from hybrax.layers.short_conv import short_causal_conv
 
 D, T = 16, 10
 

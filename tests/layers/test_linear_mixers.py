@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from layers.gla import GLA, GLAConfig
-from layers.linear_attention import LinearAttention, LinearAttentionConfig
-from layers.mamba2 import Mamba2, Mamba2Config
+from hybrax.layers.linear.gla import GLA, GLAConfig
+from hybrax.layers.linear.linear_attention import LinearAttention, LinearAttentionConfig
+from hybrax.layers.linear.mamba2 import Mamba2, Mamba2Config
 
 D = 32
 # chunk_size 4 so that a few tokens already cross several chunks of the op

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from arch import CausalLM, ModelConfig
-from layers.auxiliary import forward_with_auxiliaries
-from layers.moe import MoE, MoEConfig
-from layers.moe import balancing
-from layers.moe.capacity import slots
-from layers.moe.reference import routed_output
+from hybrax.arch import CausalLM, ModelConfig
+from hybrax.layers.auxiliary import forward_with_auxiliaries
+from hybrax.layers.moe import MoE, MoEConfig
+from hybrax.layers.moe import balancing
+from hybrax.layers.moe.capacity import slots
+from hybrax.layers.moe.reference import routed_output
 
 
 def make(**kw) -> MoE:
@@ -207,10 +207,10 @@ def test_bias_update_moves_a_skewed_router_toward_uniform_load():
 
 @pytest.mark.slow
 def test_global_scope_with_accumulation_equals_one_batch_and_micro_does_not():
-    from train.config import DataConfig, OptimConfig
-    from train.data import build_datasets
-    from train.optim import learning_rate_schedule, make_optimizer
-    from train.step import create_model, init_state, make_train_step
+    from hybrax.train.config import DataConfig, OptimConfig
+    from hybrax.train.data import build_datasets
+    from hybrax.train.optim import learning_rate_schedule, make_optimizer
+    from hybrax.train.step import create_model, init_state, make_train_step
 
     def run(scope, grad_accum):
         model = ModelConfig(d_model=32, num_layers=2, num_heads=2, ffns=["moe"],

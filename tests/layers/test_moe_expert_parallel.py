@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from layers.moe import MoE, MoEConfig
+from hybrax.layers.moe import MoE, MoEConfig
 
 from devices import run_with_devices
 
@@ -20,8 +20,8 @@ CHECK = r"""
 import json
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
-from layers.auxiliary import forward_with_auxiliaries
-from layers.moe import MoE, MoEConfig
+from hybrax.layers.auxiliary import forward_with_auxiliaries
+from hybrax.layers.moe import MoE, MoEConfig
 
 def rel(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

@@ -14,7 +14,7 @@ import sys
 
 from jax.sharding import AbstractMesh, AxisType
 
-from layers.partitioned import free_axes, split_axes
+from hybrax.layers.partitioned import free_axes, split_axes
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from devices import run_with_devices  # noqa: E402
@@ -57,8 +57,8 @@ _EQUALS_UNPARTITIONED = r"""
 import json
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-from layers import partitioned
-from layers.moe.dropless import dropless
+from hybrax.layers import partitioned
+from hybrax.layers.moe.dropless import dropless
 
 B, T, H, G, D = 4, 40, 4, 2, 16
 keys = jax.random.split(jax.random.PRNGKey(0), 8)

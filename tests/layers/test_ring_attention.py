@@ -18,7 +18,7 @@
 import numpy as np
 import pytest
 
-from layers.sequence_parallel.layout import zigzag_order
+from hybrax.layers.sequence_parallel.layout import zigzag_order
 
 from devices import run_with_devices
 
@@ -26,7 +26,7 @@ COMMON = r"""
 import json, re
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding
-from layers.sequence_parallel.layout import to_zigzag, from_zigzag
+from hybrax.layers.sequence_parallel.layout import to_zigzag, from_zigzag
 
 MESHES = [((8,), ("seq",)), ((2, 4), ("data", "seq")), ((2, 2, 2), ("data", "seq", "tensor"))]
 
@@ -59,9 +59,9 @@ def one_line_error(call):
 """
 
 OP_CHECK = COMMON + r"""
-from layers.sequence_parallel.ring_attention import ring_attention, BLOCK_OP
-from pallas_kernels.implementation import kernel_policy
-from pallas_kernels.dot_product_attention import dot_product_attention
+from hybrax.layers.softmax.ring_attention import ring_attention, BLOCK_OP
+from hybrax.pallas_kernels.implementation import kernel_policy
+from hybrax.pallas_kernels.dot_product_attention import dot_product_attention
 
 B, T, H, Hkv, D = 4, 32, 4, 2, 8
 keys = jax.random.split(jax.random.key(0), 4)
@@ -98,8 +98,8 @@ print(json.dumps(results))
 
 LAYER_CHECK = COMMON + r"""
 from flax import nnx
-from layers.attention import Attention, AttentionConfig
-from layers.sharding import spec
+from hybrax.layers.softmax.attention import Attention, AttentionConfig
+from hybrax.layers.sharding import spec
 
 B, T = 4, 32
 layer = Attention(AttentionConfig(d_model=32, num_heads=4, num_kv_heads=2, head_dim=8), rngs=nnx.Rngs(0))

@@ -1,4 +1,4 @@
-"""Ring attention's splash block (layers/sequence_parallel/ring_block_splash.py), fp32 and bf16:
+"""Ring attention's splash block (layers/softmax/ring_block_splash.py), fp32 and bf16:
 
 - the block: for each zigzag case (own block: causal 2c x 2c; src < d: 2c queries x first key
   chunk; src > d: second query chunk x 2c keys), with packed segment ids (so some rows see no key
@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from layers.sequence_parallel import ring_attention as ring
-from layers.sequence_parallel import ring_block_splash
-from pallas_kernels.implementation import kernel_policy, target_backend
+from hybrax.layers.softmax import ring_attention as ring
+from hybrax.layers.softmax import ring_block_splash
+from hybrax.pallas_kernels.implementation import kernel_policy, target_backend
 
 from devices import run_with_devices
 
@@ -108,11 +108,11 @@ RING_CHECK = r"""
 import json
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
-from layers.attention import Attention, AttentionConfig
-from layers.sequence_parallel.layout import to_zigzag, from_zigzag
-from layers.sequence_parallel.ring_attention import ring_attention, BLOCK_OP
-from pallas_kernels.dot_product_attention import dot_product_attention
-from pallas_kernels.implementation import kernel_policy
+from hybrax.layers.softmax.attention import Attention, AttentionConfig
+from hybrax.layers.sequence_parallel.layout import to_zigzag, from_zigzag
+from hybrax.layers.softmax.ring_attention import ring_attention, BLOCK_OP
+from hybrax.pallas_kernels.dot_product_attention import dot_product_attention
+from hybrax.pallas_kernels.implementation import kernel_policy
 
 P, B, H, Hkv, D = 4, 2, 4, 2, 8
 T = 2 * P * 128

@@ -12,10 +12,10 @@ import optax
 import pytest
 from flax import nnx
 
-from arch import ModelConfig
-from layers.auxiliary import RouterState, forward_with_auxiliaries
-from layers.block_selection import same_segment_candidates
-from layers.routing_attention import RoutingAttention, RoutingAttentionConfig, routed_block_indices
+from hybrax.arch import ModelConfig
+from hybrax.layers.auxiliary import RouterState, forward_with_auxiliaries
+from hybrax.layers.sparse.block_selection import same_segment_candidates
+from hybrax.layers.sparse.routing_attention import RoutingAttention, RoutingAttentionConfig, routed_block_indices
 
 D = 32
 CONFIG = RoutingAttentionConfig(d_model=D, num_heads=4, num_kv_heads=2, head_dim=8, block_size=8, top_k=2,
@@ -102,7 +102,7 @@ def test_jit_equals_eager():
 def test_one_cluster_and_every_block_is_dense_causal_attention():
     """num_clusters=1, top_k >= blocks, no local heads: every past block is routed, so the layer is
     softmax attention with the same weights (rotary included)."""
-    from layers.attention import Attention, AttentionConfig
+    from hybrax.layers.softmax.attention import Attention, AttentionConfig
     config = RoutingAttentionConfig(d_model=D, num_heads=4, num_kv_heads=2, head_dim=8, block_size=8, top_k=8,
                                     num_clusters=1, local_heads=0, init_std=0.3)
     layer = RoutingAttention(config, rngs=nnx.Rngs(params=0))
@@ -153,11 +153,11 @@ def test_centroids_follow_the_kmeans_law_in_training_mode_only():
 def test_train_step_updates_and_checkpoints_the_centroids(tmp_path):
     """The train step adds the commitment loss, logs it, carries the centroids across
     microbatches into the state, and a checkpoint restores them exactly."""
-    from train.checkpoint import Checkpointer
-    from train.config import CheckpointConfig, DataConfig, OptimConfig
-    from train.data import build_datasets
-    from train.optim import learning_rate_schedule, make_optimizer
-    from train.step import abstract_state, create_model, init_state, make_train_step
+    from hybrax.train.checkpoint import Checkpointer
+    from hybrax.train.config import CheckpointConfig, DataConfig, OptimConfig
+    from hybrax.train.data import build_datasets
+    from hybrax.train.optim import learning_rate_schedule, make_optimizer
+    from hybrax.train.step import abstract_state, create_model, init_state, make_train_step
 
     model_config = ModelConfig(d_model=32, num_layers=2, num_heads=4, mixers=["routing_attention", "attention"],
                                sparse={"block_size": 8, "commitment_weight": 0.1}, kernels={"block_sparse_attention": "reference"})

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from layers.short_conv import short_causal_conv
+from hybrax.layers.short_conv import short_causal_conv
 
 from devices import run_with_devices
 
@@ -17,11 +17,11 @@ import json, re
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
-from layers.gla import GLA, GLAConfig
-from layers.linear_attention import LinearAttention, LinearAttentionConfig
-from layers.mamba2 import Mamba2, Mamba2Config
-from layers.sequence_parallel import layout
-from layers.sharding import spec
+from hybrax.layers.linear.gla import GLA, GLAConfig
+from hybrax.layers.linear.linear_attention import LinearAttention, LinearAttentionConfig
+from hybrax.layers.linear.mamba2 import Mamba2, Mamba2Config
+from hybrax.layers.sequence_parallel import layout
+from hybrax.layers.sharding import spec
 
 D = 32
 # chunk_size 16 does not divide the zigzag chunks (T / (2 seq) = 12 or 24 tokens at T = 96)

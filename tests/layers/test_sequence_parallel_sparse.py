@@ -14,7 +14,7 @@ CHECK = r"""
 import json, sys, time
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
-from layers.sequence_parallel.layout import to_zigzag, from_zigzag
+from hybrax.layers.sequence_parallel.layout import to_zigzag, from_zigzag
 
 NAMES = sys.argv[1].split(",")
 D, T, B = 32, 64, 2
@@ -22,25 +22,25 @@ SHAPES = dict(d_model=D, num_heads=4, num_kv_heads=2, head_dim=8, block_size=8, 
 
 def build(name):
     if name == "moba":
-        from layers.moba import MoBA, MoBAConfig
+        from hybrax.layers.sparse.moba import MoBA, MoBAConfig
         return MoBA(MoBAConfig(**SHAPES), rngs=nnx.Rngs(0))
     if name == "bilevel_routing_attention":
-        from layers.bilevel_routing_attention import BilevelRoutingAttention, BilevelRoutingConfig
+        from hybrax.layers.sparse.bilevel_routing_attention import BilevelRoutingAttention, BilevelRoutingConfig
         layer = BilevelRoutingAttention(BilevelRoutingConfig(**SHAPES), rngs=nnx.Rngs(0))
         layer.lce_weight[...] = layer.lce_weight[...] * 10.0   # a conv term the size of the attention's
         return layer
     if name == "nsa":
-        from layers.nsa import NSA, NSAConfig
+        from hybrax.layers.sparse.nsa import NSA, NSAConfig
         layer = NSA(NSAConfig(**SHAPES, window=8, compress_block=4), rngs=nnx.Rngs(0))
         layer.w_gate[...] = layer.w_gate[...] * 10.0
         layer.compress_k[...] = layer.compress_k[...] * jax.random.uniform(jax.random.key(1), layer.compress_k.shape,
                                                                            minval=0.0, maxval=2.0)
         return layer
     if name == "routing_attention":
-        from layers.routing_attention import RoutingAttention, RoutingAttentionConfig
+        from hybrax.layers.sparse.routing_attention import RoutingAttention, RoutingAttentionConfig
         # one local head: under tensor=2 one device holds a local and a routing head
         return RoutingAttention(RoutingAttentionConfig(**SHAPES, num_clusters=3, local_heads=1), rngs=nnx.Rngs(0))
-    from layers.attention import Attention, AttentionConfig
+    from hybrax.layers.softmax.attention import Attention, AttentionConfig
     selector, options = {"xattention": ("xattention", (("threshold", 0.6),)),
                          "minference": ("minference", (("last_q", 12), ("vertical_size", 6), ("slash_size", 6))),
                          "flexprefill": ("flexprefill", (("gamma", 0.6), ("js_threshold", 0.15)))}[name]

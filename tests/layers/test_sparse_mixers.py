@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from layers import block_selection as bs
-from layers.attention import Attention, AttentionConfig
-from layers.bilevel_routing_attention import BilevelRoutingAttention, BilevelRoutingConfig
-from layers.moba import MoBA, MoBAConfig
-from layers.nsa import NSA, NSAConfig
+from hybrax.layers.sparse import block_selection as bs
+from hybrax.layers.softmax.attention import Attention, AttentionConfig
+from hybrax.layers.sparse.bilevel_routing_attention import BilevelRoutingAttention, BilevelRoutingConfig
+from hybrax.layers.sparse.moba import MoBA, MoBAConfig
+from hybrax.layers.sparse.nsa import NSA, NSAConfig
 
 D = 32
 T = 37  # 5 blocks of 8, the last one partial: blocks 3 and 4 have more candidates than top_k

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from layers.attention import Attention, AttentionConfig
-from layers.sparse_prefill import SELECTORS, blocks, check_options
+from hybrax.layers.softmax.attention import Attention, AttentionConfig
+from hybrax.layers.sparse.prefill import SELECTORS, blocks, check_options
 
 B, T, H, G, D, BLOCK = 2, 100, 4, 2, 16, 16   # 7 blocks, the last one partial
 N = -(-T // BLOCK)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.block_sparse_attention import block_sparse_attention
+from hybrax.pallas_kernels.block_sparse_attention import block_sparse_attention
 from refusals import ON_THE_OTHER_ACCELERATOR
 
 FLOAT32_TOLERANCE = 1e-5

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.linear_attention import linear_attention
+from hybrax.pallas_kernels.linear_attention import linear_attention
 from refusals import ON_THE_OTHER_ACCELERATOR
 
 FLOAT32_TOLERANCE = 1e-4

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
-from pallas_kernels.implementation import current_backend
+from hybrax.pallas_kernels.implementation import current_backend
 
 REFUSED_MARK = "refused on purpose:"
 

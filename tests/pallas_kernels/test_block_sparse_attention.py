@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.block_sparse_attention import block_sparse_attention
-from pallas_kernels.dot_product_attention import dot_product_attention
+from hybrax.pallas_kernels.block_sparse_attention import block_sparse_attention
+from hybrax.pallas_kernels.dot_product_attention import dot_product_attention
 from block_sparse_attention_cases import CASES, Case, assert_matches_reference, make_inputs, relative_error
 
 LAW_IMPLEMENTATIONS = ["reference", "xla"]  # the laws hold for the oracle and for the fast path
@@ -115,7 +115,7 @@ def test_xla_jit_equals_eager_and_vmap_equals_loop():
 def test_xla_many_chunks_match_reference(monkeypatch):
     """Rows are scanned in chunks of SCORE_BUDGET scores (one chunk for most small cases): with a
     tiny budget the chunked scan, the padding rows and the scattered dK, dV carry are exercised."""
-    from pallas_kernels.block_sparse_attention import xla
+    from hybrax.pallas_kernels.block_sparse_attention import xla
     monkeypatch.setattr(xla, "SCORE_BUDGET", 3 * 16 * 3 * 16)  # 3 rows per chunk, R = 2 * 4 * 5 = 40
     assert_matches_reference("xla", Case(65, lists="causal_random", segments=True, seed=5))
 

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from block_sparse_attention_cases import CASES, REFUSED, Case, assert_matches_reference
-from pallas_kernels.block_sparse_attention import api, gpu
-from pallas_kernels.block_sparse_attention.gpu_backward import inverse_lists
+from hybrax.pallas_kernels.block_sparse_attention import api, gpu
+from hybrax.pallas_kernels.block_sparse_attention.gpu_backward import inverse_lists
 from refusals import expect_refusal_or_run
 
 jitted_kernel = jax.jit(gpu.block_sparse_attention, static_argnames=("block_size", "causal", "scale"))

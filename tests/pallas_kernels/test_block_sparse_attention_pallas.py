@@ -21,7 +21,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from block_sparse_attention_cases import CASES, REFUSED, Case, assert_matches_reference
-from pallas_kernels.block_sparse_attention import tpu
+from hybrax.pallas_kernels.block_sparse_attention import tpu
 from refusals import expect_refusal_or_run
 
 

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.dot_product_attention import dot_product_attention
-from pallas_kernels.dot_product_attention.api import IMPLEMENTATIONS
+from hybrax.pallas_kernels.dot_product_attention import dot_product_attention
+from hybrax.pallas_kernels.dot_product_attention.api import IMPLEMENTATIONS
 
 CPU_IMPLEMENTATIONS = ["xla"]
 

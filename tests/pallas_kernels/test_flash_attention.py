@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.dot_product_attention import api, block_sparse, dot_product_attention, splash
-from pallas_kernels.implementation import kernel_policy, target_backend
+from hybrax.pallas_kernels.dot_product_attention import api, block_sparse, dot_product_attention, splash
+from hybrax.pallas_kernels.implementation import kernel_policy, target_backend
 
 FUSED = ["splash", "pallas_gpu"]
 TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.grouped_matmul import grouped_matmul
-from pallas_kernels.grouped_matmul import xla
+from hybrax.pallas_kernels.grouped_matmul import grouped_matmul
+from hybrax.pallas_kernels.grouped_matmul import xla
 from refusals import ON_THE_OTHER_ACCELERATOR, expect_refusal_or_run
 
 # (name, M, K, N, group_sizes); the xla path each takes is checked in test_cases_cover_both_xla_paths

@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from arch.config import KernelsConfig, ModelConfig, kernel_implementations
-from pallas_kernels import implementation, verified
-from pallas_kernels.implementation import (KernelRefused, dispatch, interpret_mode, kernel_policy,
+from hybrax.arch.config import KernelsConfig, ModelConfig, kernel_implementations
+from hybrax.pallas_kernels import implementation, verified
+from hybrax.pallas_kernels.implementation import (KernelRefused, dispatch, interpret_mode, kernel_policy,
                                            target_backend)
 
 CALLS = []
@@ -80,7 +80,7 @@ def test_unknown_names_are_refused_before_any_call():
 
 def test_strict_refusal_happens_at_trace_time_on_a_real_op():
     q = jnp.ones((1, 8, 2, 4), jnp.bfloat16)
-    from pallas_kernels import dot_product_attention
+    from hybrax.pallas_kernels import dot_product_attention
     with kernel_policy(strict=True), pytest.raises(KernelRefused, match="cudnn.*needs a GPU"):
         jax.jit(lambda q: dot_product_attention(q, q, q, implementation="cudnn")).lower(q)
 
@@ -98,7 +98,7 @@ def test_interpret_mode_only_on_a_cpu():
 
 
 def test_the_shipped_table_verifies_no_hybrax_pallas_kernel_yet():
-    from layers.sequence_parallel.ring_attention import BLOCKS
+    from hybrax.layers.softmax.ring_attention import BLOCKS
     tables = {**kernel_implementations(), "dot_product_attention": kernel_implementations()["attention"],
               "ring_attention_block": BLOCKS}
     for row in verified.VERIFIED:

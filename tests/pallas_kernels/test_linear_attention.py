@@ -10,13 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.linear_attention import linear_attention, xla
+from hybrax.pallas_kernels.linear_attention import linear_attention, xla
 from linear_attention_cases import REFUSED, Case, assert_matches_reference, make_inputs
 from refusals import expect_refusal_or_run
 
 IMPLEMENTATIONS = ["xla"] + [
     name for name, module in (("pallas_tpu", "tpu"), ("pallas_gpu", "gpu"))
-    if importlib.util.find_spec(f"pallas_kernels.linear_attention.{module}") is not None]
+    if importlib.util.find_spec(f"hybrax.pallas_kernels.linear_attention.{module}") is not None]
 
 # Every length, decay form and feature at least once (xla runs all of these by default).
 CORE = [

@@ -24,7 +24,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from linear_attention_cases import REFUSED, Case, assert_matches_reference
-from pallas_kernels.linear_attention import api, gpu, reference, tpu
+from hybrax.pallas_kernels.linear_attention import api, gpu, reference, tpu
 from refusals import expect_refusal_or_run
 
 KERNELS = {"pallas_tpu": tpu.linear_attention_kernel, "pallas_gpu": gpu.linear_attention_kernel}

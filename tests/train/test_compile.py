@@ -11,7 +11,7 @@ import sys
 import jax
 import pytest
 
-from train.compile import array_bytes, collectives
+from hybrax.train.compile import array_bytes, collectives
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 # attention by XLA: the FLOP law holds for plain HLO (a Mosaic kernel's FLOPs are its own estimate)
@@ -76,7 +76,7 @@ def _tpu():
 @pytest.mark.tpu_compile
 def test_topology_devices_and_their_hbm():
     _tpu()
-    from train.compile import GiB, TopologyError, topology_devices
+    from hybrax.train.compile import GiB, TopologyError, topology_devices
     v5e = topology_devices("v5e:2x4")
     assert (len(v5e.devices), v5e.device_kind, v5e.hbm_bytes) == (8, "TPU v5 lite", 16 * GiB)
     v4 = topology_devices("v4:2x2x1")    # one megacore device per chip, as JAX shows a v4 host
@@ -90,10 +90,10 @@ def test_topology_devices_and_their_hbm():
 @pytest.mark.tpu_compile
 def test_quickstart_data_parallel_on_v5e_obeys_flop_memory_and_gradient_laws():
     _tpu()
-    from train.compile import compile_step, topology_devices
-    from train.config import load_config
-    from train.optim import make_optimizer
-    from train.step import abstract_state
+    from hybrax.train.compile import compile_step, topology_devices
+    from hybrax.train.config import load_config
+    from hybrax.train.optim import make_optimizer
+    from hybrax.train.step import abstract_state
     config = load_config(ROOT / "configs/quickstart.yaml", [*SMALL, "mesh.data=4"])
     topology = topology_devices("v5e:2x2")
     train = compile_step(config, topology, step="train")
@@ -133,8 +133,8 @@ def _error_lines(stderr: str) -> list[str]:
 @pytest.mark.tpu_compile
 def test_cli_exit_codes_for_a_model_too_big_and_bad_input(capsys):
     _tpu()
-    from train.compile import main
-    unknown = subprocess.run([sys.executable, "-m", "train.compile", "--config", "configs/quickstart.yaml",
+    from hybrax.train.compile import main
+    unknown = subprocess.run([sys.executable, "-m", "hybrax.train.compile", "--config", "configs/quickstart.yaml",
                               "--topology", "v9z:2x2"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                              env={**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"})
     assert unknown.returncode == 2 and "Traceback" not in unknown.stderr, unknown.stderr[-2000:]

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from train.config import ConfigError, MESH_AXES, check_devices, load_config
+from hybrax.train.config import ConfigError, MESH_AXES, check_devices, load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -76,7 +76,7 @@ def test_device_dependent_checks(devices, overrides, message):
 
 
 def cli(run_dir, *overrides):
-    return subprocess.run([sys.executable, "-m", "train", "--config", "configs/quickstart.yaml", "--run-dir",
+    return subprocess.run([sys.executable, "-m", "hybrax.train", "--config", "configs/quickstart.yaml", "--run-dir",
                            str(run_dir), *overrides], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 

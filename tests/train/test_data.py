@@ -8,9 +8,9 @@ import re
 import numpy as np
 import pytest
 
-from train import corpus
-from train.packing import PackedBatches, evaluation_batches
-from train.tokenizer import BOS, EOS, PAD, VOCAB_SIZE, ByteTokenizer
+from hybrax.train import corpus
+from hybrax.train.packing import PackedBatches, evaluation_batches
+from hybrax.train.tokenizer import BOS, EOS, PAD, VOCAB_SIZE, ByteTokenizer
 
 TOKENIZER = ByteTokenizer()
 

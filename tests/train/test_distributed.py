@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from train.distributed import DistributedConfigError, settings
+from hybrax.train.distributed import DistributedConfigError, settings
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MODEL = ["model.d_model=64", "model.num_layers=2", "model.num_heads=2", "model.mixers=[gla, attention]",
@@ -40,7 +40,7 @@ def _train_losses(run_dir) -> dict[int, float]:
 
 def _two_processes(run_dir, *overrides) -> list[str]:
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "train", "--config", "configs/quickstart.yaml", "--run-dir",
+    procs = [subprocess.Popen([sys.executable, "-m", "hybrax.train", "--config", "configs/quickstart.yaml", "--run-dir",
                                str(run_dir), "--coordinator", f"localhost:{port}", "--num-processes", "2",
                                "--process-id", str(i), *MODEL, "mesh.data=2", "mesh.seq=4", *overrides],
                               cwd=ROOT, env=_environment(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -52,7 +52,7 @@ def _two_processes(run_dir, *overrides) -> list[str]:
 
 
 def _one_process(run_dir, *overrides) -> str:
-    out = subprocess.run([sys.executable, "-m", "train", "--config", "configs/quickstart.yaml", "--run-dir",
+    out = subprocess.run([sys.executable, "-m", "hybrax.train", "--config", "configs/quickstart.yaml", "--run-dir",
                           str(run_dir), *MODEL, "mesh.data=1", *overrides],
                          cwd=ROOT, env=_environment(1), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 
 def command(run_dir, *overrides, config="configs/quickstart.yaml"):
-    return [sys.executable, "-m", "train", "--config", config, "--run-dir", str(run_dir), *TINY, *overrides]
+    return [sys.executable, "-m", "hybrax.train", "--config", config, "--run-dir", str(run_dir), *TINY, *overrides]
 
 
 def run(run_dir, *overrides, timeout=300, config="configs/quickstart.yaml"):
@@ -76,7 +76,7 @@ def test_run_writes_everything_and_sample_cli_reads_it(tmp_path):
     assert finished_checkpoints(tmp_path)[-1] == 20
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert (tmp_path / "samples.txt").read_text().startswith("ROMEO:")
-    sample = subprocess.run([sys.executable, "-m", "train.sample", "--run", str(tmp_path), "--prompt", "KING:",
+    sample = subprocess.run([sys.executable, "-m", "hybrax.train.sample", "--run", str(tmp_path), "--prompt", "KING:",
                              "--max-new-tokens", "30"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert sample.returncode == 0, sample.stderr
     assert sample.stdout.startswith("KING:") and len(sample.stdout) > len("KING:")

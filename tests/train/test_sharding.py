@@ -15,7 +15,7 @@ import sys
 import pytest
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 
-from layers.sharding import MESH_AXES, spec
+from hybrax.layers.sharding import MESH_AXES, spec
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "layers"))
 from devices import run_with_devices  # noqa: E402  (tests/layers/devices.py)
@@ -49,12 +49,12 @@ COMMON = r"""
 import json, tempfile
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from train.config import load_config, CheckpointConfig
-from train.data import build_datasets
-from train.optim import make_optimizer
-from train.sharding import make_mesh, state_shardings, create_sharded, shard_batch, with_shardings
-from train.step import abstract_state, init_state, create_model, accumulate_gradients
-from train.checkpoint import Checkpointer
+from hybrax.train.config import load_config, CheckpointConfig
+from hybrax.train.data import build_datasets
+from hybrax.train.optim import make_optimizer
+from hybrax.train.sharding import make_mesh, state_shardings, create_sharded, shard_batch, with_shardings
+from hybrax.train.step import abstract_state, init_state, create_model, accumulate_gradients
+from hybrax.train.checkpoint import Checkpointer
 
 def rel(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

@@ -6,11 +6,11 @@ import math
 import jax
 import numpy as np
 
-from arch import ModelConfig
-from train.config import DataConfig, OptimConfig
-from train.data import build_datasets
-from train.optim import learning_rate_schedule, make_optimizer
-from train.step import create_model, init_state, make_eval_step, make_train_step, summarize_eval, token_losses
+from hybrax.arch import ModelConfig
+from hybrax.train.config import DataConfig, OptimConfig
+from hybrax.train.data import build_datasets
+from hybrax.train.optim import learning_rate_schedule, make_optimizer
+from hybrax.train.step import create_model, init_state, make_eval_step, make_train_step, summarize_eval, token_losses
 
 MODEL = ModelConfig(d_model=32, num_layers=2, num_heads=2)
 DATA = DataConfig(seq_len=32, batch_size=8)

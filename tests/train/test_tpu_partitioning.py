@@ -17,7 +17,7 @@ import sys
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
-from experiments.bench.tpu_partitioning import MESHES, PRESETS, measure  # noqa: E402
+from hybrax.experiments.bench.tpu_partitioning import MESHES, PRESETS, measure  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.tpu_compile]
 

@@ -5,7 +5,7 @@
 
 Shapes: x [B, T, d_model]; q [B, T, H, D]; k, v [B, T, Hkv, D] with H a multiple of Hkv.
 Decoding keeps a KV cache of fixed length (`init_cache`); each call appends its keys and values.
-With `sparse_prefill` set (a name in `layers.sparse_prefill.SELECTORS`), the no-cache path lets that
+With `sparse_prefill` set (a name in `layers.sparse.prefill.SELECTORS`), the no-cache path lets that
 training-free selector list key blocks and runs `block_sparse_attention` over them; decoding with a
 cache stays dense.
 Under a mesh with seq > 1 the dense no-cache path is ring attention (`layers.sequence_parallel`):
@@ -18,13 +18,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.embeddings import apply_rotary
-from layers.parameters import logical_param, normal
-from layers.partitioned import dot_product_attention
-from layers.projection import project
-from layers.sequence_parallel.layout import default_positions, seq_size
-from layers.sequence_parallel.ring_attention import ring_attention
-from layers.sparse_prefill import check_options, sparse_prefill_attention
+from hybrax.layers.embeddings import apply_rotary
+from hybrax.layers.parameters import logical_param, normal
+from hybrax.layers.partitioned import dot_product_attention
+from hybrax.layers.projection import project
+from hybrax.layers.sequence_parallel.layout import default_positions, seq_size
+from hybrax.layers.softmax.ring_attention import ring_attention
+from hybrax.layers.sparse.prefill import check_options, sparse_prefill_attention
 
 
 @dataclasses.dataclass(frozen=True)

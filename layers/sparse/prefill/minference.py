@@ -21,7 +21,7 @@ blocks that share no segment range with the query block.
 
 import jax.numpy as jnp
 
-from layers.sparse_prefill import blocks
+from hybrax.layers.sparse.prefill import blocks
 
 
 LAST_Q = 64

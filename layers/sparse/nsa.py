@@ -9,7 +9,7 @@ mixed per head by learned sigmoid gates.
         with intra-block positions over the block, this is its linear, depthwise special case).
         Query t attends densely to the compressed tokens of blocks complete at t ((m+1) l - 1 <= t).
     (b) selected: selection blocks of b = `block_size` tokens (l divides b). Query block n is routed
-        by its first query (the causality rule, layers/block_selection.py): its compressed-attention
+        by its first query (the causality rule, layers/sparse/block_selection.py): its compressed-attention
         probabilities p_cmp over the complete past compressed blocks, summed over the l-blocks inside
         each selection block and over the query heads of each GQA group (NSA shares the choice across
         a group), pick the top_k past blocks; the current block n is added; `block_sparse_attention`.
@@ -29,7 +29,7 @@ are recomputed from the cache each step (O(S) per step, like the attention itsel
 
 Sequence parallelism (a mesh with seq > 1, no cache; x in zigzag order): the queries and their
 gates stay on their device; K and V are all-gathered over seq in natural order
-(layers/sequence_parallel/gathered_keys.py), and every device compresses all of them (4 Hkv D per
+(layers/sparse/gathered_keys.py), and every device compresses all of them (4 Hkv D per
 token, small) and computes the three branches for its own queries only. All of K and V travel, not
 only the selected blocks. The zigzag chunk (T / (2 seq)) must be a multiple of block_size.
 """
@@ -40,14 +40,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers import block_selection as bs
-from layers.attention import declare_projections
-from layers.embeddings import apply_rotary
-from layers.parameters import logical_param, normal
-from layers.partitioned import block_sparse_attention, dot_product_attention
-from layers.projection import project
-from layers.sequence_parallel.gathered_keys import attend_with_gathered_keys, offset_implementation
-from layers.sequence_parallel.layout import default_positions, seq_size
+from hybrax.layers.sparse import block_selection as bs
+from hybrax.layers.softmax.attention import declare_projections
+from hybrax.layers.embeddings import apply_rotary
+from hybrax.layers.parameters import logical_param, normal
+from hybrax.layers.partitioned import block_sparse_attention, dot_product_attention
+from hybrax.layers.projection import project
+from hybrax.layers.sparse.gathered_keys import attend_with_gathered_keys, offset_implementation
+from hybrax.layers.sequence_parallel.layout import default_positions, seq_size
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,7 +29,7 @@ Shapes: x [B, T, d_model]; q [B, T, H, D]; k, v [B, T, Hkv, D]. Parameter budget
 2 Hkv), as softmax attention; the centroids (Hr C D numbers) are state, not parameters.
 
 Sequence parallelism (a mesh with seq > 1, no cache; x in zigzag order): the queries stay on their
-device; K and V are all-gathered over seq in natural order (layers/sequence_parallel/gathered_keys.py)
+device; K and V are all-gathered over seq in natural order (layers/sparse/gathered_keys.py)
 and for routing only the key-block summaries travel: each device averages the unit keys of its own
 blocks and all-gathers those means (1 / block_size of the unit keys). Every device routes and
 attends for its own query blocks. Heads split over tensor as in attention: each local head is given
@@ -44,16 +44,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.attention import declare_projections
-from layers.auxiliary import RouterState, report_loss, report_metric
-from layers.block_selection import (attend_with_mask, block_mean, causal_top_k_blocks, local_blocks,
+from hybrax.layers.softmax.attention import declare_projections
+from hybrax.layers.auxiliary import RouterState, report_loss, report_metric
+from hybrax.layers.sparse.block_selection import (attend_with_mask, block_mean, causal_top_k_blocks, local_blocks,
                                     same_segment_candidates, selection_mask)
-from layers.embeddings import apply_rotary
-from layers.partitioned import block_sparse_attention
-from layers.projection import project
-from layers.sequence_parallel.gathered_keys import (attend_with_gathered_keys, gather_natural,
+from hybrax.layers.embeddings import apply_rotary
+from hybrax.layers.partitioned import block_sparse_attention
+from hybrax.layers.projection import project
+from hybrax.layers.sparse.gathered_keys import (attend_with_gathered_keys, gather_natural,
                                                     offset_implementation)
-from layers.sequence_parallel.layout import default_positions, seq_size
+from hybrax.layers.sequence_parallel.layout import default_positions, seq_size
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,7 +28,7 @@ segment range with the query block.
 import jax
 import jax.numpy as jnp
 
-from layers.sparse_prefill import blocks
+from hybrax.layers.sparse.prefill import blocks
 
 
 def block_means(x_BxTxHxD, block: int):

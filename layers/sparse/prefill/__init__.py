@@ -13,7 +13,7 @@ block always listed; `block_sparse_attention` then reads only the listed tiles.
 `sparse_prefill_attention` is what the Attention layer calls on its no-cache path. Under a mesh
 with seq > 1 (q, k, v in zigzag order, layers/sequence_parallel/layout.py) it runs in shard_map
 with local queries against keys and values all-gathered over seq in natural order
-(layers/sequence_parallel/gathered_keys.py), and lists key blocks for the local query blocks:
+(layers/sparse/gathered_keys.py), and lists key blocks for the local query blocks:
 xattention scores only them (its estimate is per query row); minference and flexprefill estimate
 from queries across the sequence, so the devices assemble just what those estimates read (the last
 `last_q` queries; the last query block and every block's mean query, gathered as block means),
@@ -27,11 +27,11 @@ from collections.abc import Mapping
 
 import jax
 
-from layers.partitioned import block_sparse_attention
-from layers.sequence_parallel.gathered_keys import (attend_with_gathered_keys, gather_natural, natural_rows,
+from hybrax.layers.partitioned import block_sparse_attention
+from hybrax.layers.sparse.gathered_keys import (attend_with_gathered_keys, gather_natural, natural_rows,
                                                     offset_implementation)
-from layers.sequence_parallel.layout import seq_size
-from layers.sparse_prefill import flexprefill, minference, xattention
+from hybrax.layers.sequence_parallel.layout import seq_size
+from hybrax.layers.sparse.prefill import flexprefill, minference, xattention
 
 SELECTORS = {
     "xattention": xattention.select_blocks,

@@ -8,7 +8,7 @@ with q, k `[B, T, H, K]`, v `[B, T, H, V]`, g None, `[B, T, H]` or `[B, T, H, K]
 `[B, H, K, V]` in float32. Training calls the chunked op; decoding carries S in the cache, one
 token at a time through `recurrent_step` (the recurrence itself, written independently of the op)
 or several at a time through the op with `initial_state` (a prefill). Under a mesh whose `seq` axis
-has more than one device, training runs LASP-2 (layers/sequence_parallel/lasp2.py) on inputs in the
+has more than one device, training runs LASP-2 (layers/linear/lasp2.py) on inputs in the
 zigzag order of layers/sequence_parallel/layout.py; otherwise the op runs partitioned over rows and
 heads (layers/partitioned.py).
 """
@@ -16,9 +16,9 @@ heads (layers/partitioned.py).
 import jax
 import jax.numpy as jnp
 
-from layers.partitioned import linear_attention
-from layers.sequence_parallel.lasp2 import linear_attention_sequence_parallel
-from layers.sequence_parallel.layout import seq_size
+from hybrax.layers.partitioned import linear_attention
+from hybrax.layers.linear.lasp2 import linear_attention_sequence_parallel
+from hybrax.layers.sequence_parallel.layout import seq_size
 
 
 def recurrent_step(q_BxHxK, k_BxHxK, v_BxHxV, log_decay, state_BxHxKxV, scale: float):

@@ -34,7 +34,7 @@ the numbers of the parallel form.
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.dot_product_attention import dot_product_attention
+from hybrax.pallas_kernels.dot_product_attention import dot_product_attention
 
 
 def num_blocks(length: int, block: int) -> int:
@@ -80,7 +80,7 @@ def causal_top_k_blocks(scores_BxHxQxM: jnp.ndarray, query_block_Q: jnp.ndarray,
     `query_block_Q[q]` = n), the top_k key blocks m < n by score (restricted to `valid` when given,
     `[B, Q, M]` or per head `[B, H, Q, M]`; -1 where fewer candidates exist), then n itself. The
     parallel form passes Q = N routing queries with query_block = arange(N); a sequence-parallel
-    device its own query blocks (natural indices, layers/sequence_parallel/gathered_keys.py);
+    device its own query blocks (natural indices, layers/sparse/gathered_keys.py);
     decoding one row per token."""
     B, H, Q, M = scores_BxHxQxM.shape
     candidate_QxM = jnp.arange(M)[None, :] < query_block_Q[:, None]

@@ -12,7 +12,7 @@ parallelism) with all S keys; it then lists key blocks for those Q query blocks.
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.block_sparse_attention.reference import allowed_mask
+from hybrax.pallas_kernels.block_sparse_attention.reference import allowed_mask
 
 
 def check_inputs(q, k, block_size, segment_ids, query_blocks=None) -> tuple[int, int, int]:

@@ -34,11 +34,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from layers.sequence_parallel import local_chunks
-from layers.sequence_parallel.layout import SEQ_AXIS, check_length, seq_size
-from layers.sequence_parallel.packing import float32_to_ids, ids_to_float32
-from layers.sharding import spec
-from pallas_kernels.linear_attention import linear_attention
+from hybrax.layers.sequence_parallel import local_chunks
+from hybrax.layers.sequence_parallel.layout import SEQ_AXIS, check_length, seq_size
+from hybrax.layers.sequence_parallel.packing import float32_to_ids, ids_to_float32
+from hybrax.layers.sharding import spec
+from hybrax.pallas_kernels.linear_attention import linear_attention
 
 PRECISION = jax.lax.Precision.HIGHEST  # float32 matmuls, as in the op's xla implementation
 

@@ -9,7 +9,7 @@ Long-Context LLMs"), with grouped-query heads and rotary positions, made causal 
 
 MoBA's paper gates each query token by itself; here the whole query block shares the choice of
 its first token, because `block_sparse_attention` takes one list per query block and a choice by
-later tokens would leak them into earlier ones (layers/block_selection.py states the rule). The
+later tokens would leak them into earlier ones (layers/sparse/block_selection.py states the rule). The
 gate has no parameters and no gradient (as in MoBA); gradients reach q, k, v through the attention.
 
 Shapes: x [B, T, d_model]; q [B, T, H, D]; k, v [B, T, Hkv, D]. Parameter budget (d = d_model):
@@ -19,7 +19,7 @@ token-by-token outputs equal the parallel ones.
 
 Sequence parallelism (a mesh with seq > 1, no cache; x in zigzag order): the queries stay on
 their device and the keys and values are all-gathered over seq, in natural order
-(layers/sequence_parallel/gathered_keys.py); each device selects and attends for its own query
+(layers/sparse/gathered_keys.py); each device selects and attends for its own query
 blocks only. The gate's block means are taken from the gathered keys (they are needed whole for
 the attention anyway), and all of K and V travel, not only the selected blocks. The zigzag chunk
 (T / (2 seq)) must be a multiple of block_size.
@@ -34,13 +34,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers import block_selection as bs
-from layers.attention import declare_projections
-from layers.embeddings import apply_rotary
-from layers.partitioned import block_sparse_attention
-from layers.projection import project
-from layers.sequence_parallel.gathered_keys import attend_with_gathered_keys, offset_implementation
-from layers.sequence_parallel.layout import default_positions, seq_size
+from hybrax.layers.sparse import block_selection as bs
+from hybrax.layers.softmax.attention import declare_projections
+from hybrax.layers.embeddings import apply_rotary
+from hybrax.layers.partitioned import block_sparse_attention
+from hybrax.layers.projection import project
+from hybrax.layers.sparse.gathered_keys import attend_with_gathered_keys, offset_implementation
+from hybrax.layers.sequence_parallel.layout import default_positions, seq_size
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.group_norm import HeadRMSNorm
-from layers.linear_recurrence import check_decoding, chunked_flops_per_token, initial_state, mix
-from layers.parameters import logical_param, normal
-from layers.projection import project
+from hybrax.layers.linear.group_norm import HeadRMSNorm
+from hybrax.layers.linear.linear_recurrence import check_decoding, chunked_flops_per_token, initial_state, mix
+from hybrax.layers.parameters import logical_param, normal
+from hybrax.layers.projection import project
 
 
 @dataclasses.dataclass(frozen=True)

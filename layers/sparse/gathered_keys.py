@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from layers.sequence_parallel import layout
-from layers.sharding import spec
+from hybrax.layers.sequence_parallel import layout
+from hybrax.layers.sharding import spec
 
 
 def check_chunks(seq_len: int, num_devices: int, block: int, name: str = "block_size") -> None:

@@ -61,11 +61,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from layers.sequence_parallel.layout import SEQ_AXIS, check_length, seq_size
-from layers.sharding import current_mesh, spec
-from pallas_kernels.dot_product_attention.api import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
-from pallas_kernels.dot_product_attention.mask import check_inputs
-from pallas_kernels.implementation import AUTO, dispatch, lazy_backend
+from hybrax.layers.sequence_parallel.layout import SEQ_AXIS, check_length, seq_size
+from hybrax.layers.sharding import current_mesh, spec
+from hybrax.pallas_kernels.dot_product_attention.api import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from hybrax.pallas_kernels.dot_product_attention.mask import check_inputs
+from hybrax.pallas_kernels.implementation import AUTO, dispatch, lazy_backend
 
 F32 = jnp.float32
 BLOCK_OP = "ring_attention_block"
@@ -163,7 +163,7 @@ def jnp_grads(q, k, v, seg_q, seg_k, lse, do, delta, *, causal, scale):
 
 BLOCKS = {
     "xla": lambda chunk: (jnp_attend, jnp_grads),
-    "splash": lazy_backend("layers.sequence_parallel", "ring_block_splash", "splash_block"),
+    "splash": lazy_backend("hybrax.layers.softmax", "ring_block_splash", "splash_block"),
 }
 _BLOCK_OF = {"reference": "xla", "xla": "xla", "splash": "splash", "cudnn": None, "pallas_gpu": None}
 

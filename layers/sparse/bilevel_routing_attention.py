@@ -11,7 +11,7 @@ Routing Attention"), made causal for language: region = block of `block_size` to
 
 BiFormer averages all queries of a region; here the region's first query routes it, because one
 key list serves the whole query block and later tokens must not steer earlier ones (see
-layers/block_selection.py). What differs from MoBA (layers/moba.py, the shared code): routing is
+layers/sparse/block_selection.py). What differs from MoBA (layers/sparse/moba.py, the shared code): routing is
 shared across heads, and the LCE term. No routing parameters and no gradient through the choice
 (BiFormer's default: no param_routing, no diff_routing).
 
@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.moba import MoBA, MoBAConfig
-from layers.parameters import logical_param, normal
-from layers.short_conv import short_causal_conv
+from hybrax.layers.sparse.moba import MoBA, MoBAConfig
+from hybrax.layers.parameters import logical_param, normal
+from hybrax.layers.short_conv import short_causal_conv
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,7 @@ holds those blocks' rows [B, Q block, H, D] (k, segment_ids all S positions) and
 import jax
 import jax.numpy as jnp
 
-from layers.sparse_prefill import blocks
+from hybrax.layers.sparse.prefill import blocks
 
 
 def select_blocks(q, k, *, block_size: int, threshold: float = 0.9, stride: int = 8, segment_ids=None,

@@ -26,13 +26,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.group_norm import HeadRMSNorm
-from layers.linear_recurrence import check_decoding, chunked_flops_per_token, initial_state, mix
-from layers.parameters import logical_param, normal, ones
-from layers.projection import project
-from layers.sequence_parallel.halo import short_causal_convs_sequence_parallel
-from layers.sequence_parallel.layout import seq_size
-from layers.short_conv import short_causal_conv
+from hybrax.layers.linear.group_norm import HeadRMSNorm
+from hybrax.layers.linear.linear_recurrence import check_decoding, chunked_flops_per_token, initial_state, mix
+from hybrax.layers.parameters import logical_param, normal, ones
+from hybrax.layers.projection import project
+from hybrax.layers.sequence_parallel.halo import short_causal_convs_sequence_parallel
+from hybrax.layers.sequence_parallel.layout import seq_size
+from hybrax.layers.short_conv import short_causal_conv
 
 
 @dataclasses.dataclass(frozen=True)

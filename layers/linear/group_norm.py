@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.parameters import logical_param, ones
+from hybrax.layers.parameters import logical_param, ones
 
 
 class HeadRMSNorm(nnx.Module):

@@ -43,8 +43,8 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
-from pallas_kernels.dot_product_attention.splash import LANES, MAX_BLOCK, over_batch
-from pallas_kernels.implementation import interpret_mode
+from hybrax.pallas_kernels.dot_product_attention.splash import LANES, MAX_BLOCK, over_batch
+from hybrax.pallas_kernels.implementation import interpret_mode
 
 F32 = jnp.float32
 

@@ -1,0 +1,5 @@
+"""The shipped presets: `hybrax.configs.DIRECTORY / "quickstart.yaml"`; sweeps under `sweeps/`."""
+
+import pathlib
+
+DIRECTORY = pathlib.Path(__file__).parent
