@@ -1,59 +1,23 @@
-"""Model configuration: the per-layer pattern and the shapes, with analytic parameter and FLOP
-counts (tests hold them against the built model and XLA's cost analysis)."""
+"""Model configuration: the per-layer pattern, the model-wide shapes and each layer's own settings,
+with analytic parameter and FLOP counts (tests hold them against the built model and XLA's cost
+analysis).
 
-from typing import Literal
+    model:
+      d_model: 256
+      mixers: [gla, gla, gla, attention]
+      gla: {key_dim: 64, chunk_size: 32}     # model.<registered layer>.<key>: that layer's config
+      kernels: {linear_attention: auto}
 
-from pydantic import BaseModel, ConfigDict, model_validator
+A layer's section holds only what differs from its config class's defaults; the rest follows the
+model (layers/config.py: `LayerConfig.bind`)."""
 
-DType = Literal["float32", "bfloat16"]
+import difflib
 
+import pydantic
+from pydantic import ConfigDict, model_validator
 
-class StrictConfig(BaseModel):
-    """Unknown keys and wrong types are errors; configs are immutable once built."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
-
-
-class SparseAttentionConfig(StrictConfig):
-    """Knobs shared by the sparse and routed attention mixers (moba, nsa, bilevel_routing_attention,
-    routing_attention): which key blocks each query block reads through `block_sparse_attention`."""
-
-    block_size: int = 16                # tokens per query block and per key block
-    top_k: int = 2                      # past blocks selected per query block; the current block is always added
-    # training-free sparse prefill of the softmax `attention` mixer (layers/sparse/prefill): the selector
-    # lists blocks of block_size on the no-cache path; prefill_options are its budget knobs, e.g.
-    # {threshold: 0.95}. Decoding with a KV cache stays dense.
-    prefill_selector: Literal["xattention", "minference", "flexprefill"] | None = None
-    prefill_options: dict[str, float | int | None] = {}
-    window: int = 32                    # nsa: sliding-window tokens before the current block (multiple of block_size)
-    compress_block: int | None = None   # nsa: tokens per compressed token (divides block_size; None: block_size)
-    lce_width: int = 3                  # bilevel_routing_attention: causal depthwise conv over v (0: none)
-    # routing_attention (Routing Transformer): online k-means over queries and keys
-    num_clusters: int = 4               # centroids per routing head
-    local_heads: int | None = None      # heads attending to blocks n-1 and n instead of routing (None: half)
-    kmeans_decay: float = 0.999         # EMA decay of the centroids (training mode only)
-    commitment_weight: float = 1e-4     # weight of the auxiliary k-means commitment loss (0: off)
-
-
-class MoEOptions(StrictConfig):
-    """Knobs of the `moe` FFN (layers/moe): routing, dispatch and balancing."""
-
-    num_experts: int = 8
-    top_k: int = 2
-    expert_hidden: int | None = None    # width of each expert (None: mlp_hidden / (top_k + shared), a multiple of 8)
-    num_shared_experts: int = 0         # always-on experts added to the routed output
-    score: Literal["softmax", "sigmoid"] = "softmax"
-    renormalize: bool = True            # divide the top_k weights by their sum
-    dispatch: Literal["dropless", "capacity"] = "dropless"
-    capacity_factor: float = 1.25       # capacity mode: C = ceil(T * top_k / num_experts * capacity_factor)
-    balance_loss_weight: float = 0.01   # switch loss E sum_i f_i p_i (0: off)
-    balance_scope: Literal["sequence", "micro", "global"] = "micro"
-    z_loss_weight: float = 0.0          # router z-loss (1e-3 in ST-MoE; 0: off)
-    bias_update_rate: float = 0.0       # auxiliary-loss-free balancing (1e-3 in Wang et al. 2024; 0: off)
-    # expert parallelism (mesh axis `expert`): a padded all_to_all (runs anywhere; the tested one) or
-    # ragged_all_to_all (GPU/TPU only; compiled for TPU in the tests, not yet run on hardware)
-    exchange: Literal["padded", "ragged"] = "padded"
-
+from hybrax.arch.registry import FFNS, MIXERS, layer_entry, layer_names
+from hybrax.layers.config import DType, LayerConfig, ModelShape, StrictConfig
 
 KernelChoice = str | list[str]
 
@@ -119,9 +83,26 @@ class ModelConfig(StrictConfig):
     dtype: DType = "float32"
     param_dtype: DType = "float32"
     remat: bool = False                 # recompute each block's activations in the backward pass
-    sparse: SparseAttentionConfig = SparseAttentionConfig()
-    moe: MoEOptions = MoEOptions()
     kernels: KernelsConfig = KernelsConfig()
+    # model.<layer name>: a registered mixer's or FFN's settings (its LayerConfig), kept as extras
+    model_config = ConfigDict(extra="allow", frozen=True, validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _layer_sections(cls, data):
+        """Each key that is not a field must name a registered layer; its section is validated by
+        that layer's config class, one line per problem."""
+        if not isinstance(data, dict):
+            return data
+        sections = {}
+        for name, section in data.items():
+            if name in cls.model_fields:
+                continue
+            entry = layer_entry(name)
+            if entry is None:
+                raise ValueError(_unknown(f"model.{name}", [f"model.{key}" for key in (*cls.model_fields, *layer_names())]))
+            sections[name] = _layer_section(name, entry.config, section)
+        return {**data, **sections}
 
     @model_validator(mode="after")
     def _check_shapes(self):
@@ -136,17 +117,17 @@ class ModelConfig(StrictConfig):
             raise ValueError(f"model.head_dim={self.head_size} must be even for rotary embeddings")
         if not self.mixers or not self.ffns:
             raise ValueError("model.mixers and model.ffns need at least one name each")
-        from hybrax.arch.registry import FFNS, MIXERS  # the registry imports this module
         for key, registry in (("mixers", MIXERS), ("ffns", FFNS)):
             for name in getattr(self, key):
                 if name not in registry.names():
                     raise ValueError(f"model.{key}: unknown {registry.kind} {name!r}; registered: {registry.names()}")
             for name in set(getattr(self, key)):  # each layer's own checks, before any compute
                 try:
-                    registry.config_for(name, self)
-                except ValueError as e:
-                    raise ValueError(f"model.{key}: {registry.kind} {name!r}: {e} (see model.sparse, model.moe "
-                                     "and the shapes)")
+                    self.layer_config(name)
+                except (ValueError, pydantic.ValidationError) as e:
+                    raise ValueError(f"model.{name}: {_first_error(e)} (with the model's shapes: d_model={self.d_model}, "
+                                     f"num_heads={self.num_heads}, num_kv_heads={self.kv_heads}, "
+                                     f"head_dim={self.head_size})") from None
         return self
 
     @property
@@ -165,9 +146,24 @@ class ModelConfig(StrictConfig):
         """(mixer name, ffn name) for each layer."""
         return [(self.mixers[i % len(self.mixers)], self.ffns[i % len(self.ffns)]) for i in range(self.num_layers)]
 
+    def shape(self) -> ModelShape:
+        """The model-wide settings every layer inherits."""
+        return ModelShape(d_model=self.d_model, num_heads=self.num_heads, num_kv_heads=self.kv_heads,
+                          head_dim=self.head_size, mlp_hidden=self.mlp_size, rope_theta=self.rope_theta,
+                          init_std=self.init_std, dtype=self.dtype, param_dtype=self.param_dtype,
+                          kernels=tuple((key, self.kernels.implementation(key)) for key in kernel_implementations()))
+
+    def layer_settings(self, name: str) -> LayerConfig:
+        """What model.<name> sets (the config class's defaults where absent), unbound."""
+        settings = (self.model_extra or {}).get(name)
+        return settings if settings is not None else layer_entry(name).config()
+
+    def layer_config(self, name: str) -> LayerConfig:
+        """The config layer `name` is built from: its settings bound to this model's shapes."""
+        return self.layer_settings(name).bind(self.shape())
+
     def layer_configs(self) -> list[tuple[object, object]]:
-        from hybrax.arch.registry import FFNS, MIXERS  # the registry imports this module
-        return [(MIXERS.config_for(m, self), FFNS.config_for(f, self)) for m, f in self.layer_pattern()]
+        return [(self.layer_config(m), self.layer_config(f)) for m, f in self.layer_pattern()]
 
     def num_params(self) -> int:
         return self._embeddings_and_norms() + sum(m.num_params() + f.num_params() for m, f in self.layer_configs())
@@ -191,3 +187,44 @@ def _active(layer_config) -> int:
     """A layer config's active parameters: `num_active_params()` where it routes, else all."""
     count = getattr(layer_config, "num_active_params", None)
     return count() if count is not None else layer_config.num_params()
+
+
+def model_keys() -> list[str]:
+    """Every key under model: its fields and model.<layer>.<setting> for each registered layer."""
+    keys = [f"model.{name}" for name in ModelConfig.model_fields if name != "kernels"]
+    keys += [f"model.kernels.{name}" for name in KernelsConfig.model_fields]
+    for registry in (MIXERS, FFNS):
+        for name, entry in registry.entries.items():
+            keys += [f"model.{name}.{key}" for key in entry.config.model_fields]
+    return keys
+
+
+def _unknown(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f"unknown config key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+
+
+def _first_error(error: Exception) -> str:
+    if not isinstance(error, pydantic.ValidationError):
+        return str(error)
+    first = error.errors()[0]
+    return first["msg"].removeprefix("Value error, ")
+
+
+def _layer_section(name: str, config: type[LayerConfig], section) -> LayerConfig:
+    """model.<name> validated by the layer's config class; a one-line error names the key."""
+    if isinstance(section, LayerConfig):
+        return section
+    if not isinstance(section, dict):
+        raise ValueError(f"model.{name} must be a mapping of {name}'s settings, got {section!r}")
+    try:
+        return config.model_validate(section)
+    except pydantic.ValidationError as e:
+        first = e.errors()[0]
+        key = ".".join(["model", name, *(str(p) for p in first["loc"])])
+        if first["type"] == "extra_forbidden":
+            raise ValueError(_unknown(key, [f"model.{name}.{k}" for k in config.model_fields])) from None
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "value_error":
+            raise ValueError(f"model.{name}: {message}") from None
+        raise ValueError(f"config key {key!r}: {message} (got {first.get('input')!r})") from None

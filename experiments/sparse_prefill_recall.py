@@ -9,7 +9,7 @@ attention layer and head, the dense causal softmax of the layer's own q and k gi
 mass; a selector's recall is the fraction of it inside the listed blocks (1 = exact), averaged
 over queries, heads, layers and rows; p10 is the 10th percentile over queries. Density is listed
 causal blocks / all causal blocks. bpb is the validation bits per byte of the whole model with the
-selector in every attention layer (`model.sparse.prefill_selector`, through block_sparse_attention),
+selector in every attention layer (`model.attention.prefill_selector`, through block_sparse_attention),
 next to the dense model's. MInference is shown at the paper's sizes (vertical 1000, slash 6096,
 meant for 128k prompts) and at the same fractions of T.
 
@@ -75,9 +75,13 @@ def validation_rows(length: int, rows: int) -> np.ndarray:
     return np.stack([ids[:length + 1] for ids in docs[:rows]]).astype(np.int32)
 
 
-def model_with(config, params, **sparse):
+def model_with(config, params, **prefill):
+    """The trained model with model.attention's prefill settings replaced by `prefill`."""
+    from hybrax.arch.config import ModelConfig
     from hybrax.train.step import create_model
-    model_config = config.model.model_copy(update={"sparse": config.model.sparse.model_copy(update=sparse)})
+    tree = config.model.model_dump()
+    tree["attention"] = {**tree.get("attention", {}), **prefill}
+    model_config = ModelConfig.model_validate(tree)
     model = create_model(model_config, 0)
     nnx.update(model, params)
     return model
@@ -134,7 +138,7 @@ def measure(config, params, length: int, block: int, num_rows: int, batch: int =
                 recalls.append(np.asarray(recall).ravel())
                 densities.append(float(density))
         recall = np.concatenate(recalls)
-        sparse_bpb = bits_per_byte(model_with(config, params, block_size=block, prefill_selector=name,
+        sparse_bpb = bits_per_byte(model_with(config, params, prefill_block_size=block, prefill_selector=name,
                                               prefill_options=options), rows)
         knobs = ", ".join(f"{k}={v}" for k, v in options.items()) or "paper default"
         lines.append(f"| {length} | {block} | {name} | {knobs} | {recall.mean():.4f} | {np.percentile(recall, 10):.3f} "

@@ -1,12 +1,15 @@
 """Sweeps: a grid of training runs from one base config, one result record per run.
 
-    hybrax-sweep configs/sweeps/tiny.yaml [--out DIR] [--jobs N] [--dry-run]
+    hybrax-sweep tiny.yaml [--out DIR] [--jobs N] [--dry-run]
 
-A sweep file names a base config, overrides for every run, and a grid. Each grid axis maps point
-names to override lists; a key that is a config key maps to a list of values (shorthand):
+A sweep file is a path from the working directory or a shipped sweep's name (`tiny`, `tiny.yaml`,
+`configs/sweeps/tiny.yaml`: hybrax.configs.DIRECTORY / "sweeps"). It names a base config (found next
+to the sweep file, else from the working directory, else among the shipped presets), overrides for
+every run, and a grid. Each grid axis maps point names to override lists; a key that is a config key
+maps to a list of values (shorthand):
 
-    name: tiny                           # sweep directory runs/sweeps/<name> (or --out)
-    base: configs/quickstart.yaml
+    name: tiny                           # sweep directory ./runs/sweeps/<name> (or --out)
+    base: quickstart.yaml
     overrides: [log.sample_tokens=0]
     grid:
       arch:                              # the axis named `arch` labels the records' architecture
@@ -61,9 +64,9 @@ from concurrent.futures import ThreadPoolExecutor
 import yaml
 from tqdm import tqdm
 
-from hybrax.train.config import Config, ConfigError, load_config
+from hybrax.configs import DIRECTORY
+from hybrax.train.config import Config, ConfigError, find_preset, load_config
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 SWEEP_KEYS = {"name", "base", "overrides", "grid"}
 BUDGET_KEY = "sweep.flops"   # an override that sets train.steps from a training-FLOPs budget
 
@@ -101,16 +104,36 @@ def _yaml_value(value) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
+def find_sweep(name: str | pathlib.Path) -> pathlib.Path:
+    """A sweep file from the working directory, else a shipped one (`tiny`, `tiny.yaml`)."""
+    try:
+        return find_preset(name, DIRECTORY / "sweeps")
+    except ConfigError as e:
+        raise SweepError(str(e).replace("config file", "sweep file", 1)) from None
+
+
+def _find_base(base: str, sweep: pathlib.Path) -> pathlib.Path:
+    """The sweep's base preset: next to the sweep file, else from the working directory, else shipped."""
+    try:
+        return (sweep.parent / base if (sweep.parent / base).is_file() else find_preset(base)).resolve()
+    except ConfigError:
+        raise SweepError(f"sweep file {str(sweep)!r}: base {base!r} is neither in its folder, here, "
+                         f"nor a shipped preset") from None
+
+
+def sweep_dir_of(tree: dict, path: str | pathlib.Path, out: str | pathlib.Path | None = None) -> pathlib.Path:
+    """`out`, else runs/sweeps/<the sweep's name> in the working directory."""
+    return pathlib.Path(out or pathlib.Path("runs") / "sweeps" / tree.get("name", pathlib.Path(path).stem))
+
+
 def load_sweep(path: str | pathlib.Path) -> tuple[dict, list[Run]]:
     """(the sweep file's tree, its runs with resolved configs); every problem is one line."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise SweepError(f"sweep file {str(path)!r} does not exist")
+    path = find_sweep(path)
     tree = yaml.safe_load(path.read_text()) or {}
     if not isinstance(tree, dict) or set(tree) - SWEEP_KEYS or "base" not in tree or "grid" not in tree:
         raise SweepError(f"sweep file {str(path)!r} must be a mapping with keys base and grid (and optionally name, "
                          f"overrides); got {sorted(tree) if isinstance(tree, dict) else type(tree).__name__}")
-    base = ROOT / tree["base"] if not pathlib.Path(tree["base"]).is_absolute() else pathlib.Path(tree["base"])
+    base = _find_base(str(tree["base"]), path)
     common = list(tree.get("overrides") or [])
     grid = tree["grid"]
     if not isinstance(grid, dict) or not grid:
@@ -199,7 +222,7 @@ def train_run(run: Run, base: str, sweep_dir: pathlib.Path) -> dict:
     start = time.perf_counter()
     with open(run_dir / "train.log", "a") as log:
         done = subprocess.run([sys.executable, "-m", "hybrax.train", "--config", base, "--run-dir", str(run_dir),
-                               *run.overrides], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                               *run.overrides], stdout=log, stderr=subprocess.STDOUT,
                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if done.returncode != 0:
         raise RuntimeError(f"run {run.name} failed with exit status {done.returncode}; see {run_dir / 'train.log'}")
@@ -210,9 +233,9 @@ def run_sweep(path: str | pathlib.Path, out: str | pathlib.Path | None = None, *
               progress: bool = True) -> pathlib.Path:
     """Run every incomplete run of the sweep file; returns the sweep directory."""
     tree, runs = load_sweep(path)
-    sweep_dir = pathlib.Path(out or ROOT / "runs" / "sweeps" / tree.get("name", pathlib.Path(path).stem))
+    sweep_dir = sweep_dir_of(tree, path, out)
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / "sweep.yaml").write_text(pathlib.Path(path).read_text())
+    (sweep_dir / "sweep.yaml").write_text(find_sweep(path).read_text())
     done = completed(sweep_dir)
     todo = [r for r in runs if r.name not in done]
     bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc=f"sweep {sweep_dir.name}", unit="run",
@@ -243,16 +266,15 @@ def run_sweep(path: str | pathlib.Path, out: str | pathlib.Path | None = None, *
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="hybrax-sweep", description="Run a grid of training runs.")
-    p.add_argument("sweep", help="sweep file, e.g. configs/sweeps/tiny.yaml")
-    p.add_argument("--out", default=None, help="sweep directory (default: runs/sweeps/<name>)")
+    p.add_argument("sweep", help="sweep file, or a shipped sweep's name: tiny, tiny_isoflop")
+    p.add_argument("--out", default=None, help="sweep directory (default: ./runs/sweeps/<name>)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, as separate processes (default 1)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their status; train nothing")
     args = p.parse_args(argv)
     try:
         if args.dry_run:
             tree, runs = load_sweep(args.sweep)
-            sweep_dir = pathlib.Path(args.out or ROOT / "runs" / "sweeps" / tree.get("name", pathlib.Path(args.sweep).stem))
-            done = completed(sweep_dir)
+            done = completed(sweep_dir_of(tree, args.sweep, args.out))
             for run in runs:
                 c = run.config
                 tokens = c.train.steps * c.data.batch_size * c.data.seq_len

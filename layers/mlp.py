@@ -1,24 +1,27 @@
 """Gated feed-forward block, SwiGLU (Shazeer, 2020): y = W_down(silu(x W_gate) * (x W_up))."""
 
-import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hybrax.layers.config import DType, Implementation, LayerConfig, ModelShape
 from hybrax.layers.parameters import logical_param, normal
 from hybrax.layers.projection import project
 
 
-@dataclasses.dataclass(frozen=True)
-class MLPConfig:
+class MLPConfig(LayerConfig):
     """SwiGLU shape. Parameter budget: 3 * d_model * hidden."""
 
-    d_model: int
-    hidden: int
+    d_model: int = 256
+    hidden: int | None = None           # (None: model.mlp_hidden, 8/3 d_model rounded up to 64)
     init_std: float = 0.02
-    dtype: str = "float32"
-    param_dtype: str = "float32"
+    dtype: DType = "float32"
+    param_dtype: DType = "float32"
+
+    def derived(self, shape: ModelShape) -> dict:
+        return {"hidden": shape.mlp_hidden}
 
     def num_params(self) -> int:
         return 3 * self.d_model * self.hidden

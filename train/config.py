@@ -1,6 +1,9 @@
 """Typed run configuration: a YAML preset plus dotted `key=value` overrides, validated by pydantic.
 
-    config = load_config("configs/quickstart.yaml", ["model.num_layers=6", "optim.lr=1e-3"])
+    config = load_config("quickstart.yaml", ["model.num_layers=6", "optim.lr=1e-3"])
+
+A preset may start `base: quickstart.yaml` and hold only what differs. A name is a path from the
+working directory or a shipped preset's (`find_preset`).
 
 Every problem found here is a `ConfigError` with a one-line message naming the key, raised before
 any compute: unknown keys (with the closest valid key), wrong types, impossible shapes, missing
@@ -16,7 +19,8 @@ import pydantic
 import yaml
 from pydantic import model_validator
 
-from hybrax.arch.config import ModelConfig, StrictConfig
+from hybrax.arch.config import ModelConfig, StrictConfig, model_keys
+from hybrax.configs import DIRECTORY
 from hybrax.layers.sharding import MESH_AXES
 
 
@@ -143,6 +147,11 @@ def _known_keys(cls: type[pydantic.BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
+def setting_keys() -> list[str]:
+    """Every settable key: the sections' fields and each registered layer's model.<name>.<key>."""
+    return [key for key in _known_keys(Config) if not key.startswith("model.")] + model_keys()
+
+
 def _set_dotted(tree: dict, key: str, value) -> None:
     *parents, leaf = key.split(".")
     node = tree
@@ -190,7 +199,7 @@ def _one_line(error: pydantic.ValidationError) -> str:
     first = error.errors()[0]
     key = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(key, _known_keys(Config), n=1, cutoff=0.6)
+        close = difflib.get_close_matches(key, setting_keys(), n=1, cutoff=0.6)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         return f"unknown config key {key!r}{hint}"
     message = first["msg"].removeprefix("Value error, ")
@@ -206,17 +215,54 @@ def build_config(tree: dict) -> Config:
         raise ConfigError(_one_line(e)) from None
 
 
-def load_config(path: str | pathlib.Path, overrides: list[str] = ()) -> Config:
+def find_preset(name: str | pathlib.Path, directory: pathlib.Path = DIRECTORY) -> pathlib.Path:
+    """`name` as a path from the working directory if that file exists, else a shipped one in
+    `directory` (the presets; `DIRECTORY / "sweeps"` for sweeps): `quickstart`, `quickstart.yaml`
+    and `configs/quickstart.yaml` all find the shipped quickstart."""
+    path = pathlib.Path(name).expanduser()
+    if path.is_file():
+        return path
+    shipped = directory / (path.name if path.suffix else f"{path.name}.yaml")
+    prefix = ("configs", *directory.relative_to(DIRECTORY).parts)   # the folders a shipped name may carry
+    parents = path.parts[:-1]
+    if not path.is_absolute() and prefix[len(prefix) - len(parents):] == parents and shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(p.name for p in directory.glob("*.yaml")))
+    raise ConfigError(f"config file {str(name)!r} does not exist, here or among the shipped ones ({names})")
+
+
+def read_preset(path: str | pathlib.Path, _chain: tuple[pathlib.Path, ...] = ()) -> dict:
+    """The YAML tree of the preset at `path`, over the tree of its `base:` (a path from the preset's
+    own folder, else `find_preset`'s; itself possibly based on another): sections merge key by key,
+    lists replace."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
+    if path.resolve() in _chain:
+        cycle = " -> ".join(p.name for p in (*_chain, path.resolve()))
+        raise ConfigError(f"config file {str(path)!r}: base presets form a cycle ({cycle})")
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(tree).__name__}")
-    return build_config(_merge(tree, parse_overrides(list(overrides))))
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {str(path)!r}: base={base!r} must be a preset's path, e.g. quickstart.yaml")
+    try:
+        found = path.parent / base if (path.parent / base).is_file() else find_preset(base)
+    except ConfigError:
+        raise ConfigError(f"config file {str(path)!r}: base {base!r} is neither in its folder, here, "
+                          f"nor a shipped preset") from None
+    return _merge(read_preset(found, (*_chain, path.resolve())), tree)
+
+
+def load_config(path: str | pathlib.Path, overrides: list[str] = ()) -> Config:
+    """The config of preset `path` (see `find_preset`; `base:` chains resolved) with `overrides`."""
+    return build_config(_merge(read_preset(find_preset(path)), parse_overrides(list(overrides))))
 
 
 def check_devices(config: Config, num_devices: int) -> dict[str, int]:

@@ -13,32 +13,37 @@ Parameter budget (d = d_model, with the defaults H K = d/2, H V = d, rank 16):
     = 4 d^2 + 25.5 d in all, the 4 d^2 of multi-head softmax attention plus a small gate.
 """
 
-import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hybrax.layers.config import DType, Implementation, LayerConfig, ModelShape
 from hybrax.layers.linear.group_norm import HeadRMSNorm
 from hybrax.layers.linear.linear_recurrence import check_decoding, chunked_flops_per_token, initial_state, mix
 from hybrax.layers.parameters import logical_param, normal
 from hybrax.layers.projection import project
 
 
-@dataclasses.dataclass(frozen=True)
-class GLAConfig:
-    d_model: int
-    num_heads: int
-    key_dim: int            # per head
-    value_dim: int          # per head
-    gate_rank: int = 16
-    gate_normaliser: float = 16.0
-    chunk_size: int = 64
-    norm_eps: float = 1e-5
+class GLAConfig(LayerConfig):
+    kernel: ClassVar[str] = "linear_attention"
+
+    d_model: int = 256
+    num_heads: int = 4                  # heads (unset: model.num_heads)
+    key_dim: int | None = None          # per head (None: half the model's head_dim, GLA's expand_k 1/2)
+    value_dim: int | None = None        # per head (None: the model's head_dim, expand_v 1)
+    gate_rank: int = 16                 # rank of the low-rank forget-gate projection
+    gate_normaliser: float = 16.0       # the log-gate is divided by this (GLA's 16)
+    chunk_size: int = 64                # tokens per chunk of the chunked recurrence
+    norm_eps: float = 1e-5              # epsilon of the per-head output RMSNorm
     init_std: float = 0.02
-    implementation: str | tuple[str, ...] | None = None   # the op's implementation (None: auto)
-    dtype: str = "float32"
-    param_dtype: str = "float32"
+    implementation: Implementation = None   # linear_attention implementation (unset: model.kernels)
+    dtype: DType = "float32"
+    param_dtype: DType = "float32"
+
+    def derived(self, shape: ModelShape) -> dict:
+        return {"key_dim": shape.head_dim // 2, "value_dim": shape.head_dim}
 
     def num_params(self) -> int:
         d, HK, HV, r = self.d_model, self.num_heads * self.key_dim, self.num_heads * self.value_dim, self.gate_rank

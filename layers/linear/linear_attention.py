@@ -14,31 +14,33 @@ normaliser and keeps the output scale independent of the sequence length.
 Parameter budget: 5 d_model H K (W_q, W_k, W_v, W_u and W_o) + H K (norm scale).
 """
 
-import dataclasses
+from typing import ClassVar
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hybrax.layers.config import DType, Implementation, LayerConfig, ModelShape
 from hybrax.layers.linear.group_norm import HeadRMSNorm
 from hybrax.layers.linear.linear_recurrence import check_decoding, chunked_flops_per_token, initial_state, mix
 from hybrax.layers.parameters import logical_param, normal
 from hybrax.layers.projection import project
 
 
-@dataclasses.dataclass(frozen=True)
-class LinearAttentionConfig:
-    d_model: int
-    num_heads: int
-    head_dim: int
-    decay: bool = True
-    chunk_size: int = 64
-    norm_eps: float = 1e-5
+class LinearAttentionConfig(LayerConfig):
+    kernel: ClassVar[str] = "linear_attention"
+
+    d_model: int = 256
+    num_heads: int = 4                  # heads (unset: model.num_heads)
+    head_dim: int = 64                  # key and value width per head (unset: the model's head_dim)
+    decay: bool = True                  # Lightning's fixed per-head decay log(1 - 2^(-5 - h)); False: none
+    chunk_size: int = 64                # tokens per chunk of the chunked recurrence
+    norm_eps: float = 1e-5              # epsilon of the per-head output RMSNorm
     init_std: float = 0.02
-    implementation: str | tuple[str, ...] | None = None   # the op's implementation (None: auto)
-    dtype: str = "float32"
-    param_dtype: str = "float32"
+    implementation: Implementation = None   # linear_attention implementation (unset: model.kernels)
+    dtype: DType = "float32"
+    param_dtype: DType = "float32"
 
     def num_params(self) -> int:
         width = self.num_heads * self.head_dim

@@ -19,13 +19,14 @@ Parameter budget (d = d_model, E = H P, W = 4): in-projection d (2E + 2N + H), c
 (W + 1)(E + 2N), dt_bias, A_log, D 3H, norm E, out-projection E d.
 """
 
-import dataclasses
+from typing import ClassVar
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hybrax.layers.config import DType, Implementation, LayerConfig, ModelShape
 from hybrax.layers.linear.group_norm import HeadRMSNorm
 from hybrax.layers.linear.linear_recurrence import check_decoding, chunked_flops_per_token, initial_state, mix
 from hybrax.layers.parameters import logical_param, normal, ones
@@ -35,21 +36,29 @@ from hybrax.layers.sequence_parallel.layout import seq_size
 from hybrax.layers.short_conv import short_causal_conv
 
 
-@dataclasses.dataclass(frozen=True)
-class Mamba2Config:
-    d_model: int
-    num_heads: int          # H = expand * d_model / head_dim
-    head_dim: int = 64      # P
-    state_dim: int = 128    # N
-    conv_width: int = 4
-    dt_min: float = 1e-3
+class Mamba2Config(LayerConfig):
+    kernel: ClassVar[str] = "linear_attention"
+
+    d_model: int = 256
+    expand: int = 2                     # inner width E = expand * d_model (sets num_heads when None)
+    head_dim: int = 64                  # P (unset: the model's head_dim)
+    num_heads: int | None = None        # H (None: expand * d_model / head_dim)
+    state_dim: int = 128                # N
+    conv_width: int = 4                 # width of the short causal convolutions
+    dt_min: float = 1e-3                # initial dt ~ exp(U[log dt_min, log dt_max])
     dt_max: float = 1e-1
-    chunk_size: int = 64
-    norm_eps: float = 1e-5
+    chunk_size: int = 64                # tokens per chunk of the chunked recurrence
+    norm_eps: float = 1e-5              # epsilon of the gated RMSNorm
     init_std: float = 0.02
-    implementation: str | tuple[str, ...] | None = None   # the op's implementation (None: auto)
-    dtype: str = "float32"
-    param_dtype: str = "float32"
+    implementation: Implementation = None   # linear_attention implementation (unset: model.kernels)
+    dtype: DType = "float32"
+    param_dtype: DType = "float32"
+
+    def derived(self, shape: ModelShape) -> dict:
+        head_dim = self.head_dim if "head_dim" in self.model_fields_set else shape.head_dim
+        if self.expand * shape.d_model % head_dim:
+            raise ValueError(f"head_dim={head_dim} does not divide expand * d_model = {self.expand * shape.d_model}")
+        return {"num_heads": self.expand * shape.d_model // head_dim}
 
     @property
     def inner(self) -> int:

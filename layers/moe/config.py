@@ -1,7 +1,11 @@
 """Shape and routing knobs of the mixture-of-experts FFN, with its parameter and FLOP counts."""
 
-import dataclasses
 import math
+from typing import ClassVar
+
+from pydantic import model_validator
+
+from hybrax.layers.config import DType, Implementation, LayerConfig, ModelShape
 
 SCORES = ("softmax", "sigmoid")
 DISPATCHES = ("dropless", "capacity")
@@ -9,17 +13,21 @@ BALANCE_SCOPES = ("sequence", "micro", "global")
 EXCHANGES = ("padded", "ragged")
 
 
-@dataclasses.dataclass(frozen=True)
-class MoEConfig:
+class MoEConfig(LayerConfig):
     """E SwiGLU experts of width F, top_k routed per token, plus S always-on shared experts.
 
     Parameters: router D E + routed experts 3 D F E + shared experts 3 D F S. Active per token:
     router + (top_k + S) experts."""
 
-    d_model: int
+    kernel: ClassVar[str] = "grouped_matmul"
+    tiny: ClassVar[dict] = {"num_experts": 4, "expert_hidden": 16, "dispatch": "capacity", "capacity_factor": 4.0}
+
+    d_model: int = 256
     num_experts: int = 8
     top_k: int = 2
-    expert_hidden: int = 256                 # F, the width of each expert (fine-grained experts: small F, large E)
+    # F, the width of each expert (fine-grained experts: small F, large E); None: the dense FFN's
+    # active width, mlp_hidden / (top_k + num_shared_experts) rounded down to a multiple of 8
+    expert_hidden: int | None = None
     num_shared_experts: int = 0              # S
     score: str = "softmax"                   # router scores: softmax over experts, or per-expert sigmoid
     renormalize: bool = True                 # divide the top_k weights by their sum
@@ -31,14 +39,18 @@ class MoEConfig:
     bias_update_rate: float = 0.0            # auxiliary-loss-free balancing: bias step per update (0: off)
     exchange: str = "padded"                 # expert parallelism: padded all_to_all | ragged_all_to_all (GPU/TPU)
     init_std: float = 0.02
-    implementation: str | tuple[str, ...] | None = None   # grouped_matmul implementation (None: auto)
-    dtype: str = "float32"
-    param_dtype: str = "float32"
+    implementation: Implementation = None    # grouped_matmul implementation (unset: model.kernels)
+    dtype: DType = "float32"
+    param_dtype: DType = "float32"
 
-    def __post_init__(self):
+    def derived(self, shape: ModelShape) -> dict:
+        return {"expert_hidden": max(8, shape.mlp_hidden // (self.top_k + self.num_shared_experts) // 8 * 8)}
+
+    @model_validator(mode="after")
+    def _check(self):
         if self.num_experts < 1 or not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
-        if self.expert_hidden < 1 or self.num_shared_experts < 0:
+        if (self.expert_hidden is not None and self.expert_hidden < 1) or self.num_shared_experts < 0:
             raise ValueError(f"expert_hidden={self.expert_hidden} must be >= 1 and "
                              f"num_shared_experts={self.num_shared_experts} >= 0")
         for key, valid in (("score", SCORES), ("dispatch", DISPATCHES), ("balance_scope", BALANCE_SCOPES),
@@ -50,6 +62,7 @@ class MoEConfig:
         for key in ("balance_loss_weight", "z_loss_weight", "bias_update_rate"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}={getattr(self, key)} must be >= 0")
+        return self
 
     def capacity(self, tokens: int) -> int:
         """Slots per expert for a dispatch group of `tokens` tokens in capacity mode:

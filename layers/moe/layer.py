@@ -41,7 +41,8 @@ class MoE(nnx.Module):
         self.w_up = logical_param(rngs, init, (E, D, F), c.param_dtype, ("experts", "embed", "mlp"))
         self.w_down = logical_param(rngs, init, (E, F, D), c.param_dtype, ("experts", "mlp", "embed"))
         # S shared experts of width F = one SwiGLU of width S F
-        self.shared = nnx.data(SwiGLU(MLPConfig(D, c.num_shared_experts * F, c.init_std, c.dtype, c.param_dtype),
+        self.shared = nnx.data(SwiGLU(MLPConfig(d_model=D, hidden=c.num_shared_experts * F, init_std=c.init_std, dtype=c.dtype,
+                                                param_dtype=c.param_dtype),
                                       rngs=rngs) if c.num_shared_experts else None)
         self.expert_bias = RouterState(jnp.zeros((E,), jnp.float32))
         self.batch_counts = BatchStatistic(jnp.zeros((E,), jnp.float32))

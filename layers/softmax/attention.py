@@ -5,49 +5,59 @@
 
 Shapes: x [B, T, d_model]; q [B, T, H, D]; k, v [B, T, Hkv, D] with H a multiple of Hkv.
 Decoding keeps a KV cache of fixed length (`init_cache`); each call appends its keys and values.
-With `sparse_prefill` set (a name in `layers.sparse.prefill.SELECTORS`), the no-cache path lets that
+With `prefill_selector` set (a name in `layers.sparse.prefill.SELECTORS`), the no-cache path lets that
 training-free selector list key blocks and runs `block_sparse_attention` over them; decoding with a
 cache stays dense.
 Under a mesh with seq > 1 the dense no-cache path is ring attention (`layers.sequence_parallel`):
 x, segment_ids and positions come in zigzag order, split over seq.
 """
 
-import dataclasses
+from typing import ClassVar, Literal
 
-import jax
 import jax.numpy as jnp
-from flax import nnx
+from pydantic import field_validator, model_validator
 
-from hybrax.layers.embeddings import apply_rotary
-from hybrax.layers.parameters import logical_param, normal
+from hybrax.layers.config import DType, Implementation, LayerConfig, ModelShape
 from hybrax.layers.partitioned import dot_product_attention
-from hybrax.layers.projection import project
-from hybrax.layers.sequence_parallel.layout import default_positions, seq_size
 from hybrax.layers.softmax.ring_attention import ring_attention
+from hybrax.layers.softmax.skeleton import SoftmaxMixer
 from hybrax.layers.sparse.prefill import check_options, sparse_prefill_attention
 
 
-@dataclasses.dataclass(frozen=True)
-class AttentionConfig:
+class AttentionConfig(LayerConfig):
     """Parameter budget: d_model * D * (2 H + 2 Hkv)."""
 
-    d_model: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
+    kernel: ClassVar[str] = "attention"
+
+    d_model: int = 256
+    num_heads: int = 4                  # query heads (unset: model.num_heads)
+    num_kv_heads: int = 4               # key/value heads, grouped-query (unset: model.num_kv_heads)
+    head_dim: int = 64                  # (unset: the model's head_dim)
     rope_theta: float = 10_000.0
     init_std: float = 0.02
-    implementation: str | tuple[str, ...] | None = None   # the op's implementation (None: auto)
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    sparse_prefill: str | None = None                       # selector for the no-cache path (None: dense)
-    sparse_block_size: int = 16                             # its square block size
-    sparse_options: tuple[tuple[str, object], ...] = ()     # its budget knobs, e.g. (("threshold", 0.95),)
-    sparse_implementation: str | tuple[str, ...] | None = None              # block_sparse_attention implementation
+    implementation: Implementation = None   # dot_product_attention implementation (unset: model.kernels)
+    dtype: DType = "float32"
+    param_dtype: DType = "float32"
+    # training-free sparse prefill (layers/sparse/prefill): on the no-cache path the selector lists
+    # key blocks of prefill_block_size and block_sparse_attention reads only those; decoding stays dense
+    prefill_selector: Literal["xattention", "minference", "flexprefill"] | None = None
+    prefill_block_size: int = 16        # square block of the sparse prefill
+    prefill_options: tuple[tuple[str, float | int | None], ...] = ()   # selector budget, e.g. {threshold: 0.95}
+    prefill_implementation: Implementation = None   # its block_sparse_attention (unset: model.kernels)
 
-    def __post_init__(self):
-        if self.sparse_prefill is not None:
-            check_options(self.sparse_prefill, dict(self.sparse_options))
+    @field_validator("prefill_options", mode="before")
+    @classmethod
+    def _options_from_mapping(cls, value):
+        return tuple(sorted(value.items())) if isinstance(value, dict) else value
+
+    @model_validator(mode="after")
+    def _check_prefill(self):
+        if self.prefill_selector is not None:
+            check_options(self.prefill_selector, dict(self.prefill_options))
+        return self
+
+    def derived(self, shape: ModelShape) -> dict:
+        return {"prefill_implementation": shape.implementation("block_sparse_attention")}
 
     def num_params(self) -> int:
         return self.d_model * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
@@ -58,62 +68,31 @@ class AttentionConfig:
         return 2 * self.num_params() + 4 * seq_len * self.num_heads * self.head_dim
 
 
-def declare_projections(module: nnx.Module, c, rngs: nnx.Rngs) -> None:
-    """The q, k, v and output projections of every softmax-attention family (attention, moba, nsa,
-    bilevel routing, routing attention): w_q [d, H, D], w_k and w_v [d, Hkv, D], w_o [H, D, d], from
-    a config with d_model, num_heads, num_kv_heads, head_dim, init_std and param_dtype."""
-    init = normal(c.init_std)
-    module.w_q = logical_param(rngs, init, (c.d_model, c.num_heads, c.head_dim), c.param_dtype,
-                               ("embed", "heads", "head_dim"))
-    module.w_k = logical_param(rngs, init, (c.d_model, c.num_kv_heads, c.head_dim), c.param_dtype,
-                               ("embed", "kv_heads", "head_dim"))
-    module.w_v = logical_param(rngs, init, (c.d_model, c.num_kv_heads, c.head_dim), c.param_dtype,
-                               ("embed", "kv_heads", "head_dim"))
-    module.w_o = logical_param(rngs, init, (c.num_heads, c.head_dim, c.d_model), c.param_dtype,
-                               ("heads", "head_dim", "embed"))
+class Attention(SoftmaxMixer):
+    def attend(self, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids):
+        sparse_BxTxHxK = self._sparse_prefill(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids)
+        if sparse_BxTxHxK is not None:
+            return sparse_BxTxHxK
+        return dot_product_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, causal=True, segment_ids=segment_ids,
+                                     implementation=self.config.implementation)
 
+    def attend_sequence_parallel(self, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids):
+        sparse_BxTxHxK = self._sparse_prefill(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids)
+        if sparse_BxTxHxK is not None:
+            return sparse_BxTxHxK
+        return ring_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids=segment_ids,
+                              implementation=self.config.implementation)
 
-class Attention(nnx.Module):
-    def __init__(self, config: AttentionConfig, *, rngs: nnx.Rngs):
-        c = config
-        self.config = c
-        declare_projections(self, c, rngs)
+    def attend_cached(self, q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, position_T, cache):
+        visible_TxS = jnp.arange(k_BxSxGxK.shape[1])[None, :] <= position_T[:, None]  # causal within the filled cache
+        return dot_product_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, causal=False, mask=visible_TxS,
+                                     implementation=self.config.implementation), {}
 
-    def init_cache(self, batch: int, max_len: int) -> dict:
+    def _sparse_prefill(self, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids):
+        """The selector's block-sparse attention when one is set (sequence parallel by itself), else None."""
         c = self.config
-        shape = (batch, max_len, c.num_kv_heads, c.head_dim)
-        return {"k": jnp.zeros(shape, c.dtype), "v": jnp.zeros(shape, c.dtype), "end": jnp.zeros((), jnp.int32)}
-
-    def __call__(self, x_BxTxD, *, segment_ids=None, positions=None, cache=None):
-        c = self.config
-        B, T, _ = x_BxTxD.shape
-        if positions is None:   # natural positions of the rows, in zigzag order under seq > 1
-            shards, start = (seq_size(), 0) if cache is None else (1, cache["end"])
-            positions = default_positions(B, T, shards, start)
-        q_BxTxHxK = apply_rotary(project("btd,dhk->bthk", x_BxTxD, self.w_q, c.dtype), positions, c.rope_theta)
-        k_BxTxGxK = apply_rotary(project("btd,dhk->bthk", x_BxTxD, self.w_k, c.dtype), positions, c.rope_theta)
-        v_BxTxGxK = project("btd,dhk->bthk", x_BxTxD, self.w_v, c.dtype)
-        if cache is None and c.sparse_prefill is not None:
-            o_BxTxHxK = sparse_prefill_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, selector=c.sparse_prefill,
-                                                 block_size=c.sparse_block_size, options=dict(c.sparse_options),
-                                                 segment_ids=segment_ids, implementation=c.sparse_implementation)
-            return project("bthk,hkd->btd", o_BxTxHxK, self.w_o, c.dtype)
-        if cache is None and seq_size() > 1:   # sequence parallel: x is in zigzag order, split over seq
-            o_BxTxHxK = ring_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids=segment_ids,
-                                       implementation=c.implementation)
-            return project("bthk,hkd->btd", o_BxTxHxK, self.w_o, c.dtype)
-        if cache is None:
-            o_BxTxHxK = dot_product_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, causal=True, segment_ids=segment_ids,
-                                              implementation=c.implementation)
-            return project("bthk,hkd->btd", o_BxTxHxK, self.w_o, c.dtype)
-        if segment_ids is not None:
-            raise ValueError("segment_ids are not supported while decoding with a KV cache; decode one sequence per row")
-        end = cache["end"]
-        k_cache = jax.lax.dynamic_update_slice(cache["k"], k_BxTxGxK.astype(cache["k"].dtype), (0, end, 0, 0))
-        v_cache = jax.lax.dynamic_update_slice(cache["v"], v_BxTxGxK.astype(cache["v"].dtype), (0, end, 0, 0))
-        key_index_S = jnp.arange(k_cache.shape[1])
-        visible_TxS = key_index_S[None, :] <= (end + jnp.arange(T))[:, None]  # causal within the filled cache
-        o_BxTxHxK = dot_product_attention(q_BxTxHxK, k_cache, v_cache, causal=False, mask=visible_TxS,
-                                          implementation=c.implementation)
-        y = project("bthk,hkd->btd", o_BxTxHxK, self.w_o, c.dtype)
-        return y, {"k": k_cache, "v": v_cache, "end": end + T}
+        if c.prefill_selector is None:
+            return None
+        return sparse_prefill_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, selector=c.prefill_selector,
+                                        block_size=c.prefill_block_size, options=dict(c.prefill_options),
+                                        segment_ids=segment_ids, implementation=c.prefill_implementation)

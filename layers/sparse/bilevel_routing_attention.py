@@ -24,8 +24,6 @@ per position, small next to the attention) and each device keeps its own rows, s
 across the seams of the zigzag chunks without a halo exchange.
 """
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -35,11 +33,10 @@ from hybrax.layers.parameters import logical_param, normal
 from hybrax.layers.short_conv import short_causal_conv
 
 
-@dataclasses.dataclass(frozen=True)
 class BilevelRoutingConfig(MoBAConfig):
     """Parameter budget: d_model * D * (2 H + 2 Hkv) + (lce_width + 1) * Hkv * D."""
 
-    lce_width: int = 3            # causal depthwise conv over v (local context enhancement); 0 disables
+    lce_width: int = 3                  # causal depthwise conv over v (local context enhancement); 0 disables
 
     def num_params(self) -> int:
         lce = (self.lce_width + 1) * self.num_kv_heads * self.head_dim if self.lce_width else 0

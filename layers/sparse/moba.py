@@ -28,44 +28,46 @@ the attention anyway), and all of K and V travel, not only the selected blocks. 
 `context_parameters` and `local_context`.
 """
 
-import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from pydantic import model_validator
 
+from hybrax.layers.config import DType, Implementation, LayerConfig, ModelShape
 from hybrax.layers.sparse import block_selection as bs
-from hybrax.layers.softmax.attention import declare_projections
-from hybrax.layers.embeddings import apply_rotary
+from hybrax.layers.softmax.skeleton import SoftmaxMixer
 from hybrax.layers.partitioned import block_sparse_attention
-from hybrax.layers.projection import project
 from hybrax.layers.sparse.gathered_keys import attend_with_gathered_keys, offset_implementation
-from hybrax.layers.sequence_parallel.layout import default_positions, seq_size
 
 
-@dataclasses.dataclass(frozen=True)
-class MoBAConfig:
+class MoBAConfig(LayerConfig):
     """Parameter budget: d_model * D * (2 H + 2 Hkv)."""
 
-    d_model: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    block_size: int = 16          # tokens per query block and per key block
-    top_k: int = 2                # past blocks per query block; the current block is always added
+    kernel: ClassVar[str] = "block_sparse_attention"
+    tiny: ClassVar[dict] = {"block_size": 4}
+
+    d_model: int = 256
+    num_heads: int = 4                  # query heads (unset: model.num_heads)
+    num_kv_heads: int = 4               # key/value heads (unset: model.num_kv_heads)
+    head_dim: int = 64                  # (unset: the model's head_dim)
+    block_size: int = 16                # tokens per query block and per key block
+    top_k: int = 2                      # past blocks per query block; the current block is always added
     rope_theta: float = 10_000.0
     init_std: float = 0.02
-    implementation: str | tuple[str, ...] | None = None   # block_sparse_attention implementation (None: auto)
-    dtype: str = "float32"
-    param_dtype: str = "float32"
+    implementation: Implementation = None   # block_sparse_attention implementation (unset: model.kernels)
+    dtype: DType = "float32"
+    param_dtype: DType = "float32"
 
-    def __post_init__(self):
+    @model_validator(mode="after")
+    def _check(self):
         if self.block_size < 1:
             raise ValueError(f"block_size={self.block_size} must be >= 1")
         if self.top_k < 0:
             raise ValueError(f"top_k={self.top_k} must be >= 0")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_kv_heads={self.num_kv_heads} does not divide num_heads={self.num_heads}")
+        return self
 
     def projection_params(self) -> int:
         return self.d_model * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
@@ -88,12 +90,7 @@ class MoBAConfig:
         return 2 * self.projection_params() + 4 * H * D * self.selected_keys(seq_len) + gate
 
 
-class MoBA(nnx.Module):
-    def __init__(self, config: MoBAConfig, *, rngs: nnx.Rngs):
-        c = config
-        self.config = c
-        declare_projections(self, c, rngs)
-
+class MoBA(SoftmaxMixer):
     # ---- what the subclasses change ----------------------------------------------------------
 
     def block_scores(self, route_q_BxQxHxD, k_BxSxGxD, head_axes=None):
@@ -110,53 +107,39 @@ class MoBA(nnx.Module):
         """A term added to the attention output per key position (`[B, S, H, D]`), or None."""
         return None
 
-    # ---- shared ------------------------------------------------------------------------------
+    # ---- the skeleton's paths (layers/softmax/skeleton.py) -----------------------------------
 
-    def init_cache(self, batch: int, max_len: int) -> dict:
-        c = self.config
-        shape = (batch, max_len, c.num_kv_heads, c.head_dim)
-        return {"k": jnp.zeros(shape, c.dtype), "v": jnp.zeros(shape, c.dtype), "end": jnp.zeros((), jnp.int32),
-                "route_q": jnp.zeros((batch, c.num_heads, c.head_dim), c.dtype)}
+    def attend(self, q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids):
+        return self._attend_blocks(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids, segment_ids, **self._context())
 
-    def __call__(self, x_BxTxD, *, segment_ids=None, positions=None, cache=None):
+    def attend_sequence_parallel(self, q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids):
+        return attend_with_gathered_keys(self._attend_blocks, q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids,
+                                         block=self.config.block_size, extras=self.context_parameters())
+
+    def cache_state(self, batch: int, max_len: int) -> dict:
+        """route_q: the routing query of the block that holds the last cached position."""
         c = self.config
-        B, T, _ = x_BxTxD.shape
-        b = c.block_size
-        sequence_shards = seq_size() if cache is None else 1
-        if positions is None:
-            positions = default_positions(B, T, sequence_shards, 0 if cache is None else cache["end"])
-        q_BxTxHxD = apply_rotary(project("btd,dhk->bthk", x_BxTxD, self.w_q, c.dtype), positions, c.rope_theta)
-        k_BxTxGxD = apply_rotary(project("btd,dhk->bthk", x_BxTxD, self.w_k, c.dtype), positions, c.rope_theta)
-        v_BxTxGxD = project("btd,dhk->bthk", x_BxTxD, self.w_v, c.dtype)
-        context = self.context_parameters()
-        if cache is None and sequence_shards > 1:
-            o_BxTxHxD = attend_with_gathered_keys(self._attend, q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids, block=b,
-                                                  extras=context)
-            return project("bthk,hkd->btd", o_BxTxHxD, self.w_o, c.dtype)
-        if cache is None:
-            o_BxTxHxD = self._attend(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids, segment_ids,
-                                     **{name: array for name, (array, _) in context.items()})
-            return project("bthk,hkd->btd", o_BxTxHxD, self.w_o, c.dtype)
-        if segment_ids is not None:
-            raise ValueError("segment_ids are not supported while decoding with a KV cache; decode one sequence per row")
-        end = cache["end"]
-        k_cache = jax.lax.dynamic_update_slice(cache["k"], k_BxTxGxD.astype(cache["k"].dtype), (0, end, 0, 0))
-        v_cache = jax.lax.dynamic_update_slice(cache["v"], v_BxTxGxD.astype(cache["v"].dtype), (0, end, 0, 0))
+        return {"route_q": jnp.zeros((batch, c.num_heads, c.head_dim), c.dtype)}
+
+    def attend_cached(self, q_BxTxHxD, k_BxSxGxD, v_BxSxGxD, position_T, cache):
+        c = self.config
+        b, end, T = c.block_size, cache["end"], q_BxTxHxD.shape[1]
         route_q_BxTxHxD, route_q = bs.cached_routing_queries(q_BxTxHxD, cache["route_q"], end, b)
-        position_T = end + jnp.arange(T)
-        scores_BxHxTxM = self.block_scores(route_q_BxTxHxD, k_cache)
+        scores_BxHxTxM = self.block_scores(route_q_BxTxHxD, k_BxSxGxD)
         indices_BxHxTxK = bs.causal_top_k_blocks(scores_BxHxTxM, position_T // b, c.top_k)
-        visible_BxHxTxS = bs.selection_mask(indices_BxHxTxK, position_T, k_cache.shape[1], b)
-        o_BxTxHxD = bs.attend_with_mask(q_BxTxHxD, k_cache, v_cache, visible_BxHxTxS)
-        local = self.local_context(v_cache, None, **{name: array for name, (array, _) in context.items()})
+        visible_BxHxTxS = bs.selection_mask(indices_BxHxTxK, position_T, k_BxSxGxD.shape[1], b)
+        o_BxTxHxD = bs.attend_with_mask(q_BxTxHxD, k_BxSxGxD, v_BxSxGxD, visible_BxHxTxS)
+        local = self.local_context(v_BxSxGxD, None, **self._context())
         if local is not None:
             local_BxTxHxD = jax.lax.dynamic_slice_in_dim(local, end, T, axis=1)
             o_BxTxHxD = o_BxTxHxD + local_BxTxHxD.astype(o_BxTxHxD.dtype)
-        y = project("bthk,hkd->btd", o_BxTxHxD, self.w_o, c.dtype)
-        return y, {"k": k_cache, "v": v_cache, "end": end + T, "route_q": route_q.astype(cache["route_q"].dtype)}
+        return o_BxTxHxD, {"route_q": route_q.astype(cache["route_q"].dtype)}
 
-    def _attend(self, q_BxTxHxD, k_BxSxGxD, v_BxSxGxD, q_segment_ids, kv_segment_ids, query_block_Q=None,
-                head_axes=None, **context):
+    def _context(self) -> dict:
+        return {name: array for name, (array, _) in self.context_parameters().items()}
+
+    def _attend_blocks(self, q_BxTxHxD, k_BxSxGxD, v_BxSxGxD, q_segment_ids, kv_segment_ids, query_block_Q=None,
+                       head_axes=None, **context):
         """The parallel form for the query blocks `query_block_Q` (natural block index of each block
         of q; None: q holds every position, T == S) against all S keys: select, attend, add the
         local context of the query rows. Segment ids: the queries' [B, T] and the keys' [B, S]."""

@@ -34,50 +34,57 @@ token, small) and computes the three branches for its own queries only. All of K
 only the selected blocks. The zigzag chunk (T / (2 seq)) must be a multiple of block_size.
 """
 
-import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from pydantic import model_validator
 
+from hybrax.layers.config import DType, Implementation, LayerConfig, ModelShape
 from hybrax.layers.sparse import block_selection as bs
-from hybrax.layers.softmax.attention import declare_projections
-from hybrax.layers.embeddings import apply_rotary
+from hybrax.layers.softmax.skeleton import SoftmaxMixer
 from hybrax.layers.parameters import logical_param, normal
 from hybrax.layers.partitioned import block_sparse_attention, dot_product_attention
 from hybrax.layers.projection import project
 from hybrax.layers.sparse.gathered_keys import attend_with_gathered_keys, offset_implementation
-from hybrax.layers.sequence_parallel.layout import default_positions, seq_size
 
 
-@dataclasses.dataclass(frozen=True)
-class NSAConfig:
+class NSAConfig(LayerConfig):
     """Parameter budget: d_model * D * (2 H + 2 Hkv) + 2 * compress_block * Hkv * D + 3 * d_model * H."""
 
-    d_model: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    block_size: int = 16          # selection (and window) block
-    top_k: int = 2                # selected past blocks per query block; the current block is added
-    window: int = 32              # sliding-window tokens before the current block (multiple of block_size)
-    compress_block: int = 16      # tokens per compressed token (divides block_size)
+    kernel: ClassVar[str] = "block_sparse_attention"
+    tiny: ClassVar[dict] = {"block_size": 4, "window": 8, "compress_block": 2}
+
+    d_model: int = 256
+    num_heads: int = 4                  # query heads (unset: model.num_heads)
+    num_kv_heads: int = 4               # key/value heads (unset: model.num_kv_heads)
+    head_dim: int = 64                  # (unset: the model's head_dim)
+    block_size: int = 16                # selection (and window) block
+    top_k: int = 2                      # selected past blocks per query block; the current block is added
+    window: int = 32                    # sliding-window tokens before the current block (multiple of block_size)
+    compress_block: int | None = None   # tokens per compressed token, divides block_size (None: block_size)
     rope_theta: float = 10_000.0
     init_std: float = 0.02
-    implementation: str | tuple[str, ...] | None = None   # block_sparse_attention implementation (None: auto)
-    dtype: str = "float32"
-    param_dtype: str = "float32"
+    implementation: Implementation = None   # block_sparse_attention implementation (unset: model.kernels)
+    dtype: DType = "float32"
+    param_dtype: DType = "float32"
 
-    def __post_init__(self):
+    def derived(self, shape: ModelShape) -> dict:
+        return {"compress_block": self.block_size}
+
+    @model_validator(mode="after")
+    def _check(self):
         if self.block_size < 1 or self.top_k < 0 or self.window < 0:
             raise ValueError(f"block_size={self.block_size}, top_k={self.top_k}, window={self.window} must be "
                              ">= 1, >= 0, >= 0")
         if self.window % self.block_size:
             raise ValueError(f"window={self.window} must be a multiple of block_size={self.block_size}")
-        if self.compress_block < 1 or self.block_size % self.compress_block:
+        if self.compress_block is not None and (self.compress_block < 1 or self.block_size % self.compress_block):
             raise ValueError(f"compress_block={self.compress_block} must divide block_size={self.block_size}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_kv_heads={self.num_kv_heads} does not divide num_heads={self.num_heads}")
+        return self
 
     def num_params(self) -> int:
         d, H, G, D = self.d_model, self.num_heads, self.num_kv_heads, self.head_dim
@@ -119,22 +126,15 @@ def compressed_visible(query_positions_Q, num_compressed: int, compress_block: i
     return visible
 
 
-class NSA(nnx.Module):
+class NSA(SoftmaxMixer):
     def __init__(self, config: NSAConfig, *, rngs: nnx.Rngs):
+        super().__init__(config, rngs=rngs)
         c = config
-        self.config = c
-        declare_projections(self, c, rngs)
         mean = lambda key, shape, dtype: jnp.full(shape, 1.0 / c.compress_block, dtype)  # noqa: E731
         compress_shape = (c.compress_block, c.num_kv_heads, c.head_dim)
         self.compress_k = logical_param(rngs, mean, compress_shape, c.param_dtype, ("conv", "kv_heads", "head_dim"))
         self.compress_v = logical_param(rngs, mean, compress_shape, c.param_dtype, ("conv", "kv_heads", "head_dim"))
         self.w_gate = logical_param(rngs, normal(c.init_std), (c.d_model, 3, c.num_heads), c.param_dtype, ("embed", None, "heads"))
-
-    def init_cache(self, batch: int, max_len: int) -> dict:
-        c = self.config
-        shape = (batch, max_len, c.num_kv_heads, c.head_dim)
-        return {"k": jnp.zeros(shape, c.dtype), "v": jnp.zeros(shape, c.dtype), "end": jnp.zeros((), jnp.int32),
-                "route_q": jnp.zeros((batch, c.num_heads, c.head_dim), c.dtype)}
 
     def _selection_scores(self, route_q_BxQxHxD, kc_BxMxGxD, visible, num_blocks):
         """NSA's importance scores `[B, Hkv, Q, num_blocks]`: the routing query's compressed-attention
@@ -153,45 +153,40 @@ class NSA(nnx.Module):
         probs_BxGxQxM = jnp.pad(probs_BxGxQxM, ((0, 0), (0, 0), (0, 0), (0, num_blocks * per_block - M)))
         return probs_BxGxQxM.reshape(B, G, Q, num_blocks, per_block).sum(axis=-1)
 
-    def __call__(self, x_BxTxD, *, segment_ids=None, positions=None, cache=None):
+    # ---- the skeleton's paths (layers/softmax/skeleton.py) -----------------------------------
+
+    def token_inputs(self, x_BxTxD, q_BxTxHxD, k_BxTxGxD) -> dict:
+        return {"gates_BxTx3xH": jax.nn.sigmoid(project("btd,dch->btch", x_BxTxD, self.w_gate, "float32"))}
+
+    def attend(self, q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids, *, gates_BxTx3xH):
+        return self._attend_blocks(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids, segment_ids,
+                                   gates_BxTx3xH=gates_BxTx3xH, **self._compression())
+
+    def attend_sequence_parallel(self, q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids, *, gates_BxTx3xH):
+        extras = {"gates_BxTx3xH": (gates_BxTx3xH, ("batch", "length", None, "heads")),
+                  **{name: (w, ("conv", "kv_heads", "head_dim")) for name, w in self._compression().items()}}
+        return attend_with_gathered_keys(self._attend_blocks, q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids,
+                                         block=self.config.block_size, extras=extras)
+
+    def cache_state(self, batch: int, max_len: int) -> dict:
+        """route_q: the routing query of the block that holds the last cached position."""
         c = self.config
-        B, T, _ = x_BxTxD.shape
-        b = c.block_size
-        sequence_shards = seq_size() if cache is None else 1
-        if positions is None:
-            positions = default_positions(B, T, sequence_shards, 0 if cache is None else cache["end"])
-        q_BxTxHxD = apply_rotary(project("btd,dhk->bthk", x_BxTxD, self.w_q, c.dtype), positions, c.rope_theta)
-        k_BxTxGxD = apply_rotary(project("btd,dhk->bthk", x_BxTxD, self.w_k, c.dtype), positions, c.rope_theta)
-        v_BxTxGxD = project("btd,dhk->bthk", x_BxTxD, self.w_v, c.dtype)
-        gates_BxTx3xH = jax.nn.sigmoid(project("btd,dch->btch", x_BxTxD, self.w_gate, "float32"))
-        weights = {"compress_k": self.compress_k[...], "compress_v": self.compress_v[...]}
-        if cache is None and sequence_shards > 1:
-            extras = {"gates_BxTx3xH": (gates_BxTx3xH, ("batch", "length", None, "heads")),
-                      **{name: (w, ("conv", "kv_heads", "head_dim")) for name, w in weights.items()}}
-            o_BxTxHxD = attend_with_gathered_keys(self._attend, q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids,
-                                                  block=b, extras=extras)
-            return project("bthk,hkd->btd", o_BxTxHxD, self.w_o, c.dtype)
-        if cache is None:
-            o_BxTxHxD = self._attend(q_BxTxHxD, k_BxTxGxD, v_BxTxGxD, segment_ids, segment_ids,
-                                     gates_BxTx3xH=gates_BxTx3xH, **weights)
-            return project("bthk,hkd->btd", o_BxTxHxD, self.w_o, c.dtype)
-        if segment_ids is not None:
-            raise ValueError("segment_ids are not supported while decoding with a KV cache; decode one sequence "
-                             "per row")
-        end = cache["end"]
-        k_BxSxGxD = jax.lax.dynamic_update_slice(cache["k"], k_BxTxGxD.astype(cache["k"].dtype), (0, end, 0, 0))
-        v_BxSxGxD = jax.lax.dynamic_update_slice(cache["v"], v_BxTxGxD.astype(cache["v"].dtype), (0, end, 0, 0))
-        route_q_BxQxHxD, route_q = bs.cached_routing_queries(q_BxTxHxD, cache["route_q"], end, b)
-        position_T = end + jnp.arange(T)  # one routing row per token
+        return {"route_q": jnp.zeros((batch, c.num_heads, c.head_dim), c.dtype)}
+
+    def attend_cached(self, q_BxTxHxD, k_BxSxGxD, v_BxSxGxD, position_T, cache, *, gates_BxTx3xH):
+        b = self.config.block_size
+        route_q_BxQxHxD, route_q = bs.cached_routing_queries(q_BxTxHxD, cache["route_q"], cache["end"], b)
         sparse = lambda indices: bs.attend_with_mask(  # noqa: E731
             q_BxTxHxD, k_BxSxGxD, v_BxSxGxD, bs.selection_mask(indices, position_T, k_BxSxGxD.shape[1], b))
         o_BxTxHxD = self._branches(q_BxTxHxD, k_BxSxGxD, v_BxSxGxD, gates_BxTx3xH, route_q_BxQxHxD, position_T,
-                                   position_T, None, sparse, **weights)
-        y = project("bthk,hkd->btd", o_BxTxHxD, self.w_o, c.dtype)
-        return y, {"k": k_BxSxGxD, "v": v_BxSxGxD, "end": end + T, "route_q": route_q.astype(cache["route_q"].dtype)}
+                                   position_T, None, sparse, **self._compression())  # one routing row per token
+        return o_BxTxHxD, {"route_q": route_q.astype(cache["route_q"].dtype)}
 
-    def _attend(self, q_BxTxHxD, k_BxSxGxD, v_BxSxGxD, q_segment_ids, kv_segment_ids, query_block_Q=None,
-                head_axes=None, *, gates_BxTx3xH, compress_k, compress_v):
+    def _compression(self) -> dict:
+        return {"compress_k": self.compress_k[...], "compress_v": self.compress_v[...]}
+
+    def _attend_blocks(self, q_BxTxHxD, k_BxSxGxD, v_BxSxGxD, q_segment_ids, kv_segment_ids, query_block_Q=None,
+                       head_axes=None, *, gates_BxTx3xH, compress_k, compress_v):
         """The parallel form for the query blocks `query_block_Q` (natural block index of each block
         of q; None: q holds every position, T == S) against all S keys. Segment ids: the queries'
         [B, T] and the keys' [B, S]."""

@@ -38,45 +38,48 @@ update runs outside on the global arrays (its sums do not depend on the token or
 chunk (T / (2 seq)) must be a multiple of block_size.
 """
 
-import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from pydantic import model_validator
 
-from hybrax.layers.softmax.attention import declare_projections
+from hybrax.layers.config import DType, Implementation, LayerConfig, ModelShape
+from hybrax.layers.softmax.skeleton import SoftmaxMixer, append_to_cache
 from hybrax.layers.auxiliary import RouterState, report_loss, report_metric
 from hybrax.layers.sparse.block_selection import (attend_with_mask, block_mean, causal_top_k_blocks, local_blocks,
                                     same_segment_candidates, selection_mask)
-from hybrax.layers.embeddings import apply_rotary
 from hybrax.layers.partitioned import block_sparse_attention
-from hybrax.layers.projection import project
 from hybrax.layers.sparse.gathered_keys import (attend_with_gathered_keys, gather_natural,
                                                     offset_implementation)
-from hybrax.layers.sequence_parallel.layout import default_positions, seq_size
+from hybrax.layers.sequence_parallel.layout import seq_size
 
 
-@dataclasses.dataclass(frozen=True)
-class RoutingAttentionConfig:
+class RoutingAttentionConfig(LayerConfig):
     """Parameter budget: d_model * D * (2 H + 2 Hkv); plus Hr * C * D centroid state."""
 
-    d_model: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    block_size: int = 16
-    top_k: int = 2
-    num_clusters: int = 4
-    local_heads: int | None = None       # None: half of the heads (rounded down)
-    kmeans_decay: float = 0.999
-    commitment_weight: float = 1e-4
+    kernel: ClassVar[str] = "block_sparse_attention"
+    tiny: ClassVar[dict] = {"block_size": 4, "num_clusters": 2}
+
+    d_model: int = 256
+    num_heads: int = 4                  # query heads (unset: model.num_heads)
+    num_kv_heads: int = 4               # key/value heads (unset: model.num_kv_heads)
+    head_dim: int = 64                  # (unset: the model's head_dim)
+    block_size: int = 16                # tokens per query block and per key block
+    top_k: int = 2                      # in-cluster past blocks per query block; the current block is added
+    num_clusters: int = 4               # k-means centroids per routing head
+    local_heads: int | None = None      # heads reading blocks n-1 and n instead of routing (None: half)
+    kmeans_decay: float = 0.999         # EMA decay of the centroids (training mode only)
+    commitment_weight: float = 1e-4     # weight of the auxiliary k-means commitment loss (0: off)
     rope_theta: float = 10_000.0
     init_std: float = 0.02
-    implementation: str | tuple[str, ...] | None = None   # the op's implementation (None: auto)
-    dtype: str = "float32"
-    param_dtype: str = "float32"
+    implementation: Implementation = None   # block_sparse_attention implementation (unset: model.kernels)
+    dtype: DType = "float32"
+    param_dtype: DType = "float32"
 
-    def __post_init__(self):
+    @model_validator(mode="after")
+    def _check(self):
         if not 0 <= self.num_local_heads < self.num_heads:
             raise ValueError(f"local_heads={self.local_heads} must be in [0, num_heads={self.num_heads}) so that "
                              "at least one head routes")
@@ -85,6 +88,7 @@ class RoutingAttentionConfig:
                              f"block_size={self.block_size} >= 1")
         if not 0.0 <= self.kmeans_decay < 1.0:
             raise ValueError(f"kmeans_decay={self.kmeans_decay} must be in [0, 1)")
+        return self
 
     @property
     def num_local_heads(self) -> int:
@@ -132,26 +136,18 @@ def routed_block_indices(q_cluster_BxHxQ, query_block_Q, key_scores_BxHxMxC, val
                                same_cluster_BxHxQxM & valid_BxQxM[:, None])
 
 
-class RoutingAttention(nnx.Module):
+class RoutingAttention(SoftmaxMixer):
     def __init__(self, config: RoutingAttentionConfig, *, rngs: nnx.Rngs):
+        super().__init__(config, rngs=rngs)
         c = config
-        self.config = c
-        declare_projections(self, c, rngs)
         centroids = jax.random.normal(rngs.params(), (c.num_routing_heads, c.num_clusters, c.head_dim))
         self.centroids = RouterState(_unit(centroids))
         self.deterministic = True   # training mode (model.train()) updates the centroids
 
     # -- shared pieces ---------------------------------------------------------------------------
-    def _project(self, x_BxTxD, positions):
-        c = self.config
-        q_BxTxHxK = project("btd,dhk->bthk", x_BxTxD, self.w_q, c.dtype)
-        k_BxTxGxK = project("btd,dhk->bthk", x_BxTxD, self.w_k, c.dtype)
-        v_BxTxGxK = project("btd,dhk->bthk", x_BxTxD, self.w_v, c.dtype)
-        q_hat = _unit(q_BxTxHxK)   # every head's content vector; the local heads' go unused
-        k_hat = _unit(k_BxTxGxK)
-        q_rot = apply_rotary(q_BxTxHxK, positions, c.rope_theta)
-        k_rot = apply_rotary(k_BxTxGxK, positions, c.rope_theta)
-        return q_rot, k_rot, v_BxTxGxK, q_hat, k_hat
+    def token_inputs(self, x_BxTxD, q_BxTxHxD, k_BxTxGxD) -> dict:
+        """The unit content vectors, before rotary (every head's; the local heads' go unused)."""
+        return {"q_hat_BxTxHxD": _unit(q_BxTxHxD), "k_hat_BxTxGxD": _unit(k_BxTxGxD)}
 
     def _routing_keys(self, k_hat_BxTxGxD):
         """Each routing head's view of the unit keys, [B, T, Hr, D] (grouped-query heads)."""
@@ -196,39 +192,38 @@ class RoutingAttention(nnx.Module):
         self.centroids[...] = jnp.where(counts_RxC[..., None] > 0, moved, mu)
         report_metric(self, "cluster_load_max_over_mean", jnp.max(counts_RxC) / jnp.mean(counts_RxC))
 
-    # -- forward ---------------------------------------------------------------------------------
-    def __call__(self, x_BxTxD, *, segment_ids=None, positions=None, cache=None):
-        if cache is not None:
-            if segment_ids is not None:
-                raise ValueError("segment_ids are not supported while decoding with a cache; decode one sequence per row")
-            return self._decode(x_BxTxD, cache)
+    # -- forward: the skeleton's paths (layers/softmax/skeleton.py) -------------------------------
+    def attend(self, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids, *, q_hat_BxTxHxD, k_hat_BxTxGxD):
+        """The all-heads form of the sequence-parallel path, so that heads split over tensor keep
+        their routing local."""
         c = self.config
-        B, T, _ = x_BxTxD.shape
-        b = c.block_size
-        sequence_shards = seq_size()
-        if positions is None:
-            positions = default_positions(B, T, sequence_shards)
-        q, k, v, q_hat, k_hat = self._project(x_BxTxD, positions)
-        if sequence_shards > 1:
-            # every head gets a routing slot (zeros for the local heads), so the heads split over tensor
-            L = c.num_local_heads
-            extras = {"q_hat_BxTxHxD": (q_hat, ("batch", "length", "heads", None)),
-                      "k_hat_BxTxGxD": (k_hat, ("batch", "length", "kv_heads", None)),
-                      "centroids_HxCxD": (_pad_heads(self._centroids(), L, axis=0), ("heads", None, None))}
-            o_BxTxHxK = attend_with_gathered_keys(self._attend_gathering_means, q, k, v, segment_ids, block=b,
-                                                  extras=extras)
-        else:   # the same all-heads form, so that heads split over tensor keep their routing local
-            L, group = c.num_local_heads, c.num_heads // c.num_kv_heads
-            o_BxTxHxK = self._attend(q, k, v, segment_ids, segment_ids, q_hat_BxTxRxD=q_hat,
-                                     key_means_BxNxRxD=jnp.repeat(block_mean(k_hat, b), group, axis=2),
-                                     centroids_RxCxD=_pad_heads(self._centroids(), L, axis=0),
-                                     routing_H=jnp.arange(c.num_heads) >= L)
-        if not self.deterministic:
-            self._update_centroids(q_hat, k_hat)
-        return project("bthk,hkd->btd", o_BxTxHxK, self.w_o, c.dtype)
+        L, group = c.num_local_heads, c.num_heads // c.num_kv_heads
+        key_means_BxNxHxD = jnp.repeat(block_mean(k_hat_BxTxGxD, c.block_size), group, axis=2)
+        o_BxTxHxK = self._attend_blocks(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids, segment_ids,
+                                        q_hat_BxTxRxD=q_hat_BxTxHxD, key_means_BxNxRxD=key_means_BxNxHxD,
+                                        centroids_RxCxD=_pad_heads(self._centroids(), L, axis=0),
+                                        routing_H=jnp.arange(c.num_heads) >= L)
+        self._train_centroids(q_hat_BxTxHxD, k_hat_BxTxGxD)
+        return o_BxTxHxK
 
-    def _attend(self, q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, q_segment_ids, kv_segment_ids, query_block_Q=None,
-                head_axes=None, *, q_hat_BxTxRxD, key_means_BxNxRxD, centroids_RxCxD, routing_H=None):
+    def attend_sequence_parallel(self, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids, *, q_hat_BxTxHxD,
+                                 k_hat_BxTxGxD):
+        # every head gets a routing slot (zeros for the local heads), so the heads split over tensor
+        extras = {"q_hat_BxTxHxD": (q_hat_BxTxHxD, ("batch", "length", "heads", None)),
+                  "k_hat_BxTxGxD": (k_hat_BxTxGxD, ("batch", "length", "kv_heads", None)),
+                  "centroids_HxCxD": (_pad_heads(self._centroids(), self.config.num_local_heads, axis=0),
+                                      ("heads", None, None))}
+        o_BxTxHxK = attend_with_gathered_keys(self._attend_gathering_means, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK,
+                                              segment_ids, block=self.config.block_size, extras=extras)
+        self._train_centroids(q_hat_BxTxHxD, k_hat_BxTxGxD)
+        return o_BxTxHxK
+
+    def _train_centroids(self, q_hat_BxTxHxD, k_hat_BxTxGxD):
+        if not self.deterministic:
+            self._update_centroids(q_hat_BxTxHxD, k_hat_BxTxGxD)
+
+    def _attend_blocks(self, q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, q_segment_ids, kv_segment_ids, query_block_Q=None,
+                       head_axes=None, *, q_hat_BxTxRxD, key_means_BxNxRxD, centroids_RxCxD, routing_H=None):
         """The parallel form for the query blocks `query_block_Q` (natural block index of each block
         of q; None: q holds every position, T == S) against all S keys, routed by the queries' unit
         vectors q_hat and the means of the keys' unit vectors per key block (all N blocks), for R
@@ -258,8 +253,8 @@ class RoutingAttention(nnx.Module):
 
     def _attend_gathering_means(self, q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, q_segment_ids, kv_segment_ids, query_block_Q,
                                 head_axes, *, q_hat_BxTxHxD, k_hat_BxTxGxD, centroids_HxCxD):
-        """`_attend` inside shard_map over seq: each device averages the unit keys of its own key
-        blocks and all-gathers those means (1 / block of the unit keys), not the unit keys. Every
+        """`_attend_blocks` inside shard_map over seq: each device averages the unit keys of its own
+        key blocks and all-gathers those means (1 / block of the unit keys), not the unit keys. Every
         local head has a routing slot (centroids zero for the local heads); which of them
         route follows from their index in the whole set of heads."""
         H, G = q_BxTxHxK.shape[2], k_BxSxGxK.shape[2]
@@ -267,40 +262,43 @@ class RoutingAttention(nnx.Module):
         first_head = 0 if head_axes is None else jax.lax.axis_index(head_axes) * H
         routing_H = first_head + jnp.arange(H) >= self.config.num_local_heads
         key_means_BxNxHxD = jnp.repeat(key_means_BxNxGxD, H // G, axis=2)
-        return self._attend(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, q_segment_ids, kv_segment_ids, query_block_Q,
-                            q_hat_BxTxRxD=q_hat_BxTxHxD, key_means_BxNxRxD=key_means_BxNxHxD,
-                            centroids_RxCxD=centroids_HxCxD, routing_H=routing_H)
+        return self._attend_blocks(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, q_segment_ids, kv_segment_ids, query_block_Q,
+                                   q_hat_BxTxRxD=q_hat_BxTxHxD, key_means_BxNxRxD=key_means_BxNxHxD,
+                                   centroids_RxCxD=centroids_HxCxD, routing_H=routing_H)
 
     # -- decoding ----------------------------------------------------------------------------------
-    def init_cache(self, batch: int, max_len: int) -> dict:
+    def cache_state(self, batch: int, max_len: int) -> dict:
+        """k_hat: the unit keys; cluster: each routing head's cluster of the current block."""
         c = self.config
-        shape = (batch, max_len, c.num_kv_heads, c.head_dim)
-        return {"k": jnp.zeros(shape, c.dtype), "v": jnp.zeros(shape, c.dtype),
-                "k_hat": jnp.zeros(shape, jnp.float32),
-                "cluster": jnp.zeros((batch, c.num_routing_heads), jnp.int32), "end": jnp.zeros((), jnp.int32)}
+        return {"k_hat": jnp.zeros((batch, max_len, c.num_kv_heads, c.head_dim), jnp.float32),
+                "cluster": jnp.zeros((batch, c.num_routing_heads), jnp.int32)}
 
-    def _decode(self, x_BxTxD, cache):
-        """One token at a time (a scan over the given tokens), reading the same blocks as the
-        parallel form: the routing cluster of the current block is kept from its first token."""
-        def one(cache, x_Bx1xD):
-            y, cache = self._decode_token(x_Bx1xD, cache)
+    def __call__(self, x_BxTxD, *, segment_ids=None, positions=None, cache=None):
+        """Decoding runs one token at a time (a scan over the given tokens), reading the same blocks
+        as the parallel form: the routing cluster of the current block is kept from its first token."""
+        skeleton = super().__call__
+        if cache is None or segment_ids is not None:   # (the skeleton refuses segment_ids with a cache)
+            return skeleton(x_BxTxD, segment_ids=segment_ids, positions=positions, cache=cache)
+
+        def one(cache, token):
+            x_Bx1xD, positions_Bx1 = token
+            y, cache = skeleton(x_Bx1xD, positions=positions_Bx1, cache=cache)
             return cache, y
-        cache, ys = jax.lax.scan(one, cache, x_BxTxD.transpose(1, 0, 2)[:, :, None])
+        per_token = lambda a: None if a is None else jnp.swapaxes(a, 0, 1)[:, :, None]  # noqa: E731
+        cache, ys = jax.lax.scan(one, cache, (per_token(x_BxTxD), per_token(positions)))
         return ys[:, :, 0].transpose(1, 0, 2), cache
 
-    def _decode_token(self, x_Bx1xD, cache):
+    def attend_cached(self, q, k_cache, v_cache, position_T, cache, *, q_hat_BxTxHxD, k_hat_BxTxGxD):
+        """One token (T = 1, the scan of `__call__`) against the cache."""
         c = self.config
         b = c.block_size
-        B = x_Bx1xD.shape[0]
+        B = q.shape[0]
         t = cache["end"]
-        q, k, v, q_hat, k_hat = self._project(x_Bx1xD, jnp.full((B, 1), t))
-        k_cache = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, t, 0, 0))
-        v_cache = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, t, 0, 0))
-        k_hat_cache = jax.lax.dynamic_update_slice(cache["k_hat"], k_hat, (0, t, 0, 0))
+        k_hat_cache = append_to_cache(cache["k_hat"], k_hat_BxTxGxD, t)
         S = k_cache.shape[1]
         n = t // b
         centroids_RxCxD = self._centroids()
-        q_hat_routed = q_hat[:, :, c.num_local_heads:]
+        q_hat_routed = q_hat_BxTxHxD[:, :, c.num_local_heads:]
         new_cluster = jnp.argmax(jnp.einsum("btrd,rcd->brtc", q_hat_routed, centroids_RxCxD)[:, :, 0], axis=-1)
         cluster_BxR = jnp.where(t % b == 0, new_cluster, cache["cluster"])
         key_scores = self._key_block_scores(block_mean(self._routing_keys(k_hat_cache), b), centroids_RxCxD)
@@ -310,5 +308,4 @@ class RoutingAttention(nnx.Module):
         visible_BxHx1xS = jnp.concatenate([selection_mask(local, t[None], S, b), selection_mask(routed, t[None], S, b)],
                                           axis=1)
         o = attend_with_mask(q, k_cache, v_cache, visible_BxHx1xS, implementation="xla")
-        y = project("bthk,hkd->btd", o, self.w_o, c.dtype)
-        return y, {"k": k_cache, "v": v_cache, "k_hat": k_hat_cache, "cluster": cluster_BxR, "end": t + 1}
+        return o, {"k_hat": k_hat_cache, "cluster": cluster_BxR}

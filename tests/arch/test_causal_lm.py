@@ -18,7 +18,9 @@ CONFIGS = {
     "lightning_hybrid": ModelConfig(d_model=32, num_layers=2, num_heads=2, mixers=["linear_attention", "attention"]),
     "sparse_mixers": ModelConfig(d_model=32, num_layers=4, num_heads=4, num_kv_heads=2,
                                  mixers=["moba", "nsa", "bilevel_routing_attention", "routing_attention"],
-                                 sparse={"block_size": 4, "top_k": 1, "window": 8}),
+                                 moba={"block_size": 4, "top_k": 1}, nsa={"block_size": 4, "top_k": 1, "window": 8},
+                                 bilevel_routing_attention={"block_size": 4, "top_k": 1},
+                                 routing_attention={"block_size": 4, "top_k": 1}),
     "moe": ModelConfig(d_model=32, num_layers=2, num_heads=2, ffns=["swiglu", "moe"],
                        moe={"num_experts": 4, "expert_hidden": 16, "num_shared_experts": 1}),
 }

@@ -2,8 +2,9 @@
 
 Each notebook's first code cell is tagged `parameters`; a cell with small values is injected right
 after it (papermill's convention), and a last cell prints the results the test checks as one JSON line.
-Each notebook starts its own kernel (ipykernel's `python3` spec, run with this interpreter) and imports
-jax there: 10 to 30 s apiece on 2 cores. The quickstart trains, so it is marked slow.
+Each notebook starts its own kernel (ipykernel's `python3` spec, run with this interpreter) in its own
+folder, as Jupyter opens it, and imports jax there: 10 to 30 s apiece on 2 cores. The quickstart
+trains, so it is marked slow.
 """
 
 import json
@@ -31,7 +32,7 @@ def execute(name: str, parameters: str, report: str, timeout: int = 240) -> dict
     nb.cells.append(nbformat.v4.new_code_cell(f"import json\nprint({MARKER!r} + json.dumps({report}))"))
     # kernel "python3" is ipykernel's own spec: jupyter_client launches it with this interpreter
     client = nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                                     resources={"metadata": {"path": str(REPO)}})
+                                     resources={"metadata": {"path": str(NOTEBOOKS)}})
     client.execute()
     for output in nb.cells[-1].outputs:
         if output.get("name") == "stdout" and MARKER in output["text"]:
@@ -111,3 +112,11 @@ def test_scaling_recovers_a_known_law(tmp_path):
         assert set(fit["intervals"]) == {"E", "A", "B", "alpha", "beta"}
         # the IsoFLOP vertices follow N_opt ~ C^(beta / (alpha + beta)) (parabolas: approximately)
         assert fit["isoflop_n_exponent"] == pytest.approx(law["beta"] / (law["alpha"] + law["beta"]), abs=0.05)
+
+
+def test_scaling_reads_the_committed_sweep_from_its_folder():
+    """The default SWEEP_DIR (experiments/results/tiny, relative to the notebook) loads and fits."""
+    records = [line for line in (NOTEBOOKS.parent / "results" / "tiny" / "results.jsonl").read_text().splitlines()
+               if line.strip()]
+    result = execute("scaling.ipynb", "BOOTSTRAP = 0", '{"records": len(records), "fitted": sorted(fits)}')
+    assert result == {"records": len(records), "fitted": ["attention", "hybrid_gla"]}

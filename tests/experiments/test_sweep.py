@@ -9,9 +9,8 @@ import sys
 
 import pytest
 
+from hybrax.configs import DIRECTORY
 from hybrax.experiments.sweep import SweepError, load_sweep, record
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = ["model.d_model=16", "model.num_layers=1", "model.num_heads=2", "data.seq_len=32", "data.batch_size=4",
         "train.eval_batches=1", "train.log_every=1", "log.sample_tokens=0", "log.progress_bar=false",
         "log.tensorboard=false", "checkpoint.every=1000"]
@@ -70,13 +69,33 @@ def test_record_holds_the_compute_accounting(tmp_path):
     assert (r["arch"], r["val_loss"], r["val_bpb"], r["wall_s"]) == ("moe", 1.5, 2.1, 12.0)
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", sorted((DIRECTORY / "sweeps").glob("*.yaml")), ids=lambda p: p.stem)
 def test_shipped_sweeps_load(path):
     """Every run of every sweep in configs/sweeps resolves to a valid config under its own name, and
     runs long enough to finish its warmup."""
     _, runs = load_sweep(path)
     assert len({r.name for r in runs}) == len(runs)
     assert all(r.config.train.steps > r.config.optim.warmup_steps for r in runs)
+
+
+def test_paths_resolve_from_any_working_directory(tmp_path, monkeypatch):
+    """A shipped sweep by name; a base next to the sweep file first, then the working directory's,
+    then a shipped preset's."""
+    monkeypatch.chdir(tmp_path)
+    tree, runs = load_sweep("tiny")
+    assert pathlib.Path(tree["base"]) == DIRECTORY / "quickstart.yaml" and len(runs) == 24
+    (tmp_path / "sub").mkdir()
+    sweep = tmp_path / "sub" / "sweep.yaml"
+    sweep.write_text("base: mine.yaml\ngrid: {model.d_model: [32]}")
+    (tmp_path / "mine.yaml").write_text("base: quickstart.yaml\ntrain: {steps: 5}")
+    assert load_sweep(sweep)[1][0].config.train.steps == 5                   # the working directory's
+    (tmp_path / "sub" / "mine.yaml").write_text("base: quickstart.yaml\ntrain: {steps: 6}")
+    assert load_sweep(sweep)[1][0].config.train.steps == 6                   # the one next to the sweep
+    with pytest.raises(SweepError, match="sweep file 'nope.yaml' does not exist, here or among the shipped"):
+        load_sweep("nope.yaml")
+    sweep.write_text("base: gone.yaml\ngrid: {model.d_model: [32]}")
+    with pytest.raises(SweepError, match="base 'gone.yaml' is neither in its folder, here, nor a shipped preset"):
+        load_sweep(sweep)
 
 
 def test_flops_budget_sets_the_steps_from_each_runs_own_flops(tmp_path):
@@ -136,13 +155,13 @@ grid:
 """)
     out = tmp_path / "out"
     command = [sys.executable, "-m", "hybrax.experiments.sweep", str(path), "--out", str(out)]
-    first = subprocess.run(command + ["--jobs", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    first = subprocess.run(command + ["--jobs", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert sorted(r["name"] for r in records) == ["attention-t", "gla-t"]
     for r in records:
         assert r["tokens"] == 3 * 4 * 32 and r["val_loss"] > 0 and r["wall_s"] > 0
-    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and len((out / "results.jsonl").read_text().splitlines()) == 2
-    dry = subprocess.run(command + ["--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    dry = subprocess.run(command + ["--dry-run"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert dry.stdout.count("done") == 2

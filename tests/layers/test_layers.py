@@ -59,7 +59,7 @@ def test_tied_embedding_attend_is_transpose():
 
 
 def test_every_parameter_has_logical_axes():
-    for module in (RMSNorm(4, rngs=nnx.Rngs(0)), SwiGLU(MLPConfig(4, 8), rngs=nnx.Rngs(0)),
+    for module in (RMSNorm(4, rngs=nnx.Rngs(0)), SwiGLU(MLPConfig(d_model=4, hidden=8), rngs=nnx.Rngs(0)),
                    TokenEmbedding(7, 4, rngs=nnx.Rngs(0))):
         for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param)):
             axes = var.get_metadata().get("out_sharding")

@@ -242,7 +242,7 @@ def test_param_counts_total_and_active():
 
 
 @pytest.mark.parametrize("moe,message", [
-    (dict(top_k=9), "model.ffns: ffn 'moe': top_k=9 must be in [1, num_experts=8]"),
+    (dict(top_k=9), "model.moe: top_k=9 must be in [1, num_experts=8]"),
     (dict(capacity_factor=0.0), "capacity_factor=0.0 must be > 0"),
     (dict(bias_update_rate=-1.0), "bias_update_rate=-1.0 must be >= 0"),
 ])

@@ -46,8 +46,8 @@ def build(name):
                          "flexprefill": ("flexprefill", (("gamma", 0.6), ("js_threshold", 0.15)))}[name]
     # sparse budgets; minference's 12 last queries span two devices' chunks under seq=4; flexprefill's
     # threshold sends 3 of the 8 (row, head) pairs to the query-aware pattern, 5 to vertical-slash
-    config = AttentionConfig(d_model=D, num_heads=4, num_kv_heads=2, head_dim=8, init_std=0.2, sparse_prefill=selector,
-                             sparse_block_size=8, sparse_options=options)
+    config = AttentionConfig(d_model=D, num_heads=4, num_kv_heads=2, head_dim=8, init_std=0.2, prefill_selector=selector,
+                             prefill_block_size=8, prefill_options=options)
     return Attention(config, rngs=nnx.Rngs(0))
 
 def rel(a, b):

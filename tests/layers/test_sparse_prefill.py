@@ -61,9 +61,9 @@ def test_keep_everything_budget_is_dense(name):
     np.testing.assert_array_equal(listed(idx), np.broadcast_to(np.tril(np.ones((N, N), bool)), (B, H, N, N)))
     config = AttentionConfig(d_model=32, num_heads=H, num_kv_heads=G, head_dim=8)
     dense = Attention(config, rngs=nnx.Rngs(0))
-    sparse = Attention(AttentionConfig(**{**config.__dict__, "sparse_prefill": name, "sparse_block_size": BLOCK,
-                                          "sparse_options": tuple(KEEP_ALL[name].items()),
-                                          "sparse_implementation": "reference"}), rngs=nnx.Rngs(0))
+    sparse = Attention(AttentionConfig(**{**config.__dict__, "prefill_selector": name, "prefill_block_size": BLOCK,
+                                          "prefill_options": tuple(KEEP_ALL[name].items()),
+                                          "prefill_implementation": "reference"}), rngs=nnx.Rngs(0))
     x = jnp.asarray(np.random.default_rng(1).normal(size=(B, 37, 32)), jnp.float32)
     np.testing.assert_allclose(sparse(x), dense(x), atol=2e-6)
 
@@ -145,7 +145,7 @@ def test_errors_name_the_value():
         SELECTORS["xattention"](q, k, block_size=16, stride=5)
     with pytest.raises(ValueError, match="'tau' is not a knob of 'flexprefill'"):
         check_options("flexprefill", {"tau": 0.1})
-    with pytest.raises(ValueError, match="'dense' is unknown"):
-        AttentionConfig(d_model=32, num_heads=4, num_kv_heads=4, head_dim=8, sparse_prefill="dense")
+    with pytest.raises(ValueError, match="'xattention', 'minference' or 'flexprefill'"):
+        AttentionConfig(d_model=32, num_heads=4, num_kv_heads=4, head_dim=8, prefill_selector="dense")
     with pytest.raises(ValueError, match="T=100, S=50"):
         SELECTORS["minference"](q, k[:, :50], block_size=16)

@@ -128,6 +128,6 @@ def test_kernel_settings_reach_every_layer_config():
                                               block_sparse_attention="pallas", grouped_matmul="ragged_dot"))
     (gla, moe), (attention, _), (moba, _) = model.layer_configs()
     assert gla.implementation == ("pallas_gpu", "xla")
-    assert attention.implementation == "splash" and attention.sparse_implementation == "pallas"
+    assert attention.implementation == "splash" and attention.prefill_implementation == "pallas"
     assert moba.implementation == "pallas" and moe.implementation == "ragged_dot"
     assert ModelConfig().layer_configs()[0][0].implementation is None   # auto

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from hybrax.train.config import ConfigError, MESH_AXES, check_devices, load_config
+from hybrax.train.config import ConfigError, MESH_AXES, check_devices, load_config, read_preset
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -21,8 +21,7 @@ def test_there_are_presets():
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
 def test_every_preset_loads_and_names_the_required_keys(preset):
-    import yaml
-    raw = yaml.safe_load(preset.read_text())
+    raw = read_preset(preset)                 # its `base:` chain merged in
     assert "steps" in raw["train"] and "seed" in raw["train"], preset
     assert set(MESH_AXES) <= set(raw["mesh"]), preset
     config = load_config(preset)

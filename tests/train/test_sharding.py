@@ -116,9 +116,9 @@ def test_state_is_born_sharded_and_restores_onto_another_mesh():
 STEP = COMMON + r"""
 import sys
 family = sys.argv[1] if len(sys.argv) > 1 else FAMILY
+blocks = [f"model.{name}.block_size=8" for name in ("moba", "nsa", "bilevel_routing_attention", "routing_attention")]
 overrides = ["model.d_model=64", "model.num_layers=2", "model.num_heads=4", "data.seq_len=128", "data.batch_size=4",
-             "sparse.block_size=8", "sparse.window=16"]
-overrides = [o.replace("sparse.", "model.sparse.") for o in overrides] + FAMILIES[family]
+             *blocks, "model.nsa.window=16"] + FAMILIES[family]
 config, optimizer, graphdef, abstract = setup(overrides, [])
 numpy_batch = next(build_datasets(config.data, 0).train)
 build = lambda: init_state(create_model(config.model, 0), optimizer)[1]
