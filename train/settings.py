@@ -24,6 +24,7 @@ class Key:
     type: str
     default: str
     doc: str
+    value: object = None        # the default itself (None where it is inherited from the model)
 
 
 def list_keys() -> list[Key]:
@@ -61,7 +62,9 @@ def _rows(cls: type[pydantic.BaseModel], prefix: str) -> list[Key]:
             continue
         if issubclass(cls, LayerConfig) and name == "d_model":
             continue   # always the model's residual width
-        rows.append(Key(prefix + name, _type_name(sub), _default(cls, name, field), docs.get(name, "")))
+        default = _default(cls, name, field)
+        value = None if default.startswith("= model.") else field.default
+        rows.append(Key(prefix + name, _type_name(sub), default, docs.get(name, ""), value))
     return rows
 
 
