@@ -7,8 +7,7 @@ layers/sparse/gathered_keys.py. The shared pieces are here:
 
     layout          the zigzag token order every seq-sharded array is stored in (applied once, at
                     the data input), and each device's natural positions
-    halo            short causal convolutions across chunk seams (collective-permutes): Mamba-2,
-                    bilevel routing's value conv
+    halo            short causal convolutions across chunk seams (collective-permutes): Mamba-2's
     local_chunks    a device's two zigzag chunks stacked on the batch dim
     packing         segment ids carried exactly inside float32 exchange buffers
 
