@@ -1,12 +1,10 @@
 """Gated feed-forward block, SwiGLU (Shazeer, 2020): y = W_down(silu(x W_gate) * (x W_up))."""
 
-from typing import ClassVar
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hybrax.layers.config import DType, Implementation, LayerConfig, ModelShape
+from hybrax.layers.config import DType, LayerConfig, ModelShape
 from hybrax.layers.parameters import logical_param, normal
 from hybrax.layers.projection import project
 

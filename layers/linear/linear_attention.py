@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hybrax.layers.config import DType, Implementation, LayerConfig, ModelShape
+from hybrax.layers.config import DType, Implementation, LayerConfig
 from hybrax.layers.linear.group_norm import HeadRMSNorm
 from hybrax.layers.linear.linear_recurrence import check_decoding, chunked_flops_per_token, initial_state, mix
 from hybrax.layers.parameters import logical_param, normal

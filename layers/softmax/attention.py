@@ -85,8 +85,9 @@ class Attention(SoftmaxMixer):
 
     def attend_cached(self, q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, position_T, cache):
         visible_TxS = jnp.arange(k_BxSxGxK.shape[1])[None, :] <= position_T[:, None]  # causal within the filled cache
-        return dot_product_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, causal=False, mask=visible_TxS,
-                                     implementation=self.config.implementation), {}
+        o_BxTxHxK = dot_product_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, causal=False, mask=visible_TxS,
+                                          implementation=self.config.implementation)
+        return o_BxTxHxK, {}
 
     def _sparse_prefill(self, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids):
         """The selector's block-sparse attention when one is set (sequence parallel by itself), else None."""

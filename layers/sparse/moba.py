@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from pydantic import model_validator
 
-from hybrax.layers.config import DType, Implementation, LayerConfig, ModelShape
+from hybrax.layers.config import DType, Implementation, LayerConfig
 from hybrax.layers.sparse import block_selection as bs
 from hybrax.layers.softmax.skeleton import SoftmaxMixer
 from hybrax.layers.partitioned import block_sparse_attention

@@ -178,8 +178,9 @@ class NSA(SoftmaxMixer):
         route_q_BxQxHxD, route_q = bs.cached_routing_queries(q_BxTxHxD, cache["route_q"], cache["end"], b)
         sparse = lambda indices: bs.attend_with_mask(  # noqa: E731
             q_BxTxHxD, k_BxSxGxD, v_BxSxGxD, bs.selection_mask(indices, position_T, k_BxSxGxD.shape[1], b))
+        # one routing row per token: the routing positions are the query positions
         o_BxTxHxD = self._branches(q_BxTxHxD, k_BxSxGxD, v_BxSxGxD, gates_BxTx3xH, route_q_BxQxHxD, position_T,
-                                   position_T, None, sparse, **self._compression())  # one routing row per token
+                                   position_T, None, sparse, **self._compression())
         return o_BxTxHxD, {"route_q": route_q.astype(cache["route_q"].dtype)}
 
     def _compression(self) -> dict:

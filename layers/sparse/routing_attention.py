@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from flax import nnx
 from pydantic import model_validator
 
-from hybrax.layers.config import DType, Implementation, LayerConfig, ModelShape
+from hybrax.layers.config import DType, Implementation, LayerConfig
 from hybrax.layers.softmax.skeleton import SoftmaxMixer, append_to_cache
 from hybrax.layers.auxiliary import RouterState, report_loss, report_metric
 from hybrax.layers.sparse.block_selection import (attend_with_mask, block_mean, causal_top_k_blocks, local_blocks,

@@ -160,7 +160,7 @@ def test_train_step_updates_and_checkpoints_the_centroids(tmp_path):
     from hybrax.train.step import abstract_state, create_model, init_state, make_train_step
 
     model_config = ModelConfig(d_model=32, num_layers=2, num_heads=4, mixers=["routing_attention", "attention"],
-                               sparse={"block_size": 8, "commitment_weight": 0.1}, kernels={"block_sparse_attention": "reference"})
+                               routing_attention={"block_size": 8, "commitment_weight": 0.1}, kernels={"block_sparse_attention": "reference"})
     optim = OptimConfig(lr=1e-2, warmup_steps=1)
     optimizer = make_optimizer(optim, 10)
     graphdef, state = init_state(create_model(model_config, 0), optimizer)
