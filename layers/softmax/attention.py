@@ -17,27 +17,18 @@ from typing import ClassVar, Literal
 import jax.numpy as jnp
 from pydantic import field_validator, model_validator
 
-from hybrax.layers.config import DType, Implementation, LayerConfig, ModelShape
+from hybrax.layers.config import Implementation, ModelShape
 from hybrax.layers.partitioned import dot_product_attention
 from hybrax.layers.softmax.ring_attention import ring_attention
-from hybrax.layers.softmax.skeleton import SoftmaxMixer
+from hybrax.layers.softmax.skeleton import SoftmaxConfig, SoftmaxMixer
 from hybrax.layers.sparse.prefill import check_options, sparse_prefill_attention
 
 
-class AttentionConfig(LayerConfig):
+class AttentionConfig(SoftmaxConfig):
     """Parameter budget: d_model * D * (2 H + 2 Hkv)."""
 
     kernel: ClassVar[str] = "attention"
 
-    d_model: int = 256
-    num_heads: int = 4                  # query heads (unset: model.num_heads)
-    num_kv_heads: int = 4               # key/value heads, grouped-query (unset: model.num_kv_heads)
-    head_dim: int = 64                  # (unset: the model's head_dim)
-    rope_theta: float = 10_000.0
-    init_std: float = 0.02
-    implementation: Implementation = None   # dot_product_attention implementation (unset: model.kernels)
-    dtype: DType = "float32"
-    param_dtype: DType = "float32"
     # training-free sparse prefill (layers/sparse/prefill): on the no-cache path the selector lists
     # key blocks of prefill_block_size and block_sparse_attention reads only those; decoding stays dense
     prefill_selector: Literal["xattention", "minference", "flexprefill"] | None = None
@@ -58,9 +49,6 @@ class AttentionConfig(LayerConfig):
 
     def derived(self, shape: ModelShape) -> dict:
         return {"prefill_implementation": shape.implementation("block_sparse_attention")}
-
-    def num_params(self) -> int:
-        return self.d_model * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
 
     def flops_per_token(self, seq_len: int) -> int:
         """Forward FLOPs per token: projections plus q.k and weights.v over all `seq_len` keys (the

@@ -19,11 +19,39 @@ Parameters: w_q [d, H, D], w_k and w_v [d, Hkv, D], w_o [H, D, d].
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from pydantic import model_validator
 
+from hybrax.layers.config import DType, Implementation, LayerConfig
 from hybrax.layers.embeddings import apply_rotary
 from hybrax.layers.parameters import logical_param, normal
 from hybrax.layers.projection import project
 from hybrax.layers.sequence_parallel.layout import default_positions, seq_size
+
+
+class SoftmaxConfig(LayerConfig):
+    """The settings every softmax-family mixer shares. Parameter budget: d_model * D * (2 H + 2 Hkv)."""
+
+    d_model: int = 256
+    num_heads: int = 4                  # query heads (unset: model.num_heads)
+    num_kv_heads: int = 4               # key/value heads, grouped-query (unset: model.num_kv_heads)
+    head_dim: int = 64                  # (unset: the model's head_dim)
+    rope_theta: float = 10_000.0
+    init_std: float = 0.02
+    implementation: Implementation = None   # the op's implementation (unset: model.kernels.<the op>)
+    dtype: DType = "float32"
+    param_dtype: DType = "float32"
+
+    @model_validator(mode="after")
+    def _check_heads(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_kv_heads={self.num_kv_heads} does not divide num_heads={self.num_heads}")
+        return self
+
+    def projection_params(self) -> int:
+        return self.d_model * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+
+    def num_params(self) -> int:
+        return self.projection_params()
 
 
 def declare_projections(module: nnx.Module, c, rngs: nnx.Rngs) -> None:

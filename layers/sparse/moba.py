@@ -34,30 +34,20 @@ import jax
 import jax.numpy as jnp
 from pydantic import model_validator
 
-from hybrax.layers.config import DType, Implementation, LayerConfig
 from hybrax.layers.sparse import block_selection as bs
-from hybrax.layers.softmax.skeleton import SoftmaxMixer
+from hybrax.layers.softmax.skeleton import SoftmaxConfig, SoftmaxMixer
 from hybrax.layers.partitioned import block_sparse_attention
 from hybrax.layers.sparse.gathered_keys import attend_with_gathered_keys, offset_implementation
 
 
-class MoBAConfig(LayerConfig):
+class MoBAConfig(SoftmaxConfig):
     """Parameter budget: d_model * D * (2 H + 2 Hkv)."""
 
     kernel: ClassVar[str] = "block_sparse_attention"
     tiny: ClassVar[dict] = {"block_size": 4}
 
-    d_model: int = 256
-    num_heads: int = 4                  # query heads (unset: model.num_heads)
-    num_kv_heads: int = 4               # key/value heads (unset: model.num_kv_heads)
-    head_dim: int = 64                  # (unset: the model's head_dim)
     block_size: int = 16                # tokens per query block and per key block
     top_k: int = 2                      # past blocks per query block; the current block is always added
-    rope_theta: float = 10_000.0
-    init_std: float = 0.02
-    implementation: Implementation = None   # block_sparse_attention implementation (unset: model.kernels)
-    dtype: DType = "float32"
-    param_dtype: DType = "float32"
 
     @model_validator(mode="after")
     def _check(self):
@@ -65,15 +55,7 @@ class MoBAConfig(LayerConfig):
             raise ValueError(f"block_size={self.block_size} must be >= 1")
         if self.top_k < 0:
             raise ValueError(f"top_k={self.top_k} must be >= 0")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_kv_heads={self.num_kv_heads} does not divide num_heads={self.num_heads}")
         return self
-
-    def projection_params(self) -> int:
-        return self.d_model * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
-
-    def num_params(self) -> int:
-        return self.projection_params()
 
     def selected_keys(self, seq_len: int) -> int:
         """Keys scored per query: (top_k + 1) whole blocks (the op computes whole blocks and masks the

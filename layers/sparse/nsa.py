@@ -41,34 +41,25 @@ import jax.numpy as jnp
 from flax import nnx
 from pydantic import model_validator
 
-from hybrax.layers.config import DType, Implementation, LayerConfig, ModelShape
+from hybrax.layers.config import ModelShape
 from hybrax.layers.sparse import block_selection as bs
-from hybrax.layers.softmax.skeleton import SoftmaxMixer
+from hybrax.layers.softmax.skeleton import SoftmaxConfig, SoftmaxMixer
 from hybrax.layers.parameters import logical_param, normal
 from hybrax.layers.partitioned import block_sparse_attention, dot_product_attention
 from hybrax.layers.projection import project
 from hybrax.layers.sparse.gathered_keys import attend_with_gathered_keys, offset_implementation
 
 
-class NSAConfig(LayerConfig):
+class NSAConfig(SoftmaxConfig):
     """Parameter budget: d_model * D * (2 H + 2 Hkv) + 2 * compress_block * Hkv * D + 3 * d_model * H."""
 
     kernel: ClassVar[str] = "block_sparse_attention"
     tiny: ClassVar[dict] = {"block_size": 4, "window": 8, "compress_block": 2}
 
-    d_model: int = 256
-    num_heads: int = 4                  # query heads (unset: model.num_heads)
-    num_kv_heads: int = 4               # key/value heads (unset: model.num_kv_heads)
-    head_dim: int = 64                  # (unset: the model's head_dim)
     block_size: int = 16                # selection (and window) block
     top_k: int = 2                      # selected past blocks per query block; the current block is added
     window: int = 32                    # sliding-window tokens before the current block (multiple of block_size)
     compress_block: int | None = None   # tokens per compressed token, divides block_size (None: block_size)
-    rope_theta: float = 10_000.0
-    init_std: float = 0.02
-    implementation: Implementation = None   # block_sparse_attention implementation (unset: model.kernels)
-    dtype: DType = "float32"
-    param_dtype: DType = "float32"
 
     def derived(self, shape: ModelShape) -> dict:
         return {"compress_block": self.block_size}
@@ -82,8 +73,6 @@ class NSAConfig(LayerConfig):
             raise ValueError(f"window={self.window} must be a multiple of block_size={self.block_size}")
         if self.compress_block is not None and (self.compress_block < 1 or self.block_size % self.compress_block):
             raise ValueError(f"compress_block={self.compress_block} must divide block_size={self.block_size}")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_kv_heads={self.num_kv_heads} does not divide num_heads={self.num_heads}")
         return self
 
     def num_params(self) -> int:

@@ -45,8 +45,7 @@ import jax.numpy as jnp
 from flax import nnx
 from pydantic import model_validator
 
-from hybrax.layers.config import DType, Implementation, LayerConfig
-from hybrax.layers.softmax.skeleton import SoftmaxMixer, append_to_cache
+from hybrax.layers.softmax.skeleton import SoftmaxConfig, SoftmaxMixer, append_to_cache
 from hybrax.layers.auxiliary import RouterState, report_loss, report_metric
 from hybrax.layers.sparse.block_selection import (attend_with_mask, block_mean, causal_top_k_blocks, local_blocks,
                                     same_segment_candidates, selection_mask)
@@ -56,27 +55,18 @@ from hybrax.layers.sparse.gathered_keys import (attend_with_gathered_keys, gathe
 from hybrax.layers.sequence_parallel.layout import seq_size
 
 
-class RoutingAttentionConfig(LayerConfig):
+class RoutingAttentionConfig(SoftmaxConfig):
     """Parameter budget: d_model * D * (2 H + 2 Hkv); plus Hr * C * D centroid state."""
 
     kernel: ClassVar[str] = "block_sparse_attention"
     tiny: ClassVar[dict] = {"block_size": 4, "num_clusters": 2}
 
-    d_model: int = 256
-    num_heads: int = 4                  # query heads (unset: model.num_heads)
-    num_kv_heads: int = 4               # key/value heads (unset: model.num_kv_heads)
-    head_dim: int = 64                  # (unset: the model's head_dim)
     block_size: int = 16                # tokens per query block and per key block
     top_k: int = 2                      # in-cluster past blocks per query block; the current block is added
     num_clusters: int = 4               # k-means centroids per routing head
     local_heads: int | None = None      # heads reading blocks n-1 and n instead of routing (None: half)
     kmeans_decay: float = 0.999         # EMA decay of the centroids (training mode only)
     commitment_weight: float = 1e-4     # weight of the auxiliary k-means commitment loss (0: off)
-    rope_theta: float = 10_000.0
-    init_std: float = 0.02
-    implementation: Implementation = None   # block_sparse_attention implementation (unset: model.kernels)
-    dtype: DType = "float32"
-    param_dtype: DType = "float32"
 
     @model_validator(mode="after")
     def _check(self):
@@ -97,9 +87,6 @@ class RoutingAttentionConfig(LayerConfig):
     @property
     def num_routing_heads(self) -> int:
         return self.num_heads - self.num_local_heads
-
-    def num_params(self) -> int:
-        return self.d_model * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
 
     def flops_per_token(self, seq_len: int) -> int:
         """Projections, q.k and weights.v over at most (top_k + 1) blocks for routing heads and 2
