@@ -2,7 +2,6 @@
 quadratic (attention-like) form: o_t = sum_{s <= t} (decay from s to t) (q_t . k_s) v_s; and bf16
 compute against float32."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -131,7 +130,7 @@ def test_bfloat16_compute_tracks_float32(module, config):
     rounding of float32."""
     high = module(config, rngs=nnx.Rngs(0))
     randomise(high, 5)
-    low = module(dataclasses.replace(config, dtype="bfloat16"), rngs=nnx.Rngs(0))
+    low = module(config.model_copy(update={"dtype": "bfloat16"}), rngs=nnx.Rngs(0))
     nnx.update(low, nnx.state(high, nnx.Param))
     x = jnp.asarray(np.random.default_rng(6).normal(size=(2, 11, D)), jnp.float32)
     forward = jax.jit(lambda layer, x: layer(x))
