@@ -1,7 +1,7 @@
-"""Routing attention (k-means routed heads + local heads): causality through gradients and through
-perturbation (the discrete routing must not leak), decoding == parallel, segment isolation, the
-k-means update law in training mode only, the dense limit, and the train-step and checkpoint
-plumbing of its centroid state and commitment loss."""
+"""Routing attention (k-means routed heads + local heads), what is its own (the mixer contract:
+causality, decoding, packing, jit, counts, sharding, is tests/layers/test_conformance.py): routed
+blocks stay in cluster, past and segment, the k-means update law in training mode only, the dense
+limit, and the train-step and checkpoint plumbing of its centroid state and commitment loss."""
 
 import functools
 
@@ -51,52 +51,6 @@ def test_routed_blocks_stay_in_cluster_past_and_segment():
     valid = same_segment_candidates(segments, jnp.arange(4), 1)
     got = routed_block_indices(q_cluster, jnp.arange(4), key_scores, valid, top_k=2)[0, 0]
     np.testing.assert_array_equal(got[3], [2, -1, 3])
-
-
-def test_causal_through_gradients_and_perturbation():
-    layer, x = jitted(build()), x_input(37)
-    y = layer(x)
-    jac = jax.jit(jax.jacrev(lambda x: layer(x)[0, 20]))(x)                     # output 20 w.r.t. every input
-    assert float(jnp.max(jnp.abs(jac[:, 0, 21:]))) == 0.0 and float(jnp.max(jnp.abs(jac[:, 0, :21]))) > 0
-    for s in (5, 16, 30):   # a change at s moves no output before s, through the routing included
-        y2 = layer(x.at[:, s].add(3.0))
-        np.testing.assert_array_equal(y2[:, :s], y[:, :s])
-        assert float(jnp.max(jnp.abs(y2[:, s:] - y[:, s:]))) > 1e-3
-
-
-def test_decoding_token_by_token_and_in_chunks_equals_parallel():
-    layer, T, x = build(), 37, x_input(37)
-    y = layer(x)
-    step = jax.jit(lambda x, cache: layer(x, cache=cache))
-    cache, outs = layer.init_cache(2, T), []
-    for t in range(T):
-        out, cache = step(x[:, t:t + 1], cache)
-        outs.append(out)
-    scale = float(jnp.max(jnp.abs(y)))
-    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), y, atol=1e-5 * scale)
-    cache = layer.init_cache(2, T)
-    first, cache = layer(x[:, :20], cache=cache)
-    second, _ = layer(x[:, 20:], cache=cache)
-    np.testing.assert_allclose(jnp.concatenate([first, second], axis=1), y, atol=1e-5 * scale)
-
-
-def test_document_packed_after_another_equals_it_alone():
-    """Documents start on a block boundary, so their blocks (and routing) are the same as alone."""
-    layer = jitted(build())
-    doc_a, doc_b = x_input(16, B=1, seed=2), x_input(21, B=1, seed=3)
-    packed = jnp.concatenate([doc_a, doc_b], axis=1)
-    segments = jnp.asarray([[1] * 16 + [2] * 21])
-    positions = jnp.asarray([list(range(16)) + list(range(21))])
-    y = layer(packed, segment_ids=segments, positions=positions)
-    np.testing.assert_allclose(y[:, 16:], layer(doc_b), atol=1e-5)
-    np.testing.assert_allclose(y[:, :16], layer(doc_a), atol=1e-5)
-
-
-def test_jit_equals_eager():
-    layer, x = build(), x_input(37)
-    graphdef, state = nnx.split(layer)
-    jitted = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
-    np.testing.assert_allclose(jitted, layer(x), atol=1e-5)
 
 
 def test_one_cluster_and_every_block_is_dense_causal_attention():
