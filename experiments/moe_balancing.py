@@ -21,7 +21,6 @@ import pathlib
 import subprocess
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 VARIANTS = {
     "none": ["model.moe.balance_loss_weight=0", "model.moe.bias_update_rate=0"],
     "switch_micro": ["model.moe.balance_loss_weight=0.01", "model.moe.balance_scope=micro"],
@@ -49,7 +48,7 @@ def summarize(run_dir: pathlib.Path, tail: int) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=pathlib.Path, default=ROOT / "runs" / "moe_balancing")
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs") / "moe_balancing")
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--tail", type=int, default=5, help="logged steps the imbalance is averaged over")
     parser.add_argument("--only", nargs="*", choices=sorted(VARIANTS), default=list(VARIANTS))
@@ -58,9 +57,8 @@ def main():
         run_dir = args.out / name
         if summarize(run_dir, args.tail)["step"] >= args.steps:
             continue
-        subprocess.run([sys.executable, "-m", "hybrax.train", "--config", "configs/moe.yaml", "--run-dir", str(run_dir),
-                        f"train.steps={args.steps}", "log.progress_bar=false", *VARIANTS[name]],
-                       cwd=ROOT, check=True)
+        subprocess.run([sys.executable, "-m", "hybrax.train", "--config", "moe.yaml", "--run-dir", str(run_dir),
+                        f"train.steps={args.steps}", "log.progress_bar=false", *VARIANTS[name]], check=True)
     print(f"max load / mean load of each MoE layer, mean of the last {args.tail} logged steps "
           f"(1 = balanced, 4 = top-2 of 8 all on two experts)")
     print(f"{'variant':<14} {'step':>5} {'layer 1':>8} {'layer 3':>8} {'val_bpb':>8} {'tok/s':>8}  final load of layer 3")

@@ -15,9 +15,9 @@ import sys
 
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))   # the checkout, when not installed
 
+from hybrax.configs import DIRECTORY  # noqa: E402
 from hybrax.train.compile import COLLECTIVES, DoesNotFit, compile_step, topology_devices  # noqa: E402
 from hybrax.train.config import load_config  # noqa: E402
 
@@ -27,7 +27,7 @@ MiB = 2**20
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--topology", default="v5e:2x4")
-    parser.add_argument("--presets", nargs="+", default=sorted(p.stem for p in (REPO / "configs").glob("*.yaml")))
+    parser.add_argument("--presets", nargs="+", default=sorted(p.stem for p in DIRECTORY.glob("*.yaml")))
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     topology = topology_devices(args.topology)
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     print("| preset | mesh | arguments | temporaries | total (of HBM) | " + " | ".join(COLLECTIVES) + " | kernels |")
     print("|---|---|---|---|---|" + "---|" * len(COLLECTIVES) + "---|")
     for preset in args.presets:
-        config = load_config(REPO / "configs" / f"{preset}.yaml", args.overrides)
+        config = load_config(f"{preset}.yaml", args.overrides)
         try:
             r = compile_step(config, topology, step="train")
         except DoesNotFit as e:

@@ -22,17 +22,16 @@ import subprocess
 import sys
 import tempfile
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 MEMORY = re.compile(r"train step memory per device: peak ([\d,.]+) MiB")
 
 
 def run(seq: int, seq_len: int, steps: int, extra: list[str]) -> dict:
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={seq}", "JAX_PLATFORMS": "cpu"}
     with tempfile.TemporaryDirectory() as run_dir:
-        out = subprocess.run([sys.executable, "-m", "hybrax.train", "--config", "configs/long_context.yaml", "--run-dir",
+        out = subprocess.run([sys.executable, "-m", "hybrax.train", "--config", "long_context.yaml", "--run-dir",
                               run_dir, f"mesh.seq={seq}", f"data.seq_len={seq_len}", f"train.steps={steps}",
                               "log.progress_bar=false", "log.tensorboard=false", *extra],
-                             cwd=ROOT, env=env, capture_output=True, text=True)
+                             env=env, capture_output=True, text=True)
         found = MEMORY.search(out.stdout)
         if found is None:
             raise SystemExit(f"seq={seq} failed before compiling:\n{out.stderr[-3000:]}")

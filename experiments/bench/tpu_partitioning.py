@@ -32,8 +32,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # other jax processes
 
 import jax  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))   # the checkout, when not installed
 
 from hybrax.train.compile import array_bytes, compile_step, topology_devices  # noqa: E402
 from hybrax.train.config import load_config  # noqa: E402
@@ -108,7 +107,7 @@ def measure(preset: str, mesh_name: str, step: str = "train") -> Partitioning:
     devices = 1
     for n in mesh.values():
         devices *= n
-    config = load_config(REPO / "configs" / f"{preset}.yaml", overrides(preset, mesh))
+    config = load_config(f"{preset}.yaml", overrides(preset, mesh))
     topology = topology_devices("v5e:1x1" if devices == 1 else "v5e:2x2")
     report = compile_step(config, topology, step=step)
     calls, operand_bytes = kernel_operands(report.hlo)
