@@ -117,6 +117,11 @@ class ModelConfig(StrictConfig):
             raise ValueError(f"model.head_dim={self.head_size} must be even for rotary embeddings")
         if not self.mixers or not self.ffns:
             raise ValueError("model.mixers and model.ffns need at least one name each")
+        for key in ("mixers", "ffns"):
+            count = len(getattr(self, key))
+            if self.num_layers % count:
+                raise ValueError(f"model.{key} has {count} names for model.num_layers={self.num_layers}; give "
+                                 f"num_layers names or a pattern whose length divides it (repeated over the layers)")
         for key, registry in (("mixers", MIXERS), ("ffns", FFNS)):
             for name in getattr(self, key):
                 if name not in registry.names():

@@ -61,6 +61,21 @@ class OptimConfig(StrictConfig):
     eps: float = 1e-8
     grad_clip: float = 1.0                  # global-norm clipping; 0 disables
 
+    @model_validator(mode="after")
+    def _check(self):
+        checks = {"lr": (self.lr, "a finite number > 0", math.isfinite(self.lr) and self.lr > 0),
+                  "warmup_steps": (self.warmup_steps, ">= 0", self.warmup_steps >= 0),
+                  "min_lr_ratio": (self.min_lr_ratio, "in [0, 1]", 0 <= self.min_lr_ratio <= 1),
+                  "weight_decay": (self.weight_decay, ">= 0", self.weight_decay >= 0),
+                  "beta1": (self.beta1, "in [0, 1)", 0 <= self.beta1 < 1),
+                  "beta2": (self.beta2, "in [0, 1)", 0 <= self.beta2 < 1),
+                  "eps": (self.eps, "> 0", self.eps > 0),
+                  "grad_clip": (self.grad_clip, ">= 0 (0 disables)", self.grad_clip >= 0)}
+        for key, (value, valid, ok) in checks.items():
+            if not ok:   # NaN fails every comparison, so it lands here too
+                raise ValueError(f"optim.{key}={value} must be {valid}")
+        return self
+
 
 class TrainConfig(StrictConfig):
     steps: int = 1000
@@ -75,6 +90,9 @@ class TrainConfig(StrictConfig):
         for key in ("steps", "grad_accum", "eval_every", "log_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key}={getattr(self, key)} must be >= 1")
+        if self.eval_batches is not None and self.eval_batches < 1:
+            raise ValueError(f"train.eval_batches={self.eval_batches} must be >= 1, or null for the whole "
+                             "validation set")
         return self
 
 
@@ -107,6 +125,13 @@ class CheckpointConfig(StrictConfig):
     every: int = 250                        # steps between saves (and one at the end)
     keep: int = 2                           # most recent checkpoints kept
     async_save: bool = True
+
+    @model_validator(mode="after")
+    def _check(self):
+        for key in ("every", "keep"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"checkpoint.{key}={getattr(self, key)} must be >= 1")
+        return self
 
 
 class LogConfig(StrictConfig):

@@ -48,6 +48,16 @@ def test_overrides_apply_with_yaml_types():
     ("model.mixers=[attention, hyena9]", "model.mixers: unknown mixer 'hyena9'"),
     ("train.grad_accum=3", "train.grad_accum=3 does not divide data.batch_size="),
     ("model.num_layers", "override 'model.num_layers' is not of the form key=value"),
+    # values with a domain: refused before compute, not run as gradient ascent or an empty checkpoint dir
+    ("optim.lr=-1", "optim.lr=-1.0 must be a finite number > 0"),
+    ("optim.lr=.nan", "optim.lr=nan must be a finite number > 0"),
+    ("optim.beta1=2", "optim.beta1=2.0 must be in [0, 1)"),
+    ("optim.warmup_steps=-5", "optim.warmup_steps=-5 must be >= 0"),
+    ("optim.grad_clip=-1", "optim.grad_clip=-1.0 must be >= 0"),
+    ("checkpoint.keep=0", "checkpoint.keep=0 must be >= 1"),
+    ("checkpoint.every=0", "checkpoint.every=0 must be >= 1"),
+    ("train.eval_batches=0", "train.eval_batches=0 must be >= 1, or null"),
+    ("model.mixers=[gla, gla, attention]", "model.mixers has 3 names for model.num_layers=4"),
 ])
 def test_bad_overrides_fail_with_one_line(override, message):
     extra = ["data.source=files"] if override.startswith("data.path") else []
