@@ -8,7 +8,8 @@ order (train.sharding), and the step keeps the state's layout. In a multi-proces
 the log, metrics, config and samples, and all of them write the checkpoint together.
 
 Exit codes: 0 when the run finishes or stops on SIGTERM (after saving a checkpoint); 1 when the
-loss stops being finite (nothing is saved, so the last good checkpoint stays the latest).
+loss or the gradient norm stops being finite, or the state is not finite when a save is due
+(nothing is saved, so the last good checkpoint, checked finite when written, stays the latest).
 """
 
 import pathlib
@@ -25,7 +26,7 @@ from hybrax.train.metrics import console_line, is_finite, plain
 from hybrax.train.run import Run, build_run, write_atomically
 from hybrax.train.sample import generate
 from hybrax.train.sharding import shard_batch, to_host
-from hybrax.train.step import TrainState, merge_model, summarize_eval
+from hybrax.train.step import TrainState, merge_model, state_is_finite, summarize_eval
 
 
 def train(config: Config, run_dir: str | pathlib.Path, *, log=print) -> int:
@@ -50,12 +51,11 @@ def _loop(run: Run) -> tuple[int, TrainState | None]:
             t = time.perf_counter()
             state, metrics = run.train_step(state, batch)
             metrics = to_host(metrics)
-            loss = float(metrics["loss"])
+            loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
             window.add(B * T, time.perf_counter() - t)
-            if not is_finite(loss):
-                run.log(f"error: loss is {loss} at step {step}; stopped without saving, the last good checkpoint "
-                        f"is step {run.checkpointer.latest_step()} in {run.checkpointer.directory}")
-                return 1, None
+            if not (is_finite(loss) and is_finite(grad_norm)):   # a NaN gradient poisons the update
+                what = f"loss is {loss}" if not is_finite(loss) else f"grad_norm is {grad_norm} (loss {loss:.4f})"
+                return _stop(run, f"{what} at step {step}"), None
             bar.update(1)
             last = step == steps
             if run.lead and (step % config.train.log_every == 0 or last):
@@ -66,6 +66,8 @@ def _loop(run: Run) -> tuple[int, TrainState | None]:
                 if run.lead:
                     _report(run, bar, step, record, shown={"loss": loss, **record})
             if step % config.checkpoint.every == 0 or last or termination.requested:
+                if not bool(state_is_finite(state)):
+                    return _stop(run, f"the state holds a non-finite value after step {step}"), None
                 run.checkpointer.save(step, state, run.data.train.state(), wait=termination.requested)
             if termination.requested:
                 run.log(f"SIGTERM: saved checkpoint at step {step} in {run.checkpointer.directory}; exiting")
@@ -73,6 +75,15 @@ def _loop(run: Run) -> tuple[int, TrainState | None]:
     finally:
         bar.close()
     return 0, state
+
+
+def _stop(run: Run, what: str) -> int:
+    """Exit code 1 with one line naming the last good checkpoint (every saved one was checked finite)."""
+    latest = run.checkpointer.latest_step()
+    good = (f"the last good checkpoint is step {latest} in {run.checkpointer.directory}" if latest is not None
+            else "there is no checkpoint yet")
+    run.log(f"error: {what}; stopped without saving, {good}")
+    return 1
 
 
 def evaluate(eval_step, state, batches, mesh) -> dict:

@@ -38,6 +38,14 @@ class TrainState:
     opt_state: optax.OptState
 
 
+@jax.jit
+def state_is_finite(state: TrainState) -> jax.Array:
+    """True when every floating-point value of the state (parameters, router state, optimizer
+    moments) is finite: checked before a checkpoint is written, so none holds a NaN."""
+    leaves = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def create_model(config: ModelConfig, seed: int) -> CausalLM:
     return CausalLM(config, rngs=nnx.Rngs(params=seed))
 

@@ -4,6 +4,7 @@ exits 0; a non-finite loss stops without touching the last good checkpoint."""
 
 import hashlib
 import json
+import math
 import pathlib
 import signal
 import subprocess
@@ -124,10 +125,28 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     digest = tree_digest(tmp_path / "checkpoints")
     diverged = run(tmp_path, "train.steps=30", "optim.lr=1e30", "optim.grad_clip=0", "checkpoint.every=1000")
     assert diverged.returncode == 1, diverged.stdout + diverged.stderr
-    line = [ln for ln in diverged.stdout.splitlines() if ln.startswith("error: loss is")]
+    line = [ln for ln in diverged.stdout.splitlines() if ln.startswith("error: ")]
     assert line and "stopped without saving, the last good checkpoint is step 8" in line[0]
     assert finished_checkpoints(tmp_path) == [4, 8]
     assert tree_digest(tmp_path / "checkpoints") == digest
+
+
+def test_a_nan_gradient_never_reaches_a_checkpoint(tmp_path):
+    """lr 1e4: step 7's loss is finite but its gradient norm is not, so the update would poison the
+    state that checkpoint 7 saves. The guard stops at step 7 without saving and names a finite
+    checkpoint; a rerun with a sane lr resumes from it and trains to the end."""
+    poisoned = run(tmp_path, "train.steps=60", "optim.lr=1e4", "checkpoint.every=7", "train.eval_every=100")
+    assert poisoned.returncode == 1, poisoned.stdout + poisoned.stderr
+    line = [ln for ln in poisoned.stdout.splitlines() if ln.startswith("error: ")]
+    assert len(line) == 1 and "stopped without saving" in line[0], poisoned.stdout
+    saved = finished_checkpoints(tmp_path)
+    assert "grad_norm is nan" in line[0] and "at step 7" in line[0]
+    assert (f"last good checkpoint is step {saved[-1]}" if saved else "there is no checkpoint yet") in line[0]
+    recovered = run(tmp_path, "train.steps=60", "optim.lr=1e-3", "checkpoint.every=7", "train.eval_every=100",
+                    "log.sample_tokens=0")
+    assert recovered.returncode == 0, recovered.stdout + recovered.stderr
+    losses = train_losses(metrics(tmp_path))
+    assert max(losses) == 60 and all(math.isfinite(v) for step, v in losses.items() if step > (saved or [0])[-1])
 
 
 def test_moe_run_logs_load_per_layer_and_resumes(tmp_path):
