@@ -52,12 +52,17 @@ def main(argv=None) -> int:
     from hybrax.train.checkpoint import CheckpointMismatch
     from hybrax.train.loop import train
 
+    from hybrax.train.run_lock import RunDirectoryInUse
+
     run_dir = pathlib.Path(args.run_dir or pathlib.Path("runs") / pathlib.Path(args.config).stem)
     try:
         return train(config, run_dir)
     except (ConfigError, CheckpointMismatch, KernelRefused) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunDirectoryInUse as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from hybrax.train.data import Datasets, build_datasets
 from hybrax.train.hardware import peak_flops_per_device
 from hybrax.train.metrics import MetricsWriter
 from hybrax.train.optim import make_optimizer
+from hybrax.train.run_lock import run_directory_lock
 from hybrax.train.sharding import create_sharded, make_mesh, process_rows, state_shardings, with_shardings
 from hybrax.train.step import TrainState, create_model, init_state
 from hybrax.train.step import abstract_state as abstract_train_state
@@ -68,6 +69,7 @@ def build_run(config: Config, run_dir: pathlib.Path, *, log=print) -> Iterator[R
     with jax.set_mesh(mesh), kernel_policy(strict=config.model.kernels.strict), contextlib.ExitStack() as closing:
         if lead:
             run_dir.mkdir(parents=True, exist_ok=True)
+            closing.enter_context(run_directory_lock(run_dir))   # a second trainer fails here, in one line
         multihost_utils.sync_global_devices("run directory")
         log(f"resolved config:\n{config.to_yaml()}")
 

@@ -149,6 +149,29 @@ def test_a_nan_gradient_never_reaches_a_checkpoint(tmp_path):
     assert max(losses) == 60 and all(math.isfinite(v) for step, v in losses.items() if step > (saved or [0])[-1])
 
 
+def test_a_second_trainer_on_the_same_directory_fails_at_once(tmp_path):
+    """The first trainer holds the run directory's lock; the second exits 1 with one line naming it
+    before compiling anything; the first, stopped by SIGTERM, saves and exits 0 as usual."""
+    first = subprocess.Popen(command(tmp_path, "train.steps=100000", "checkpoint.every=100000"), cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lock = tmp_path / ".lock"
+    deadline = time.monotonic() + 120
+    while not (lock.exists() and lock.read_text().startswith("pid")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    t = time.perf_counter()
+    second = run(tmp_path, "train.steps=100000", "checkpoint.every=100000")
+    seconds = time.perf_counter() - t
+    while not metrics(tmp_path) and time.monotonic() < deadline + 120:
+        time.sleep(0.2)   # the first is training (SIGTERM during its compile is another matter)
+    first.send_signal(signal.SIGTERM)
+    out, _ = first.communicate(timeout=300)
+    errors = [line for line in second.stderr.splitlines() if line.startswith("error: ")]
+    assert second.returncode == 1 and len(errors) == 1 and "Traceback" not in second.stderr, second.stderr
+    assert f"is in use by pid {first.pid} on host" in errors[0] and "compile" not in second.stdout and seconds < 60
+    assert first.returncode == 0 and "SIGTERM: saved checkpoint" in out, out
+    assert len(finished_checkpoints(tmp_path)) == 1
+
+
 def test_moe_run_logs_load_per_layer_and_resumes(tmp_path):
     """configs/moe.yaml on a tiny shape (2 layers: ffns [swiglu, moe] puts the MoE at layer 1): the
     layer logs its load per expert (a list in metrics.jsonl, a histogram in TensorBoard), imbalance
