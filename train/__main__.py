@@ -11,6 +11,7 @@ import sys
 
 import yaml
 
+from hybrax.train import termination
 from hybrax.train.config import ConfigError, load_config
 from hybrax.train.settings import format_keys, list_keys, resolved_tree
 
@@ -27,6 +28,7 @@ def main(argv=None) -> int:
     p.add_argument("--list-keys", action="store_true", help="print every key with its type, default and doc, and exit")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.num_layers=6 optim.lr=1e-3")
     args = p.parse_args(argv)
+    termination.listen()   # SIGTERM from here on exits 0 (train/termination.py), never -15
     if args.list_keys:
         print(format_keys(list_keys()))
         return 0

@@ -13,13 +13,12 @@ loss or the gradient norm stops being finite, or the state is not finite when a 
 """
 
 import pathlib
-import signal
-import threading
 import time
 
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from hybrax.train import termination
 from hybrax.train.config import Config
 from hybrax.train.data import validation_batches
 from hybrax.train.metrics import console_line, is_finite, plain
@@ -42,7 +41,12 @@ def _loop(run: Run) -> tuple[int, TrainState | None]:
     """(exit code, final state or None when stopped early)."""
     config, steps = run.config, run.config.train.steps
     B, T = config.data.batch_size, config.data.seq_len
-    state, termination, window = run.state, _Termination(), _Throughput()
+    state, window = run.state, _Throughput()
+    termination.listen()
+    if termination.requested():   # during setup or compile: nothing new to save
+        run.log(f"SIGTERM before the first step: nothing new to save (latest checkpoint: step "
+                f"{run.checkpointer.latest_step()}); exiting")
+        return 0, None
     bar = tqdm(total=steps, initial=run.start, disable=not (run.lead and config.log.progress_bar),
                dynamic_ncols=True, mininterval=1.0)
     try:
@@ -65,11 +69,12 @@ def _loop(run: Run) -> tuple[int, TrainState | None]:
                 record = evaluate(run.eval_step, state, batches, run.mesh)
                 if run.lead:
                     _report(run, bar, step, record, shown={"loss": loss, **record})
-            if step % config.checkpoint.every == 0 or last or termination.requested:
+            stopping = termination.requested()
+            if step % config.checkpoint.every == 0 or last or stopping:
                 if not bool(state_is_finite(state)):
                     return _stop(run, f"the state holds a non-finite value after step {step}"), None
-                run.checkpointer.save(step, state, run.data.train.state(), wait=termination.requested)
-            if termination.requested:
+                run.checkpointer.save(step, state, run.data.train.state(), wait=stopping)
+            if stopping:
                 run.log(f"SIGTERM: saved checkpoint at step {step} in {run.checkpointer.directory}; exiting")
                 return 0, None
     finally:
@@ -93,18 +98,6 @@ def evaluate(eval_step, state, batches, mesh) -> dict:
         for key in sums:
             sums[key] += float(out[key])
     return summarize_eval(sums)
-
-
-class _Termination:
-    """Remembers a SIGTERM so the loop can save and exit at the end of the current step."""
-
-    def __init__(self):
-        self.requested = False
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
 
 
 class _Throughput:

@@ -172,6 +172,20 @@ def test_a_second_trainer_on_the_same_directory_fails_at_once(tmp_path):
     assert len(finished_checkpoints(tmp_path)) == 1
 
 
+def test_sigterm_before_the_first_step_exits_0(tmp_path):
+    """SIGTERM while the trainer sets up and compiles: exit 0 with one line, nothing saved, no -15."""
+    proc = subprocess.Popen(command(tmp_path, "train.steps=100000"), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lock, deadline = tmp_path / ".lock", time.monotonic() + 120
+    while not (lock.exists() and lock.read_text().startswith("pid")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)   # the lock is taken before restore and compile
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "SIGTERM before the first step: nothing new to save (latest checkpoint: step None)" in out
+    assert finished_checkpoints(tmp_path) == [] and not metrics(tmp_path)
+
+
 def test_moe_run_logs_load_per_layer_and_resumes(tmp_path):
     """configs/moe.yaml on a tiny shape (2 layers: ffns [swiglu, moe] puts the MoE at layer 1): the
     layer logs its load per expert (a list in metrics.jsonl, a histogram in TensorBoard), imbalance
