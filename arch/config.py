@@ -194,16 +194,6 @@ def _active(layer_config) -> int:
     return count() if count is not None else layer_config.num_params()
 
 
-def model_keys() -> list[str]:
-    """Every key under model: its fields and model.<layer>.<setting> for each registered layer."""
-    keys = [f"model.{name}" for name in ModelConfig.model_fields if name != "kernels"]
-    keys += [f"model.kernels.{name}" for name in KernelsConfig.model_fields]
-    for registry in (MIXERS, FFNS):
-        for name, entry in registry.entries.items():
-            keys += [f"model.{name}.{key}" for key in entry.config.model_fields]
-    return keys
-
-
 def _unknown(key: str, known: list[str]) -> str:
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     return f"unknown config key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")

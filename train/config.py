@@ -19,9 +19,10 @@ import pydantic
 import yaml
 from pydantic import model_validator
 
-from hybrax.arch.config import ModelConfig, StrictConfig, model_keys
+from hybrax.arch.config import ModelConfig, StrictConfig
 from hybrax.configs import DIRECTORY
 from hybrax.layers.sharding import MESH_AXES
+from hybrax.train.settings import list_keys
 
 
 class ConfigError(ValueError):
@@ -161,22 +162,6 @@ class Config(StrictConfig):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def _known_keys(cls: type[pydantic.BaseModel], prefix: str = "") -> list[str]:
-    keys = []
-    for name, field in cls.model_fields.items():
-        sub = field.annotation
-        if isinstance(sub, type) and issubclass(sub, pydantic.BaseModel):
-            keys += _known_keys(sub, f"{prefix}{name}.")
-        else:
-            keys.append(prefix + name)
-    return keys
-
-
-def setting_keys() -> list[str]:
-    """Every settable key: the sections' fields and each registered layer's model.<name>.<key>."""
-    return [key for key in _known_keys(Config) if not key.startswith("model.")] + model_keys()
-
-
 def _set_dotted(tree: dict, key: str, value) -> None:
     *parents, leaf = key.split(".")
     node = tree
@@ -224,7 +209,7 @@ def _one_line(error: pydantic.ValidationError) -> str:
     first = error.errors()[0]
     key = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(key, setting_keys(), n=1, cutoff=0.6)
+        close = difflib.get_close_matches(key, [row.key for row in list_keys()], n=1, cutoff=0.6)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         return f"unknown config key {key!r}{hint}"
     message = first["msg"].removeprefix("Value error, ")
