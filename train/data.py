@@ -3,6 +3,9 @@
 Sources (train.corpus): the embedded Shakespeare plays (whole plays held out for validation),
 local .txt/.jsonl/.parquet files, or synthetic text. Training batches come from a deterministic,
 resumable `PackedBatches`; validation walks every held-out row once.
+
+Every problem with the data files or data settings is a `corpus.DataError` (one line), raised here,
+before any compute.
 """
 
 import dataclasses
@@ -34,15 +37,34 @@ def documents(config: DataConfig, seed: int) -> tuple[list[str], list[str]]:
     return corpus.synthetic(seed=seed)
 
 
+def _source(config: DataConfig) -> str:
+    return f"data.path={config.path!r}" if config.source == "files" else f"data.source={config.source!r}"
+
+
+def _check_split(config: DataConfig, train_text: list[str], val_text: list[str]) -> None:
+    """Both halves must hold a document: an empty validation set would only fail at the first eval."""
+    if train_text and val_text:
+        return
+    if config.source == "shakespeare":
+        raise corpus.DataError(f"data.val_plays={config.val_plays} holds out no play; name at least one for validation")
+    count = len(train_text) + len(val_text)
+    raise corpus.DataError(f"{_source(config)} holds {count} non-empty document(s); need at least 2, "
+                           f"one of them held out for validation (data.val_fraction={config.val_fraction})")
+
+
 def build_datasets(config: DataConfig, seed: int, row_range: tuple[int, int] | None = None) -> Datasets:
     """Training batches (only rows `row_range` of each global batch when given: one process's share)
     and the validation documents."""
     tokenizer = ByteTokenizer()
     train_text, val_text = documents(config, seed)
+    _check_split(config, train_text, val_text)
     train_docs = [tokenizer.encode(t) for t in train_text]
     val_docs = [tokenizer.encode(t) for t in val_text]
-    train = PackedBatches(train_docs, batch_size=config.batch_size, seq_len=config.seq_len, seed=seed,
-                          row_range=row_range)
+    try:
+        train = PackedBatches(train_docs, batch_size=config.batch_size, seq_len=config.seq_len, seed=seed,
+                              row_range=row_range)
+    except corpus.DataError as error:   # say which data: "too few rows" depends on the files
+        raise corpus.DataError(f"{_source(config)}: {error}") from None
     return Datasets(train, val_docs, sum(map(len, train_docs)), sum(map(len, val_docs)))
 
 

@@ -13,6 +13,8 @@ single-process run. CPU processes exchange collectives over gloo.
 import os
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 
 class DistributedConfigError(ValueError):
@@ -49,3 +51,11 @@ def initialize(arguments: dict | None, *, auto: bool = False) -> None:
     if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**(arguments or {}))
+
+
+def any_process(flag: bool) -> bool:
+    """True when `flag` is true on any process: a decision every process then takes together (a
+    collective save, a stop). One small all-gather per call in a multi-process run; free otherwise."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(np.any(multihost_utils.process_allgather(np.asarray([flag], dtype=np.int32))))

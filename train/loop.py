@@ -9,7 +9,13 @@ the log, metrics, config and samples, and all of them write the checkpoint toget
 
 Exit codes: 0 when the run finishes or stops on SIGTERM (after saving a checkpoint); 1 when the
 loss or the gradient norm stops being finite, or the state is not finite when a save is due
-(nothing is saved, so the last good checkpoint, checked finite when written, stays the latest).
+(nothing is saved, so the last good checkpoint, checked finite when written, stays the latest), or
+when a checkpoint cannot be saved (an asynchronous save that failed, found at the next step, or too
+little free space to start one). Each stop is one line naming the last good checkpoint.
+
+A stop every process must take together is agreed first (train.distributed.any_process): a
+SIGTERM that reached one host, or a full disk seen by one, stops them all at the same step, so
+the collective save is entered by all processes or by none.
 """
 
 import pathlib
@@ -19,18 +25,22 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from hybrax.train import termination
+from hybrax.train.checkpoint import CheckpointSaveFailed
 from hybrax.train.config import Config
 from hybrax.train.data import validation_batches
+from hybrax.train.distributed import any_process
 from hybrax.train.metrics import console_line, is_finite, plain
 from hybrax.train.run import Run, build_run, write_atomically
+from hybrax.train.run_directory import OnChange
 from hybrax.train.sample import generate
 from hybrax.train.sharding import shard_batch, to_host
 from hybrax.train.step import TrainState, merge_model, state_is_finite, summarize_eval
 
 
-def train(config: Config, run_dir: str | pathlib.Path, *, log=print) -> int:
-    """Trains, or resumes, the run in `run_dir`; returns the exit code (see the module docstring)."""
-    with build_run(config, pathlib.Path(run_dir), log=log) as run:
+def train(config: Config, run_dir: str | pathlib.Path, *, on_change: OnChange = OnChange.REFUSE, log=print) -> int:
+    """Trains, or resumes, the run in `run_dir`; returns the exit code (see the module docstring).
+    `on_change`: what to do when `run_dir` was started with another config (train.run_directory)."""
+    with build_run(config, pathlib.Path(run_dir), on_change=on_change, log=log) as run:
         code, state = _loop(run)
     if code == 0 and state is not None and config.log.sample_tokens > 0:
         _sample(run, state)
@@ -39,51 +49,67 @@ def train(config: Config, run_dir: str | pathlib.Path, *, log=print) -> int:
 
 def _loop(run: Run) -> tuple[int, TrainState | None]:
     """(exit code, final state or None when stopped early)."""
-    config, steps = run.config, run.config.train.steps
-    B, T = config.data.batch_size, config.data.seq_len
-    state, window = run.state, _Throughput()
     termination.listen()
-    if termination.requested():   # during setup or compile: nothing new to save
+    if any_process(termination.requested()):   # during setup or compile: nothing new to save
         run.log(f"SIGTERM before the first step: nothing new to save (latest checkpoint: step "
                 f"{run.checkpointer.latest_step()}); exiting")
         return 0, None
-    bar = tqdm(total=steps, initial=run.start, disable=not (run.lead and config.log.progress_bar),
-               dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(total=run.config.train.steps, initial=run.start, dynamic_ncols=True, mininterval=1.0,
+               disable=not (run.lead and run.config.log.progress_bar))
     try:
-        for step in range(run.start + 1, steps + 1):
-            batch = shard_batch(next(run.data.train), run.mesh, batch_size=B, row_start=run.rows[0])
-            t = time.perf_counter()
-            state, metrics = run.train_step(state, batch)
-            metrics = to_host(metrics)
-            loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-            window.add(B * T, time.perf_counter() - t)
-            if not (is_finite(loss) and is_finite(grad_norm)):   # a NaN gradient poisons the update
-                what = f"loss is {loss}" if not is_finite(loss) else f"grad_norm is {grad_norm} (loss {loss:.4f})"
-                return _stop(run, f"{what} at step {step}"), None
-            bar.update(1)
-            last = step == steps
-            if run.lead and (step % config.train.log_every == 0 or last):
-                _report(run, bar, step, _train_record(run, metrics, window.take_rate()))
-            if step % config.train.eval_every == 0 or last:   # every process: the eval step is collective
-                batches = validation_batches(run.data, config.data, config.train.eval_batches)
-                record = evaluate(run.eval_step, state, batches, run.mesh)
-                if run.lead:
-                    _report(run, bar, step, record, shown={"loss": loss, **record})
-            stopping = termination.requested()
-            if step % config.checkpoint.every == 0 or last or stopping:
-                if not bool(state_is_finite(state)):
-                    return _stop(run, f"the state holds a non-finite value after step {step}"), None
-                run.checkpointer.save(step, state, run.data.train.state(), wait=stopping)
-            if stopping:
-                run.log(f"SIGTERM: saved checkpoint at step {step} in {run.checkpointer.directory}; exiting")
-                return 0, None
+        return _steps(run, bar)
+    except CheckpointSaveFailed as e:
+        return _stop(run, str(e)), None
     finally:
         bar.close()
+
+
+def _steps(run: Run, bar: tqdm) -> tuple[int, TrainState | None]:
+    config, steps = run.config, run.config.train.steps
+    B, T = config.data.batch_size, config.data.seq_len
+    state, window = run.state, _Throughput()
+    for step in range(run.start + 1, steps + 1):
+        batch = shard_batch(next(run.data.train), run.mesh, batch_size=B, row_start=run.rows[0])
+        t = time.perf_counter()
+        state, metrics = run.train_step(state, batch)
+        metrics = to_host(metrics)
+        loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+        window.add(B * T, time.perf_counter() - t)
+        if not (is_finite(loss) and is_finite(grad_norm)):   # a NaN gradient poisons the update
+            what = f"loss is {loss}" if not is_finite(loss) else f"grad_norm is {grad_norm} (loss {loss:.4f})"
+            return _stop(run, f"{what} at step {step}"), None
+        bar.update(1)
+        last = step == steps
+        if run.lead and (step % config.train.log_every == 0 or last):
+            _report(run, bar, step, _train_record(run, metrics, window.take_rate()))
+        if step % config.train.eval_every == 0 or last:   # every process: the eval step is collective
+            batches = validation_batches(run.data, config.data, config.train.eval_batches)
+            record = evaluate(run.eval_step, state, batches, run.mesh)
+            if run.lead:
+                _report(run, bar, step, record, shown={"loss": loss, **record})
+        run.checkpointer.poll()   # CheckpointSaveFailed: an earlier asynchronous save failed
+        stopping = any_process(termination.requested())   # every process saves, or none does
+        if step % config.checkpoint.every == 0 or last or stopping:
+            if not bool(state_is_finite(state)):
+                return _stop(run, f"the state holds a non-finite value after step {step}"), None
+            problem = run.checkpointer.space_problem(state)
+            if any_process(problem is not None):
+                problem = problem or "another process has too little free space"
+                return _stop(run, f"cannot save checkpoint step {step}: {problem}"), None
+            run.checkpointer.save(step, state, run.data.train.state(), wait=stopping or last)
+        if stopping:
+            run.log(f"SIGTERM: saved checkpoint at step {step} in {run.checkpointer.directory}; exiting")
+            return 0, None
     return 0, state
 
 
 def _stop(run: Run, what: str) -> int:
-    """Exit code 1 with one line naming the last good checkpoint (every saved one was checked finite)."""
+    """Exit code 1 with one line naming the last good checkpoint (every saved one was checked finite;
+    a save still running is waited for first)."""
+    try:
+        run.checkpointer.finish()
+    except CheckpointSaveFailed as e:
+        what = f"{what}; {e}"
     latest = run.checkpointer.latest_step()
     good = (f"the last good checkpoint is step {latest} in {run.checkpointer.directory}" if latest is not None
             else "there is no checkpoint yet")

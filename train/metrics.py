@@ -1,22 +1,29 @@
 """Run outputs with the same numbers everywhere: `metrics.jsonl` (one JSON object per line),
 TensorBoard scalars, and one console line per log step. A vector metric (e.g. a MoE layer's load
-per expert) is a list in `metrics.jsonl` and a histogram in TensorBoard."""
+per expert) is a list in `metrics.jsonl` and a histogram in TensorBoard.
+
+A run that starts at step S (resumed from checkpoint S, or 0) first drops the records of later
+steps, which an earlier invocation wrote before it was killed and this one redoes: from
+metrics.jsonl (rewritten atomically; a line cut short by the kill goes too) and from TensorBoard
+(its purge step). Every step then appears once."""
 
 import json
 import math
+import os
 import pathlib
 
 import numpy as np
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: pathlib.Path, *, tensorboard: bool = True):
+    def __init__(self, run_dir: pathlib.Path, *, start: int = 0, tensorboard: bool = True):
         self.path = pathlib.Path(run_dir) / "metrics.jsonl"
+        drop_records_after(self.path, start)
         self.file = self.path.open("a")
         self.tensorboard = None
         if tensorboard:
             from tensorboardX import SummaryWriter
-            self.tensorboard = SummaryWriter(str(pathlib.Path(run_dir) / "tensorboard"))
+            self.tensorboard = SummaryWriter(str(pathlib.Path(run_dir) / "tensorboard"), purge_step=start + 1)
 
     def write(self, step: int, metrics: dict) -> None:
         record = {"step": int(step), **{k: plain(v) for k, v in metrics.items()}}
@@ -33,6 +40,27 @@ class MetricsWriter:
         self.file.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+def drop_records_after(path: pathlib.Path, step: int) -> int:
+    """Keeps the records of steps <= `step` (and drops a line that does not parse); returns how many
+    lines went."""
+    if not path.exists():
+        return 0
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if (at := _step_of(line)) is not None and at <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+    return len(lines) - len(kept)
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def plain(value):

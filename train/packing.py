@@ -24,11 +24,12 @@ A batch is a dict of `[B, T]` arrays:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from hybrax.train.corpus import DataError
 from hybrax.train.tokenizer import BOS, EOS, PAD
 
 Batch = dict[str, np.ndarray]
@@ -37,13 +38,13 @@ Batch = dict[str, np.ndarray]
 def _framed(documents: Sequence[np.ndarray]) -> list[np.ndarray]:
     """`BOS d EOS` for every document, in one dtype (uint16 when all inputs are uint16)."""
     if len(documents) == 0:
-        raise ValueError("documents is empty; need at least one tokenized document")
+        raise DataError("documents is empty; need at least one tokenized document")
     dtype = np.uint16 if all(np.asarray(d).dtype == np.uint16 for d in documents) else np.int32
     framed = []
     for index, document in enumerate(documents):
         document = np.asarray(document)
         if document.ndim != 1 or not np.issubdtype(document.dtype, np.integer):
-            raise ValueError(
+            raise DataError(
                 f"documents[{index}] has shape {document.shape} dtype {document.dtype}; "
                 "expected a 1-D integer array of token ids"
             )
@@ -75,7 +76,7 @@ def batch_from_rows(rows: np.ndarray) -> Batch:
 
 def _check_sizes(batch_size: int, seq_len: int) -> None:
     if batch_size < 1 or seq_len < 1:
-        raise ValueError(f"batch_size={batch_size} and seq_len={seq_len} must both be >= 1")
+        raise DataError(f"batch_size={batch_size} and seq_len={seq_len} must both be >= 1")
 
 
 class PackedBatches:
@@ -107,10 +108,10 @@ class PackedBatches:
         _check_sizes(batch_size, seq_len)
         start, stop = (0, batch_size) if row_range is None else row_range
         if not 0 <= start < stop <= batch_size:
-            raise ValueError(f"row_range={row_range} must satisfy 0 <= start < stop <= batch_size={batch_size}")
+            raise DataError(f"row_range={row_range} must satisfy 0 <= start < stop <= batch_size={batch_size}")
         self.row_range = (int(start), int(stop))
         if seed < 0:
-            raise ValueError(f"seed={seed} must be >= 0 (it seeds default_rng([seed, epoch]))")
+            raise DataError(f"seed={seed} must be >= 0 (it seeds default_rng([seed, epoch]))")
         self._documents = _framed(documents)
         self.batch_size, self.seq_len = batch_size, seq_len
         self.seed, self.shuffle = int(seed), shuffle
@@ -118,9 +119,9 @@ class PackedBatches:
         self.rows_per_epoch = (stream_length - 1) // seq_len
         self.batches_per_epoch = self.rows_per_epoch // batch_size
         if self.batches_per_epoch == 0:
-            raise ValueError(
-                f"one epoch has {self.rows_per_epoch} rows of seq_len={seq_len} ({stream_length} "
-                f"tokens), fewer than batch_size={batch_size}; lower batch_size or seq_len"
+            raise DataError(
+                f"the documents pack into {self.rows_per_epoch} rows of seq_len={seq_len} ({stream_length} "
+                f"tokens), fewer than batch_size={batch_size}; lower batch_size or seq_len, or add documents"
             )
         self._epoch, self._batch = 0, 0
         self._cached: tuple[int, np.ndarray, np.ndarray] | None = None
@@ -163,23 +164,36 @@ class PackedBatches:
             "rows_per_epoch": self.rows_per_epoch,
         }
 
-    def restore(self, state: dict[str, Any]) -> None:
-        """Continues from `state()`; only `epoch` and `batch` are required, the rest is checked."""
-        for key in ("seed", "batch_size", "seq_len", "rows_per_epoch"):
-            if key in state and int(state[key]) != getattr(self, key):
-                mine = getattr(self, key)
-                raise ValueError(
-                    f"data state has {key}={state[key]} but this iterator has {key}={mine}; "
-                    "resume with the same documents and data settings"
-                )
-        if "epoch" not in state or "batch" not in state:
-            raise ValueError(f"data state {state} lacks 'epoch' or 'batch'")
-        epoch, batch = int(state["epoch"]), int(state["batch"])
+    # The settings a data state is only valid for, and where each comes from in a run's config.
+    _SETTINGS = {"seed": "train.seed", "batch_size": "data.batch_size", "seq_len": "data.seq_len",
+                 "rows_per_epoch": "the documents: data.source, data.path, data.val_fraction or the files"}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Continues from `state()`; only `epoch` and `batch` are required, the rest is checked.
+
+        Any mismatch (other settings, missing keys, values that are not ints) is one `DataError`."""
+        mismatch = "the checkpoint's data state does not match this config's data settings"
+        if not isinstance(state, Mapping):
+            raise DataError(f"{mismatch}: it is a {type(state).__name__}, expected a dict with 'epoch' and 'batch'")
+        missing = [key for key in ("epoch", "batch") if key not in state]
+        if missing:
+            raise DataError(f"{mismatch}: it lacks {missing[0]!r} (it has {sorted(map(str, state))})")
+        values = {}
+        for key in (*self._SETTINGS, "epoch", "batch"):
+            if key not in state:
+                continue
+            value = state[key]
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise DataError(f"{mismatch}: {key}={value!r} is a {type(value).__name__}, expected an int")
+            values[key] = int(value)
+        for key, where in self._SETTINGS.items():
+            if key in values and values[key] != getattr(self, key):
+                raise DataError(f"{mismatch}: {key}={values[key]} in the checkpoint, {key}={getattr(self, key)} "
+                                f"now (set by {where}); resume with the same data settings")
+        epoch, batch = values["epoch"], values["batch"]
         if epoch < 0 or not 0 <= batch < self.batches_per_epoch:
-            raise ValueError(
-                f"data state epoch={epoch} batch={batch} is out of range; "
-                f"valid: epoch >= 0 and 0 <= batch < {self.batches_per_epoch}"
-            )
+            raise DataError(f"{mismatch}: epoch={epoch} batch={batch} is out of range; "
+                            f"valid: epoch >= 0 and 0 <= batch < {self.batches_per_epoch}")
         self._epoch, self._batch = epoch, batch
 
 

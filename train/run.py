@@ -28,6 +28,7 @@ from hybrax.train.data import Datasets, build_datasets
 from hybrax.train.hardware import peak_flops_per_device
 from hybrax.train.metrics import MetricsWriter
 from hybrax.train.optim import make_optimizer
+from hybrax.train.run_directory import OnChange, check_config, check_steps, keep_old_config, move_aside
 from hybrax.train.run_lock import run_directory_lock
 from hybrax.train.sharding import create_sharded, make_mesh, process_rows, state_shardings, with_shardings
 from hybrax.train.step import TrainState, create_model, init_state
@@ -57,9 +58,12 @@ class Run:
 
 
 @contextlib.contextmanager
-def build_run(config: Config, run_dir: pathlib.Path, *, log=print) -> Iterator[Run]:
+def build_run(config: Config, run_dir: pathlib.Path, *, on_change: OnChange = OnChange.REFUSE,
+              log=print) -> Iterator[Run]:
     """Builds the run and yields it under its mesh and kernel policy; on the way out, even on an
-    error, closes the metrics writer and then the checkpointer (which waits for its last save)."""
+    error, closes the metrics writer and then the checkpointer (which waits for its last save).
+    `on_change`: what to do when the run directory was started with another config
+    (train.run_directory)."""
     mesh_shape = check_devices(config, jax.device_count())
     mesh = make_mesh(config.mesh)
     lead = jax.process_index() == 0
@@ -70,24 +74,33 @@ def build_run(config: Config, run_dir: pathlib.Path, *, log=print) -> Iterator[R
         if lead:
             run_dir.mkdir(parents=True, exist_ok=True)
             closing.enter_context(run_directory_lock(run_dir))   # a second trainer fails here, in one line
-        multihost_utils.sync_global_devices("run directory")
+
+        accepted = check_config(run_dir, config, on_change)   # ConfigChanged: one line, before any compute
+        if lead and on_change is OnChange.FRESH and (moved := move_aside(run_dir)) is not None:
+            log(f"--fresh: the previous run in {run_dir} was moved to {moved}")
+        multihost_utils.sync_global_devices("run directory checked")
         log(f"resolved config:\n{config.to_yaml()}")
 
         rows = process_rows(mesh, config.data.batch_size, config.data.seq_len)
         data = build_datasets(config.data, config.train.seed, row_range=rows)
-        checkpointer = Checkpointer(run_dir, config.checkpoint)
+        checkpointer = Checkpointer(run_dir, config.checkpoint, log=log)
         closing.callback(checkpointer.close)
         shardings = state_shardings(abstract, mesh)
-        start = checkpointer.latest_step() or 0
-        if start:   # onto whatever mesh shape this run has; CheckpointMismatch when the model differs
-            state, data_state = checkpointer.restore(start, with_shardings(abstract, shardings))
+        # onto whatever mesh shape this run has; CheckpointMismatch when the model differs
+        restored = checkpointer.restore_latest(with_shardings(abstract, shardings))
+        if restored is not None:
+            start, state, data_state = restored
+            check_steps(run_dir, config, start)
             data.train.restore(data_state)
             log(f"resumed from checkpoint at step {start} ({checkpointer.directory})")
         else:
-            seed = config.train.seed
+            start, seed = 0, config.train.seed
             state = create_sharded(lambda: init_state(create_model(config.model, seed), optimizer)[1], shardings)
-        if lead:
-            write_atomically(run_dir / "config.yaml", config.to_yaml())  # only once the checkpoint fits it
+        if lead:   # only once the checkpoint fits it
+            if accepted:
+                kept = keep_old_config(run_dir, start)
+                log(f"--resume: the config changed at step {start} ({'; '.join(accepted)}); the old one is {kept}")
+            write_atomically(run_dir / "config.yaml", config.to_yaml())
 
         train_step, eval_step = sharded_steps(config, graphdef, optimizer, shardings, mesh)
         t0 = time.perf_counter()
@@ -98,7 +111,7 @@ def build_run(config: Config, run_dir: pathlib.Path, *, log=print) -> Iterator[R
             log(f"kernel {line}")
 
         peak_flops, peak_source = _peak_flops(config)
-        writer = MetricsWriter(run_dir, tensorboard=config.log.tensorboard) if lead else None
+        writer = MetricsWriter(run_dir, start=start, tensorboard=config.log.tensorboard) if lead else None
         if writer is not None:
             closing.callback(writer.close)
         run = Run(config=config, run_dir=run_dir, lead=lead, log=log, mesh=mesh, rows=rows, data=data,

@@ -99,16 +99,20 @@ def test_cli_reports_bad_input_before_any_compute(tmp_path):
 
 
 def test_bad_input_leaves_an_existing_run_untouched(tmp_path):
-    """A finished run, then reruns with a bad key and with a model its checkpoint does not fit."""
+    """A finished run, then reruns with a bad key, with another model (refused as a changed config) and
+    with --resume into that model (its checkpoint does not fit)."""
     tiny = ["model.d_model=32", "model.num_layers=1", "model.num_heads=2", "data.seq_len=16", "data.batch_size=2",
             "train.steps=2", "train.eval_batches=1", "log.progress_bar=false", "log.sample_tokens=0"]
     assert cli(tmp_path, *tiny).returncode == 0
     before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
     bad_key = cli(tmp_path, *tiny, "optim.lrr=1")
     assert bad_key.returncode == 2 and "did you mean 'optim.lr'" in bad_key.stderr
-    mismatch = cli(tmp_path, *tiny, "model.d_model=64")
+    changed = cli(tmp_path, *tiny, "model.d_model=64")
+    assert changed.returncode == 2 and "started with another config: model.d_model: 32 -> 64" in changed.stderr
+    mismatch = cli(tmp_path, "--resume", *tiny, "model.d_model=64")
     assert mismatch.returncode == 2 and "does not fit this config" in mismatch.stderr
-    assert len([ln for ln in mismatch.stderr.splitlines() if ln.startswith("error:")]) == 1
-    assert "Traceback" not in mismatch.stderr
+    for result in (changed, mismatch):
+        assert len([ln for ln in result.stderr.splitlines() if ln.startswith("error:")]) == 1
+        assert "Traceback" not in result.stderr
     after = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
     assert after == before

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 
 import numpy as np
 import pytest
 
 from hybrax.train import corpus
+from hybrax.train.config import DataConfig
+from hybrax.train.data import build_datasets
 from hybrax.train.packing import PackedBatches, evaluation_batches
 from hybrax.train.tokenizer import BOS, EOS, PAD, VOCAB_SIZE, ByteTokenizer
 
@@ -78,11 +81,6 @@ def test_shakespeare_split_holds_out_whole_plays(plays):
     assert none == [] and len(everything) == len(train) + len(val)
     val_bytes = sum(len(d) for d in val)
     assert 0.05 < val_bytes / (val_bytes + sum(len(d) for d in train)) < 0.12
-
-
-def test_shakespeare_unknown_play_is_named():
-    with pytest.raises(ValueError, match=r"'hamlett'.*the-tempest"):
-        corpus.shakespeare(val_plays=("hamlet", "hamlett"))
 
 
 # --- packing ---------------------------------------------------------------------------------
@@ -186,16 +184,48 @@ def test_resume_continues_exactly(seq_len):
         assert all(np.array_equal(got[k], want[k]) for k in want)
 
 
-def test_restore_rejects_other_settings():
+MISMATCH = "the checkpoint's data state does not match this config's data settings: "
+FEWER_DOCUMENTS = random_documents()[:30]
+
+
+@pytest.mark.parametrize("settings, state, reason", [
+    ({"seq_len": 32}, None, "seq_len=16 in the checkpoint, seq_len=32 now (set by data.seq_len)"),
+    ({"batch_size": 2}, None, "batch_size=4 in the checkpoint, batch_size=2 now (set by data.batch_size)"),
+    ({"seed": 2}, None, "seed=1 in the checkpoint, seed=2 now (set by train.seed)"),
+    ({"documents": FEWER_DOCUMENTS}, None, "rows_per_epoch=77 in the checkpoint, rows_per_epoch=62 now (set by "
+                                           "the documents: data.source, data.path, data.val_fraction or the files)"),
+    ({}, {"epoch": 0, "batch": 999}, "epoch=0 batch=999 is out of range; valid: epoch >= 0 and 0 <= batch < 19"),
+    ({}, {"epoch": -1, "batch": 0}, "epoch=-1 batch=0 is out of range"),
+    ({}, {"epoch": 0}, "it lacks 'batch' (it has ['epoch'])"),
+    ({}, {}, "it lacks 'epoch' (it has [])"),
+    ({}, [0, 3], "it is a list, expected a dict with 'epoch' and 'batch'"),
+    ({}, "corrupted", "it is a str, expected a dict"),
+    ({}, {"epoch": "0", "batch": 3}, "epoch='0' is a str, expected an int"),
+    ({}, {"epoch": 0, "batch": 3, "seq_len": 16.0}, "seq_len=16.0 is a float, expected an int"),
+    ({}, {"epoch": 0, "batch": None}, "batch=None is a NoneType, expected an int"),
+    ({}, {"epoch": 0, "batch": True}, "batch=True is a bool, expected an int"),
+])
+def test_restore_rejects_a_mismatched_data_state(settings, state, reason):
+    """Every mismatch, a malformed dict included, is one DataError line; the iterator is left as it was."""
+    saved = PackedBatches(random_documents(), batch_size=4, seq_len=16, seed=1).state()
+    state = json.loads(json.dumps(saved)) if state is None else state
+    arguments = {"documents": random_documents(), "batch_size": 4, "seq_len": 16, "seed": 1} | settings
+    batches = PackedBatches(arguments.pop("documents"), **arguments)
+    before = batches.state()
+    with pytest.raises(corpus.DataError) as caught:
+        batches.restore(state)
+    assert str(caught.value).startswith(MISMATCH) and reason in str(caught.value), str(caught.value)
+    assert "\n" not in str(caught.value) and batches.state() == before
+
+
+def test_packing_settings_are_data_errors():
     documents = random_documents()
-    state = PackedBatches(documents, batch_size=4, seq_len=16, seed=1).state()
-    with pytest.raises(ValueError, match="seq_len=16.*seq_len=32"):
-        PackedBatches(documents, batch_size=4, seq_len=32, seed=1).restore(state)
-    fresh = PackedBatches(documents, batch_size=4, seq_len=16, seed=1)
-    with pytest.raises(ValueError, match="batch=999"):
-        fresh.restore({"epoch": 0, "batch": 999})
-    with pytest.raises(ValueError, match="seed=-1"):
+    with pytest.raises(corpus.DataError, match="seed=-1 must be >= 0"):
         PackedBatches(documents, batch_size=4, seq_len=16, seed=-1)
+    with pytest.raises(corpus.DataError, match="batch_size=0 and seq_len=16 must both be >= 1"):
+        PackedBatches(documents, batch_size=0, seq_len=16, seed=0)
+    with pytest.raises(corpus.DataError, match="documents is empty"):
+        PackedBatches([], batch_size=4, seq_len=16, seed=0)
 
 
 def test_epoch_rollover_reshuffles_and_never_mixes_epochs():
@@ -285,26 +315,102 @@ def test_local_files_read_every_format_and_split_deterministically(tmp_path):
     assert sorted(len(part) for part in corpus.local_files(str(two))) == [1, 1]
 
 
-def test_local_files_errors_name_the_offending_value(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no-such-dir"):
-        corpus.local_files(str(tmp_path / "no-such-dir"))
-    bad = tmp_path / "data.csv"
-    bad.write_text("a,b\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"data\.csv.*\.jsonl"):
-        corpus.local_files(str(bad))
-    records = tmp_path / "records.jsonl"
-    records.write_text('{"content": "hello"}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"records\.jsonl:1.*'text'.*content"):
-        corpus.local_files(str(records))
-    parquet = pytest.importorskip("pyarrow.parquet")
-    import pyarrow
+def _deny_open(monkeypatch):
+    def deny(file, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", file)
+    monkeypatch.setattr(corpus, "open", deny, raising=False)   # root can read any file: fake the refusal
 
-    parquet.write_table(pyarrow.table({"content": ["x"]}), tmp_path / "rows.parquet")
-    with pytest.raises(ValueError, match=r"rows\.parquet.*'text'.*content"):
-        corpus.local_files(str(tmp_path / "rows.parquet"))
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="empty"):
-        corpus.local_files(str(tmp_path / "empty"))
+
+def _hide_pyarrow(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+
+
+# id: (files to create, the data path, local_files keyword arguments, expected message (regex), setup).
+# A file's content is str or bytes, a dict is a parquet table, None a dangling symlink.
+BAD_FILES = {
+    "missing path": ({}, "no-such-dir", {}, r"data path '.*/no-such-dir' does not exist$", None),
+    "unsupported extension": ({"data.csv": "a,b\n"}, "data.csv", {},
+                              r"/data\.csv has unsupported extension '\.csv'; valid: \.txt, \.jsonl, \.parquet$", None),
+    "no data files": ({"d/notes.md": "not data"}, "d", {},
+                      r"^no \.txt, \.jsonl, \.parquet files under directory .*/d$", None),
+    "empty txt": ({"a.txt": ""}, "a.txt", {}, r"^no non-empty documents in .*/a\.txt: the file is empty$", None),
+    "only empty files": ({"d/a.txt": "", "d/b.jsonl": '\n{"text": ""}\n'}, "d", {},
+                         r"^no non-empty documents in .*/d: all 2 files are empty or have only empty "
+                         r"text_field='text' values$", None),
+    "binary txt": ({"blob.txt": b"GIF89a\x01\x00\xff\xfe"}, "blob.txt", {},
+                   r"/blob\.txt is not UTF-8 text \(byte b'\\xff' at offset 8\); convert it to UTF-8$", None),
+    "latin-1 jsonl": ({"x.jsonl": '{"text": "ok"}\n{"text": "café"}\n'.encode("latin-1")}, "x.jsonl", {},
+                      r"/x\.jsonl:2 is not UTF-8 text \(byte b'\\xe9' at offset 28\)", None),
+    "malformed json": ({"bad.jsonl": '{"text": "ok"}\n{"text": oops}\n'}, "bad.jsonl", {},
+                       r"/bad\.jsonl:2 is not valid JSON \(Expecting value at column 10\)$", None),
+    "missing field": ({"records.jsonl": '{"content": "hello"}\n'}, "records.jsonl", {},
+                      r"/records\.jsonl:1 has no field text_field='text'; found \['content'\]$", None),
+    "field not a string": ({"n.jsonl": '{"text": "a"}\n{"text": 7}\n'}, "n.jsonl", {},
+                           r"/n\.jsonl:2 field 'text' is int, expected a string$", None),
+    "null field": ({"n.jsonl": '{"body": null}\n'}, "n.jsonl", {"text_field": "body"},
+                   r"/n\.jsonl:1 field 'body' is null, expected a string$", None),
+    "record not an object": ({"l.jsonl": '["text", "x"]\n'}, "l.jsonl", {},
+                             r"/l\.jsonl:1 is a JSON list, expected an object with text_field='text'$", None),
+    "parquet missing column": ({"rows.parquet": {"content": ["x"]}}, "rows.parquet", {},
+                               r"/rows\.parquet has no column text_field='text'; columns are \['content'\]$", None),
+    "parquet not strings": ({"rows.parquet": {"text": ["x", None]}}, "rows.parquet", {},
+                            r"/rows\.parquet row 1 column 'text' is None, expected a string$", None),
+    "corrupt parquet": ({"junk.parquet": b"this is not parquet"}, "junk.parquet", {},
+                        r"^cannot read .*/junk\.parquet as parquet \(.+\)$", None),
+    "parquet needs pyarrow": ({"rows.parquet": b"PAR1"}, "rows.parquet", {},
+                              r"^reading .*/rows\.parquet needs pyarrow: pip install hybrax\[parquet\]$",
+                              _hide_pyarrow),
+    "dangling symlink": ({"d/a.txt": "fine", "d/gone.txt": None}, "d", {},
+                         r"^cannot read .*/d/gone\.txt: No such file or directory$", None),
+    "unreadable file": ({"secret.txt": "x"}, "secret.txt", {}, r"^cannot read .*/secret\.txt: Permission denied$",
+                        _deny_open),
+    "val_fraction out of range": ({"a.txt": "x"}, "a.txt", {"val_fraction": 1.0},
+                                  r"^val_fraction=1\.0 must be in \[0, 1\)$", None),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FILES, ids=list(BAD_FILES))
+def test_every_bad_data_file_is_one_data_error_line(case, tmp_path, monkeypatch):
+    files, target, keywords, expected, setup = BAD_FILES[case]
+    for name, content in files.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, dict):
+            parquet = pytest.importorskip("pyarrow.parquet")
+            parquet.write_table(pytest.importorskip("pyarrow").table(content), path)
+        elif content is None:
+            path.symlink_to(tmp_path / "nowhere")
+        else:
+            path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    if setup:
+        setup(monkeypatch)
+    with pytest.raises(corpus.DataError) as caught:
+        corpus.local_files(str(tmp_path / target), **keywords)
+    message = str(caught.value)
+    assert "\n" not in message and re.search(expected, message), message
+    assert isinstance(caught.value, ValueError)   # older `except ValueError` callers still catch it
+
+
+def test_bad_data_settings_are_data_errors(tmp_path):
+    with pytest.raises(corpus.DataError, match=r"'hamlett'.*the-tempest"):
+        corpus.shakespeare(val_plays=("hamlet", "hamlett"))
+    with pytest.raises(corpus.DataError, match="val_plays holds out all 38 plays, leaving none to train on"):
+        corpus.shakespeare(val_plays=corpus.play_names())
+    with pytest.raises(corpus.DataError, match=r"^num_documents=0 must be >= 1$"):
+        corpus.synthetic(num_documents=0)
+    (tmp_path / "one.txt").write_text("a single document " * 40, encoding="utf-8")
+    one = DataConfig(source="files", path=str(tmp_path / "one.txt"), batch_size=2, seq_len=8)
+    with pytest.raises(corpus.DataError, match=r"one\.txt' holds 1 non-empty document\(s\); need at least 2, one of "
+                                               r"them held out for validation \(data\.val_fraction=0\.05\)$"):
+        build_datasets(one, seed=0)
+    with pytest.raises(corpus.DataError, match=r"^data\.val_plays=\[\] holds out no play"):
+        build_datasets(DataConfig(val_plays=[], batch_size=2, seq_len=8), seed=0)
+    (tmp_path / "two.jsonl").write_text('{"text": "short"}\n{"text": "tiny"}\n', encoding="utf-8")
+    small = DataConfig(source="files", path=str(tmp_path / "two.jsonl"), batch_size=4, seq_len=8)
+    with pytest.raises(corpus.DataError, match=r"^data\.path='.*two\.jsonl': the documents pack into 0 rows of "
+                                               r"seq_len=8 \(6 tokens\), fewer than batch_size=4"):
+        build_datasets(small, seed=0)
 
 
 def test_synthetic_is_deterministic_and_zipfian():
