@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     p.add_argument("--print-config", action="store_true", help="print the resolved config tree and exit")
     p.add_argument("--list-keys", action="store_true", help="print every key with its type, default and doc, and exit")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.num_layers=6 optim.lr=1e-3")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)   # flags may follow the overrides
     termination.listen()   # SIGTERM from here on exits 0 (train/termination.py), never -15
     termination.follow_parent()   # under hybrax-sweep: SIGTERM when the sweep dies
     if args.list_keys:

@@ -58,7 +58,7 @@ def _loop(run: Run) -> tuple[int, TrainState | None]:
                disable=not (run.lead and run.config.log.progress_bar))
     try:
         return _steps(run, bar)
-    except CheckpointSaveFailed as e:
+    except MetricsUnwritable as e:   # a full disk, a lost mount
         return _stop(run, str(e)), None
     finally:
         bar.close()
@@ -87,8 +87,8 @@ def _steps(run: Run, bar: tqdm) -> tuple[int, TrainState | None]:
             record = evaluate(run.eval_step, state, batches, run.mesh)
             if run.lead:
                 _report(run, bar, step, record, shown={"loss": loss, **record})
-        run.checkpointer.poll()   # CheckpointSaveFailed: an earlier asynchronous save failed
         stopping = any_process(termination.requested())   # every process saves, or none does
+        failed = _save_failure(run.checkpointer.poll)   # an earlier asynchronous save that failed
         if step % config.checkpoint.every == 0 or last or stopping:
             if not bool(state_is_finite(state)):
                 return _stop(run, f"the state holds a non-finite value after step {step}"), None
@@ -96,11 +96,27 @@ def _steps(run: Run, bar: tqdm) -> tuple[int, TrainState | None]:
             if any_process(problem is not None):
                 problem = problem or "another process has too little free space"
                 return _stop(run, f"cannot save checkpoint step {step}: {problem}"), None
-            run.checkpointer.save(step, state, run.data.train.state(), wait=stopping or last)
+            failed = failed or _save_failure(run.checkpointer.save, step, state, run.data.train.state(),
+                                             wait=stopping or last)
+        if any_process(failed is not None):
+            failed = failed or "a checkpoint save failed on another process"
+            return _stop(run, f"{failed}, found after step {step}"), None
         if stopping:
             run.log(f"SIGTERM: saved checkpoint at step {step} in {run.checkpointer.directory}; exiting")
             return 0, None
     return 0, state
+
+
+class MetricsUnwritable(RuntimeError):
+    """metrics.jsonl (or TensorBoard) could not be written."""
+
+
+def _save_failure(call, *args, **kwargs) -> CheckpointSaveFailed | None:
+    try:
+        call(*args, **kwargs)
+    except CheckpointSaveFailed as e:
+        return e
+    return None
 
 
 def _stop(run: Run, what: str) -> int:
@@ -152,7 +168,10 @@ def _train_record(run: Run, metrics: dict, tokens_per_s: float) -> dict:
 
 def _report(run: Run, bar: tqdm, step: int, record: dict, *, shown: dict | None = None) -> None:
     """`record` into the metrics; its console line (or `shown`'s) above the progress bar."""
-    run.writer.write(step, record)
+    try:
+        run.writer.write(step, record)
+    except OSError as e:
+        raise MetricsUnwritable(f"cannot write {run.writer.path} ({e.strerror or e}) after step {step}") from None
     bar.write(console_line(step, run.config.train.steps, shown or record))
 
 

@@ -37,7 +37,10 @@ class MetricsWriter:
                     self.tensorboard.add_histogram(key, np.asarray(value), step)
 
     def close(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:   # the failed write was reported when it happened (train.loop); what it held is lost
+            pass
         if self.tensorboard is not None:
             self.tensorboard.close()
 

@@ -1,15 +1,17 @@
 """Multi-process training through `jax.distributed`: two CPU processes with 4 devices each (gloo
 collectives) train a hybrid GLA + attention model on a data=2 x seq=4 mesh and log the same
 losses as one process on one device; a rerun of the two processes resumes from the checkpoint
-they wrote together and continues on the one-device trajectory. Plus the one-line errors of
-incomplete multi-process settings."""
+they wrote together and continues on the one-device trajectory; SIGTERM on one process stops both
+at the same step. Plus the one-line errors of incomplete multi-process settings."""
 
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -64,7 +66,7 @@ def test_two_processes_match_one_and_resume(tmp_path):
     """5 steps, then a rerun to 7 that resumes (the schedule follows train.steps, so the one-device
     reference makes the same two runs)."""
     _one_process(tmp_path / "single", "train.steps=5")
-    _one_process(tmp_path / "single", "train.steps=7")
+    _one_process(tmp_path / "single", "--resume", "train.steps=7")
     reference = _train_losses(tmp_path / "single")
 
     outputs = _two_processes(tmp_path / "multi", "train.steps=5")
@@ -74,11 +76,34 @@ def test_two_processes_match_one_and_resume(tmp_path):
     np.testing.assert_allclose([first[s] for s in range(1, 6)], [reference[s] for s in range(1, 6)], rtol=1e-5)
     assert (tmp_path / "multi" / "checkpoints" / "5").is_dir()
 
-    outputs = _two_processes(tmp_path / "multi", "train.steps=7")
+    outputs = _two_processes(tmp_path / "multi", "--resume", "train.steps=7")
     assert "resumed from checkpoint at step 5" in outputs[0]
     resumed = _train_losses(tmp_path / "multi")
     np.testing.assert_allclose([resumed[6], resumed[7]], [reference[6], reference[7]], rtol=1e-5)
     assert (tmp_path / "multi" / "samples.txt").read_text().strip()
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_process_stops_both_at_the_same_step(tmp_path):
+    """Only process 1 gets SIGTERM; the stop is agreed each step (train.distributed.any_process), so
+    both enter the collective save of the same step, and both exit 0."""
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "hybrax.train", "--config", "configs/quickstart.yaml", "--run-dir",
+                               str(tmp_path), "--coordinator", f"localhost:{port}", "--num-processes", "2",
+                               "--process-id", str(i), *MODEL, "mesh.data=2", "mesh.seq=4", "train.steps=100000",
+                               "checkpoint.every=100000"],
+                              cwd=ROOT, env=_environment(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    deadline = time.monotonic() + 300
+    while not ((tmp_path / "metrics.jsonl").exists() and len(_train_losses(tmp_path)) >= 3):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.1)
+    procs[1].send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    saved = int(outputs[0].split("SIGTERM: saved checkpoint at step ")[1].split()[0])
+    assert [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()] == [saved]
+    assert max(_train_losses(tmp_path)) == saved
 
 
 @pytest.mark.parametrize("kwargs,environ,message", [

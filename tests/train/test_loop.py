@@ -2,65 +2,16 @@
 config, metrics, checkpoints and a sample; SIGKILL + rerun resumes bit-exactly; SIGTERM saves and
 exits 0; a non-finite loss stops without touching the last good checkpoint."""
 
-import hashlib
-import json
 import math
-import pathlib
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-TINY = ["model.d_model=64", "model.num_layers=2", "model.num_heads=2", "data.seq_len=64", "data.batch_size=8",
-        "train.log_every=1", "train.eval_every=20", "train.eval_batches=2", "checkpoint.every=4",
-        "log.progress_bar=false", "log.sample_tokens=16"]
+from trainer_cli import ROOT, command, finished_checkpoints, metrics, run, train_losses, tree_digest, wait_for_step
 
 pytestmark = pytest.mark.slow
-
-
-def command(run_dir, *overrides, config="configs/quickstart.yaml"):
-    return [sys.executable, "-m", "hybrax.train", "--config", config, "--run-dir", str(run_dir), *TINY, *overrides]
-
-
-def run(run_dir, *overrides, timeout=300, config="configs/quickstart.yaml"):
-    return subprocess.run(command(run_dir, *overrides, config=config), cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def metrics(run_dir) -> list[dict]:
-    path = pathlib.Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def train_losses(records) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in records if "tokens_per_s" in r}
-
-
-def finished_checkpoints(run_dir) -> list[int]:
-    folder = pathlib.Path(run_dir) / "checkpoints"
-    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
-
-
-def tree_digest(folder) -> str:
-    h = hashlib.sha256()
-    for p in sorted(pathlib.Path(folder).rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(folder)).encode() + p.read_bytes())
-    return h.hexdigest()
-
-
-def wait_for_step(proc, run_dir, step, timeout=240):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if any(r["step"] >= step for r in metrics(run_dir)):
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended early: {proc.stdout.read()}")
-        time.sleep(0.005)
-    raise AssertionError(f"step {step} not reached in {timeout}s")
 
 
 def test_run_writes_everything_and_sample_cli_reads_it(tmp_path):
@@ -115,7 +66,7 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
     assert proc.returncode == 0, out
     saved = int(out.split("SIGTERM: saved checkpoint at step ")[1].split()[0])
     assert saved >= 6 and finished_checkpoints(tmp_path) == [saved]
-    resumed = run(tmp_path, "train.steps=400", "checkpoint.every=1000", "train.steps=" + str(saved + 3))
+    resumed = run(tmp_path, "--resume", "train.steps=400", "checkpoint.every=1000", "train.steps=" + str(saved + 3))
     assert f"resumed from checkpoint at step {saved}" in resumed.stdout
 
 
@@ -123,7 +74,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert run(tmp_path, "train.steps=8").returncode == 0
     assert finished_checkpoints(tmp_path) == [4, 8]
     digest = tree_digest(tmp_path / "checkpoints")
-    diverged = run(tmp_path, "train.steps=30", "optim.lr=1e30", "optim.grad_clip=0", "checkpoint.every=1000")
+    diverged = run(tmp_path, "--resume", "train.steps=30", "optim.lr=1e30", "optim.grad_clip=0", "checkpoint.every=1000")
     assert diverged.returncode == 1, diverged.stdout + diverged.stderr
     line = [ln for ln in diverged.stdout.splitlines() if ln.startswith("error: ")]
     assert line and "stopped without saving, the last good checkpoint is step 8" in line[0]
@@ -142,8 +93,8 @@ def test_a_nan_gradient_never_reaches_a_checkpoint(tmp_path):
     saved = finished_checkpoints(tmp_path)
     assert "grad_norm is nan" in line[0] and "at step 7" in line[0]
     assert (f"last good checkpoint is step {saved[-1]}" if saved else "there is no checkpoint yet") in line[0]
-    recovered = run(tmp_path, "train.steps=60", "optim.lr=1e-3", "checkpoint.every=7", "train.eval_every=100",
-                    "log.sample_tokens=0")
+    recovered = run(tmp_path, "--resume", "train.steps=60", "optim.lr=1e-3", "checkpoint.every=7",
+                    "train.eval_every=100", "log.sample_tokens=0")
     assert recovered.returncode == 0, recovered.stdout + recovered.stderr
     losses = train_losses(metrics(tmp_path))
     assert max(losses) == 60 and all(math.isfinite(v) for step, v in losses.items() if step > (saved or [0])[-1])
@@ -202,7 +153,7 @@ def test_moe_run_logs_load_per_layer_and_resumes(tmp_path):
     assert not any(key.startswith("aux/blocks/0/") for key in record)
     events = b"".join(p.read_bytes() for p in (tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert b"aux/blocks/1/ffn/load" in events   # a vector is written only as a histogram
-    resumed = run(tmp_path, *moe, "train.steps=6", config="configs/moe.yaml")
+    resumed = run(tmp_path, "--resume", *moe, "train.steps=6", config="configs/moe.yaml")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resumed from checkpoint at step 4" in resumed.stdout
     assert sorted(train_losses(metrics(tmp_path))) == list(range(1, 7))
