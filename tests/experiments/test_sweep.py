@@ -16,8 +16,8 @@ import time
 import pytest
 
 from hybrax.configs import DIRECTORY
-from hybrax.experiments.sweep import (RunStopped, SweepError, completed, end_invocation, load_sweep, main, record,
-                                      start_invocation)
+from hybrax.experiments.sweep import RunStopped, load_sweep, main, record
+from hybrax.experiments.sweep_records import SweepError, completed, end_invocation, start_invocation
 TINY = ["model.d_model=16", "model.num_layers=1", "model.num_heads=2", "data.seq_len=32", "data.batch_size=4",
         "train.eval_batches=1", "train.log_every=1", "log.sample_tokens=0", "log.progress_bar=false",
         "log.tensorboard=false", "checkpoint.every=1000"]
