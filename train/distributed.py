@@ -53,9 +53,10 @@ def initialize(arguments: dict | None, *, auto: bool = False) -> None:
     jax.distributed.initialize(**(arguments or {}))
 
 
-def any_process(flag: bool) -> bool:
-    """True when `flag` is true on any process: a decision every process then takes together (a
-    collective save, a stop). One small all-gather per call in a multi-process run; free otherwise."""
+def any_process(*flags: bool) -> list[bool]:
+    """Each flag ORed over all processes: decisions every process then takes together (a collective
+    save, a stop). One small all-gather per call in a multi-process run; free otherwise."""
     if jax.process_count() == 1:
-        return bool(flag)
-    return bool(np.any(multihost_utils.process_allgather(np.asarray([flag], dtype=np.int32))))
+        return [bool(f) for f in flags]
+    gathered = multihost_utils.process_allgather(np.asarray(flags, dtype=np.int32))
+    return [bool(f) for f in np.asarray(gathered).reshape(-1, len(flags)).any(axis=0)]

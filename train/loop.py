@@ -50,7 +50,7 @@ def train(config: Config, run_dir: str | pathlib.Path, *, on_change: OnChange = 
 def _loop(run: Run) -> tuple[int, TrainState | None]:
     """(exit code, final state or None when stopped early)."""
     termination.listen()
-    if any_process(termination.requested()):   # during setup or compile: nothing new to save
+    if any_process(termination.requested())[0]:   # during setup or compile: nothing new to save
         run.log(f"SIGTERM before the first step: nothing new to save (latest checkpoint: step "
                 f"{run.checkpointer.latest_step()}); exiting")
         return 0, None
@@ -87,18 +87,18 @@ def _steps(run: Run, bar: tqdm) -> tuple[int, TrainState | None]:
             record = evaluate(run.eval_step, state, batches, run.mesh)
             if run.lead:
                 _report(run, bar, step, record, shown={"loss": loss, **record})
-        stopping = any_process(termination.requested())   # every process saves, or none does
         failed = _save_failure(run.checkpointer.poll)   # an earlier asynchronous save that failed
-        if step % config.checkpoint.every == 0 or last or stopping:
+        stopping, failed_somewhere = any_process(termination.requested(), failed is not None)  # all, or none
+        if not failed_somewhere and (step % config.checkpoint.every == 0 or last or stopping):
             if not bool(state_is_finite(state)):
                 return _stop(run, f"the state holds a non-finite value after step {step}"), None
             problem = run.checkpointer.space_problem(state)
-            if any_process(problem is not None):
+            if any_process(problem is not None)[0]:
                 problem = problem or "another process has too little free space"
                 return _stop(run, f"cannot save checkpoint step {step}: {problem}"), None
-            failed = failed or _save_failure(run.checkpointer.save, step, state, run.data.train.state(),
-                                             wait=stopping or last)
-        if any_process(failed is not None):
+            failed = _save_failure(run.checkpointer.save, step, state, run.data.train.state(), wait=stopping or last)
+            failed_somewhere = any_process(failed is not None)[0]
+        if failed_somewhere:
             failed = failed or "a checkpoint save failed on another process"
             return _stop(run, f"{failed}, found after step {step}"), None
         if stopping:
