@@ -38,6 +38,7 @@ from hybrax.train.config import Config, ConfigError, check_devices, load_config
 from hybrax.train.optim import learning_rate_schedule, make_optimizer
 from hybrax.train.sharding import batch_sharding, make_mesh, state_shardings, with_shardings
 from hybrax.train.step import BATCH_KEYS, abstract_state, make_eval_step, make_train_step
+from hybrax.train.tokenizer import load_tokenizer
 
 GiB = 2**30
 # HBM per chip, by what `device.device_kind` reports (vendor data sheets).
@@ -70,7 +71,8 @@ def sharded_steps(config: Config, graphdef, optimizer, shardings, mesh):
     schedule = learning_rate_schedule(config.optim, config.train.steps)
     train_step = make_train_step(graphdef, optimizer, schedule, config.train.grad_accum, state_sharding=shardings,
                                  metrics_sharding=replicated)
-    return train_step, make_eval_step(graphdef, metrics_sharding=replicated)
+    byte_lengths = load_tokenizer(config.data.tokenizer).byte_lengths()
+    return train_step, make_eval_step(graphdef, byte_lengths, metrics_sharding=replicated)
 
 
 # ---- topologies -----------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from pydantic import model_validator
 from hybrax.arch.config import ModelConfig, StrictConfig
 from hybrax.configs import DIRECTORY
 from hybrax.layers.sharding import MESH_AXES
+from hybrax.train.tokenizer import load_tokenizer
 from hybrax.train.settings import list_keys
 
 
@@ -33,6 +34,7 @@ class DataConfig(StrictConfig):
     source: Literal["shakespeare", "files", "synthetic"] = "shakespeare"
     path: str | None = None                 # file or folder of .txt / .jsonl / .parquet (source=files)
     text_field: str = "text"                # the text column of .jsonl / .parquet
+    tokenizer: str = "bytes"                # "bytes", or a BPE tokenizer.json (hybrax-tokenizer train)
     val_plays: list[str] = ["hamlet", "the-tempest", "twelfth-night"]  # held out whole (shakespeare)
     val_fraction: float = 0.05              # documents held out (files, synthetic)
     seq_len: int = 256
@@ -45,6 +47,9 @@ class DataConfig(StrictConfig):
                 raise ValueError("data.path is required when data.source='files'")
             if not pathlib.Path(self.path).expanduser().exists():
                 raise ValueError(f"data.path={self.path!r} does not exist")
+        if self.tokenizer != "bytes" and not pathlib.Path(self.tokenizer).expanduser().is_file():
+            raise ValueError(f"data.tokenizer={self.tokenizer!r} is neither 'bytes' nor an existing tokenizer.json "
+                             "file (make one with hybrax-tokenizer train)")
         if self.seq_len < 1 or self.batch_size < 1:
             raise ValueError(f"data.seq_len={self.seq_len} and data.batch_size={self.batch_size} must be >= 1")
         if not 0.0 < self.val_fraction < 1.0:
@@ -151,8 +156,28 @@ class Config(StrictConfig):
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _vocab_follows_the_tokenizer(cls, tree):
+        """model.vocab_size, when not given, is the tokenizer's vocabulary size."""
+        if not isinstance(tree, dict):
+            return tree
+        data, model = tree.get("data"), tree.get("model")
+        spec = data.get("tokenizer", "bytes") if isinstance(data, dict) else getattr(data, "tokenizer", "bytes")
+        if spec == "bytes" or isinstance(model, ModelConfig) or (isinstance(model, dict) and "vocab_size" in model):
+            return tree
+        try:
+            vocab = load_tokenizer(spec).vocab_size
+        except ValueError:
+            return tree   # DataConfig reports it
+        return {**tree, "model": {**(model or {}), "vocab_size": vocab}}
+
     @model_validator(mode="after")
     def _check(self):
+        vocab = load_tokenizer(self.data.tokenizer).vocab_size
+        if self.model.vocab_size < vocab:
+            raise ValueError(f"model.vocab_size={self.model.vocab_size} is smaller than data.tokenizer's "
+                             f"{vocab} tokens; leave model.vocab_size unset to follow the tokenizer")
         if self.data.batch_size % self.train.grad_accum:
             raise ValueError(f"train.grad_accum={self.train.grad_accum} does not divide "
                              f"data.batch_size={self.data.batch_size}")

@@ -1,4 +1,4 @@
-"""From `DataConfig` to batches: pick the source, encode bytes, pack rows.
+"""From `DataConfig` to batches: pick the source, encode with the tokenizer (data.tokenizer), pack rows.
 
 Sources (train.corpus): the embedded Shakespeare plays (whole plays held out for validation),
 local .txt/.jsonl/.parquet files, or synthetic text. Training batches come from a deterministic,
@@ -17,15 +17,16 @@ import numpy as np
 from hybrax.train import corpus
 from hybrax.train.config import DataConfig
 from hybrax.train.packing import PackedBatches, evaluation_batches
-from hybrax.train.tokenizer import ByteTokenizer
+from hybrax.train.tokenizer import Tokenizer, load_tokenizer
 
 
 @dataclasses.dataclass
 class Datasets:
     train: PackedBatches
     val_documents: list[np.ndarray]
-    train_bytes: int
+    train_bytes: int              # UTF-8 bytes of the training text
     val_bytes: int
+    tokenizer: Tokenizer
 
 
 def documents(config: DataConfig, seed: int) -> tuple[list[str], list[str]]:
@@ -55,19 +56,25 @@ def _check_split(config: DataConfig, train_text: list[str], val_text: list[str])
 def build_datasets(config: DataConfig, seed: int, row_range: tuple[int, int] | None = None) -> Datasets:
     """Training batches (only rows `row_range` of each global batch when given: one process's share)
     and the validation documents."""
-    tokenizer = ByteTokenizer()
+    tokenizer = load_tokenizer(config.tokenizer)
     train_text, val_text = documents(config, seed)
     _check_split(config, train_text, val_text)
-    train_docs = [tokenizer.encode(t) for t in train_text]
-    val_docs = [tokenizer.encode(t) for t in val_text]
+    train_docs, val_docs = _encode(tokenizer, train_text), _encode(tokenizer, val_text)
     try:
         train = PackedBatches(train_docs, batch_size=config.batch_size, seq_len=config.seq_len, seed=seed,
-                              row_range=row_range)
+                              row_range=row_range, specials=tokenizer.specials)
     except corpus.DataError as error:   # say which data: "too few rows" depends on the files
         raise corpus.DataError(f"{_source(config)}: {error}") from None
-    return Datasets(train, val_docs, sum(map(len, train_docs)), sum(map(len, val_docs)))
+    return Datasets(train, val_docs, sum(len(t.encode()) for t in train_text), sum(len(t.encode()) for t in val_text),
+                    tokenizer)
+
+
+def _encode(tokenizer: Tokenizer, texts: list[str]) -> list[np.ndarray]:
+    batch = getattr(tokenizer, "encode_batch", None)
+    return batch(texts) if batch is not None else [tokenizer.encode(t) for t in texts]
 
 
 def validation_batches(datasets: Datasets, config: DataConfig, limit: int | None = None) -> Iterator[dict]:
-    batches = evaluation_batches(datasets.val_documents, batch_size=config.batch_size, seq_len=config.seq_len)
+    batches = evaluation_batches(datasets.val_documents, batch_size=config.batch_size, seq_len=config.seq_len,
+                                 specials=datasets.tokenizer.specials)
     return batches if limit is None else itertools.islice(batches, limit)

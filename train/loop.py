@@ -183,6 +183,7 @@ def _sample(run: Run, state: TrainState) -> None:
         return
     model = merge_model(run.graphdef, state.replace(params=params, model_state=model_state))
     log = run.config.log
-    text = generate(model, log.sample_prompt, max_new_tokens=log.sample_tokens, seed=run.config.train.seed)
+    text = generate(model, log.sample_prompt, max_new_tokens=log.sample_tokens, seed=run.config.train.seed,
+                    tokenizer=run.data.tokenizer)
     write_atomically(run.run_dir / "samples.txt", text + "\n")
     run.log(f"sample ({run.run_dir / 'samples.txt'}):\n{text}")

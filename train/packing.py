@@ -30,16 +30,17 @@ from typing import Any
 import numpy as np
 
 from hybrax.train.corpus import DataError
-from hybrax.train.tokenizer import BOS, EOS, PAD
+from hybrax.train.tokenizer import BYTE_SPECIALS, Specials
 
 Batch = dict[str, np.ndarray]
 
 
-def _framed(documents: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """`BOS d EOS` for every document, in one dtype (uint16 when all inputs are uint16)."""
+def _framed(documents: Sequence[np.ndarray], specials: Specials) -> list[np.ndarray]:
+    """`BOS d EOS` for every document, in one dtype (the inputs' unsigned dtype when they share one)."""
     if len(documents) == 0:
         raise DataError("documents is empty; need at least one tokenized document")
-    dtype = np.uint16 if all(np.asarray(d).dtype == np.uint16 for d in documents) else np.int32
+    dtypes = {np.asarray(d).dtype for d in documents}
+    dtype = dtypes.pop() if len(dtypes) == 1 and np.issubdtype(next(iter(dtypes)), np.unsignedinteger) else np.int32
     framed = []
     for index, document in enumerate(documents):
         document = np.asarray(document)
@@ -48,23 +49,23 @@ def _framed(documents: Sequence[np.ndarray]) -> list[np.ndarray]:
                 f"documents[{index}] has shape {document.shape} dtype {document.dtype}; "
                 "expected a 1-D integer array of token ids"
             )
-        bos, eos = np.array([BOS], dtype), np.array([EOS], dtype)
+        bos, eos = np.array([specials.bos], dtype), np.array([specials.eos], dtype)
         framed.append(np.concatenate([bos, document.astype(dtype), eos]))
     return framed
 
 
-def batch_from_rows(rows: np.ndarray) -> Batch:
+def batch_from_rows(rows: np.ndarray, specials: Specials = BYTE_SPECIALS) -> Batch:
     """Builds a batch from token rows `[B, T+1]` (PAD marks padding); arrays are `[B, T]`."""
     rows = rows.astype(np.int32, copy=False)
     tokens, targets = rows[:, :-1], rows[:, 1:]
-    real = tokens != PAD
-    is_start = tokens == BOS
+    real = tokens != specials.pad
+    is_start = tokens == specials.bos
     is_start[:, 0] = True
     segment_ids = np.cumsum(is_start, axis=1, dtype=np.int32) * real
     index = np.arange(tokens.shape[1], dtype=np.int32)
     last_start = np.maximum.accumulate(np.where(is_start, index, 0), axis=1)
     positions = (index - last_start) * real
-    loss_mask = real & (targets != BOS) & (targets != PAD)
+    loss_mask = real & (targets != specials.bos) & (targets != specials.pad)
     return {
         "tokens": np.ascontiguousarray(tokens),
         "targets": np.ascontiguousarray(targets),
@@ -104,6 +105,7 @@ class PackedBatches:
         seed: int,
         shuffle: bool = True,
         row_range: tuple[int, int] | None = None,
+        specials: Specials = BYTE_SPECIALS,
     ) -> None:
         _check_sizes(batch_size, seq_len)
         start, stop = (0, batch_size) if row_range is None else row_range
@@ -112,7 +114,7 @@ class PackedBatches:
         self.row_range = (int(start), int(stop))
         if seed < 0:
             raise DataError(f"seed={seed} must be >= 0 (it seeds default_rng([seed, epoch]))")
-        self._documents = _framed(documents)
+        self._documents, self.specials = _framed(documents, specials), specials
         self.batch_size, self.seq_len = batch_size, seq_len
         self.seed, self.shuffle = int(seed), shuffle
         stream_length = sum(len(d) for d in self._documents)
@@ -147,7 +149,7 @@ class PackedBatches:
         rows = row_order[self._batch * self.batch_size : (self._batch + 1) * self.batch_size]
         rows = rows[self.row_range[0] : self.row_range[1]]
         window = rows[:, None] * self.seq_len + np.arange(self.seq_len + 1)
-        batch = batch_from_rows(stream[window])
+        batch = batch_from_rows(stream[window], self.specials)
         self._batch += 1
         if self._batch == self.batches_per_epoch:
             self._epoch, self._batch = self._epoch + 1, 0
@@ -198,7 +200,7 @@ class PackedBatches:
 
 
 def evaluation_batches(
-    documents: Sequence[np.ndarray], *, batch_size: int, seq_len: int
+    documents: Sequence[np.ndarray], *, batch_size: int, seq_len: int, specials: Specials = BYTE_SPECIALS
 ) -> Iterator[Batch]:
     """Every row of the validation stream once, in order; PAD fills the last row and batch.
 
@@ -208,16 +210,16 @@ def evaluation_batches(
     `loss * loss_mask` scores every next-token prediction inside each document exactly once.
     """
     _check_sizes(batch_size, seq_len)
-    stream = np.concatenate(_framed(documents))
+    stream, pad = np.concatenate(_framed(documents, specials)), specials.pad
     num_rows = -(-(len(stream) - 1) // seq_len)
     num_batches = -(-num_rows // batch_size)
-    padded = np.full(num_rows * seq_len + 1, PAD, dtype=stream.dtype)
+    padded = np.full(num_rows * seq_len + 1, pad, dtype=stream.dtype)
     padded[: len(stream)] = stream
     offsets = np.arange(seq_len + 1)
     for k in range(num_batches):
         rows = np.arange(k * batch_size, (k + 1) * batch_size)
         window = np.minimum(rows, num_rows - 1)[:, None] * seq_len + offsets
-        batch = batch_from_rows(np.where((rows < num_rows)[:, None], padded[window], PAD))
-        final = (batch["targets"] == PAD) & (batch["tokens"] != PAD)  # the stream's last EOS
-        batch["tokens"][final], batch["segment_ids"][final], batch["positions"][final] = PAD, 0, 0
+        batch = batch_from_rows(np.where((rows < num_rows)[:, None], padded[window], pad), specials)
+        final = (batch["targets"] == pad) & (batch["tokens"] != pad)  # the stream's last EOS
+        batch["tokens"][final], batch["segment_ids"][final], batch["positions"][final] = pad, 0, 0
         yield batch

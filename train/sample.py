@@ -13,18 +13,21 @@ import numpy as np
 from flax import nnx
 
 from hybrax.arch import CausalLM
-from hybrax.train.tokenizer import BOS, EOS, ByteTokenizer
+from hybrax.train.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 
 def generate(model: CausalLM, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.8,
-             top_k: int | None = 40, seed: int = 0) -> str:
-    """Sample `max_new_tokens` bytes after `prompt`; stops early at EOS. Temperature 0 is greedy."""
+             top_k: int | None = 40, seed: int = 0, tokenizer: Tokenizer | None = None) -> str:
+    """Sample `max_new_tokens` tokens after `prompt`; stops early at EOS. Temperature 0 is greedy.
+    `tokenizer`: the run's (data.tokenizer; bytes when None). Ids past its vocabulary (a model
+    vocabulary padded beyond it) are never sampled."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     if top_k is not None and not 1 <= top_k <= model.config.vocab_size:
         raise ValueError(f"top_k={top_k} must be in [1, {model.config.vocab_size}]")
-    tokenizer = ByteTokenizer()
-    prompt_ids = np.concatenate([[BOS], tokenizer.encode(prompt)]).astype(np.int32)[None, :]
+    tokenizer = tokenizer or ByteTokenizer()
+    prompt_ids = tokenizer.encode(prompt, bos=True).astype(np.int32)[None, :]
+    vocab = tokenizer.vocab_size
     graphdef, params = nnx.split(model)
     cache = model.init_cache(1, prompt_ids.shape[1] + max_new_tokens)
 
@@ -35,6 +38,7 @@ def generate(model: CausalLM, prompt: str, *, max_new_tokens: int = 200, tempera
 
     @jax.jit
     def choose(logits_1xV, key):
+        logits_1xV = jnp.where(jnp.arange(logits_1xV.shape[-1]) < vocab, logits_1xV, -jnp.inf)
         if temperature == 0:
             return jnp.argmax(logits_1xV, axis=-1)
         logits_1xV = logits_1xV / temperature
@@ -49,15 +53,16 @@ def generate(model: CausalLM, prompt: str, *, max_new_tokens: int = 200, tempera
     for _ in range(max_new_tokens):
         key, sub = jax.random.split(key)
         token = choose(logits, sub)
-        if int(token[0]) == EOS:
+        if int(token[0]) == tokenizer.specials.eos:
             break
         out.append(int(token[0]))
         logits, cache = forward(params, cache, token[:, None].astype(jnp.int32))
     return prompt + tokenizer.decode(np.array(out))
 
 
-def load_latest(run_dir: pathlib.Path) -> CausalLM:
-    """The model of the latest checkpoint in `run_dir`, built from its saved config.yaml."""
+def load_latest(run_dir: pathlib.Path) -> tuple[CausalLM, Tokenizer]:
+    """The model of the latest checkpoint in `run_dir`, built from its saved config.yaml, and the
+    run's tokenizer."""
     from hybrax.train.checkpoint import Checkpointer
     from hybrax.train.config import load_config
     from hybrax.train.optim import make_optimizer
@@ -71,7 +76,7 @@ def load_latest(run_dir: pathlib.Path) -> CausalLM:
     graphdef, target = abstract_state(config.model, make_optimizer(config.optim, config.train.steps))
     state, _ = checkpointer.restore(step, target)
     checkpointer.close()
-    return merge_model(graphdef, state)
+    return merge_model(graphdef, state), load_tokenizer(config.data.tokenizer)
 
 
 def main(argv=None) -> int:
@@ -89,9 +94,9 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     try:
-        model = load_latest(run_dir)
+        model, tokenizer = load_latest(run_dir)
         print(generate(model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       top_k=args.top_k, seed=args.seed))
+                       top_k=args.top_k, seed=args.seed, tokenizer=tokenizer))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

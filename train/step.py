@@ -20,12 +20,12 @@ from collections.abc import Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from hybrax.arch import CausalLM, ModelConfig
 from hybrax.layers.auxiliary import BatchStatistic, RouterState, forward_with_auxiliaries
-from hybrax.train.tokenizer import BOS
 
 BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
 
@@ -176,15 +176,19 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     return jax.jit(train_step, donate_argnums=0, out_shardings=(state_sharding, metrics_sharding))
 
 
-def make_eval_step(graphdef: nnx.GraphDef, *, metrics_sharding=None) -> Callable:
-    """Sums for validation: nats over all scored targets and over byte targets (ids < 256)."""
+def make_eval_step(graphdef: nnx.GraphDef, byte_lengths: np.ndarray, *, metrics_sharding=None) -> Callable:
+    """Sums for validation: nats over all scored targets; nats over the targets that are text (not
+    a special token) and the UTF-8 bytes those stand for (`byte_lengths[id]`, from the tokenizer),
+    so bits per byte compare across tokenizers."""
+    lengths = np.asarray(byte_lengths, np.float32)
 
     def eval_step(params, model_state, batch):
         nll_BxT = token_losses(graphdef, params, model_state, batch)
         mask = batch["loss_mask"]
-        byte_mask = mask * (batch["targets"] < BOS)
+        target_bytes = jnp.asarray(lengths)[batch["targets"]]
+        text_mask = mask * (target_bytes > 0)
         return {"nll": jnp.sum(nll_BxT * mask), "tokens": jnp.sum(mask),
-                "byte_nll": jnp.sum(nll_BxT * byte_mask), "bytes": jnp.sum(byte_mask)}
+                "byte_nll": jnp.sum(nll_BxT * text_mask), "bytes": jnp.sum(target_bytes * mask)}
 
     return jax.jit(eval_step) if metrics_sharding is None else jax.jit(eval_step, out_shardings=metrics_sharding)
 

@@ -11,6 +11,7 @@ from hybrax.train.config import DataConfig, OptimConfig
 from hybrax.train.data import build_datasets
 from hybrax.train.optim import learning_rate_schedule, make_optimizer
 from hybrax.train.step import create_model, init_state, make_eval_step, make_train_step, summarize_eval, token_losses
+from hybrax.train.tokenizer import ByteTokenizer
 
 MODEL = ModelConfig(d_model=32, num_layers=2, num_heads=2)
 DATA = DataConfig(seq_len=32, batch_size=8)
@@ -47,7 +48,7 @@ def test_eval_bits_per_byte():
     optimizer = make_optimizer(OptimConfig(), 10)
     graphdef, state = init_state(create_model(MODEL, 0), optimizer)
     batch = next(build_datasets(DATA, seed=0).train)
-    sums = jax.device_get(make_eval_step(graphdef)(state.params, state.model_state, batch))
+    sums = jax.device_get(make_eval_step(graphdef, ByteTokenizer().byte_lengths())(state.params, state.model_state, batch))
     nll = np.asarray(token_losses(graphdef, state.params, state.model_state, batch))
     is_byte = (batch["loss_mask"] > 0) & (batch["targets"] < 256)
     np.testing.assert_allclose(sums["byte_nll"], nll[is_byte].sum(), rtol=1e-5)
