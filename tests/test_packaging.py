@@ -63,4 +63,4 @@ def test_wheel_installs_and_runs_from_an_empty_directory(tmp_path):
     tops = {pathlib.PurePath(f).parts[0] for f in files if not f.startswith("../../../bin/")}
     assert tops == {"hybrax", f"hybrax-{version}.dist-info"}, tops
     assert {f for f in files if f.startswith("../../../bin/")} >= {
-        f"../../../bin/hybrax-{name}" for name in ("train", "sample", "sweep", "fit", "compile", "tokenizer")}
+        f"../../../bin/hybrax-{name}" for name in ("train", "sample", "sweep", "fit", "compile", "tokenizer", "data")}

@@ -31,8 +31,10 @@ class ConfigError(ValueError):
 
 
 class DataConfig(StrictConfig):
-    source: Literal["shakespeare", "files", "synthetic"] = "shakespeare"
-    path: str | None = None                 # file or folder of .txt / .jsonl / .parquet (source=files)
+    source: Literal["shakespeare", "files", "synthetic", "prepared"] = "shakespeare"
+    path: str | None = None                 # files: file or folder of .txt/.jsonl/.parquet/.arrow; prepared: its folder
+    val_path: str | None = None             # files: validate on these files (then all of path trains)
+    val_split: str = "val"                  # prepared: the split to validate on (hybrax-data prepare)
     text_field: str = "text"                # the text column of .jsonl / .parquet
     tokenizer: str = "bytes"                # "bytes", or a BPE tokenizer.json (hybrax-tokenizer train)
     val_plays: list[str] = ["hamlet", "the-tempest", "twelfth-night"]  # held out whole (shakespeare)
@@ -42,11 +44,17 @@ class DataConfig(StrictConfig):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.source == "files":
+        if self.source in ("files", "prepared"):
             if not self.path:
-                raise ValueError("data.path is required when data.source='files'")
+                raise ValueError(f"data.path is required when data.source={self.source!r}")
             if not pathlib.Path(self.path).expanduser().exists():
                 raise ValueError(f"data.path={self.path!r} does not exist")
+        if self.val_path is not None:
+            if self.source != "files":
+                raise ValueError(f"data.val_path is for data.source='files' (source is {self.source!r}; prepared "
+                                 "corpora name data.val_split)")
+            if not pathlib.Path(self.val_path).expanduser().exists():
+                raise ValueError(f"data.val_path={self.val_path!r} does not exist")
         if self.tokenizer != "bytes" and not pathlib.Path(self.tokenizer).expanduser().is_file():
             raise ValueError(f"data.tokenizer={self.tokenizer!r} is neither 'bytes' nor an existing tokenizer.json "
                              "file (make one with hybrax-tokenizer train)")

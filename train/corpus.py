@@ -39,7 +39,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 DEFAULT_VAL_PLAYS: tuple[str, ...] = ("hamlet", "the-tempest", "twelfth-night")
-LOCAL_EXTENSIONS: tuple[str, ...] = (".txt", ".jsonl", ".parquet")
+LOCAL_EXTENSIONS: tuple[str, ...] = (".txt", ".jsonl", ".parquet", ".arrow")
 
 _HEADING = re.compile(r"^(#{1,6})\s*(.*?)\s*$")
 _SPEAKER = re.compile(r"^\*\*([^*]+?)\*\*\s*$")
@@ -243,19 +243,25 @@ def _parse_jsonl(lines: Iterable[bytes], path: str, text_field: str) -> list[str
 
 
 def _read_parquet(path: str, text_field: str) -> list[str]:
+    """A .parquet file, or a Hugging Face `save_to_disk` .arrow file (an Arrow IPC stream)."""
+    kind = "arrow" if path.endswith(".arrow") else "parquet"
     try:
         import pyarrow
+        import pyarrow.ipc
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"reading {path} needs pyarrow: pip install hybrax[parquet]") from None
     try:
-        names = pq.read_schema(path).names
+        table = pyarrow.ipc.open_stream(path).read_all() if kind == "arrow" else None
+        names = table.schema.names if table is not None else pq.read_schema(path).names
         if text_field not in names:
             raise DataError(f"{path} has no column text_field={text_field!r}; columns are {names}")
-        values = pq.read_table(path, columns=[text_field]).column(text_field).to_pylist()
+        if table is None:
+            table = pq.read_table(path, columns=[text_field])
+        values = table.column(text_field).to_pylist()
     except (pyarrow.ArrowException, OSError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DataError(f"cannot read {path} as parquet ({reason})") from None
+        raise DataError(f"cannot read {path} as {kind} ({reason})") from None
     bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
     if bad is not None:
         raise DataError(f"{path} row {bad} column {text_field!r} is {values[bad]!r}, expected a string")
@@ -291,13 +297,20 @@ def _find_files(path: str) -> list[str]:
 def local_files(
     path: str | os.PathLike, *, text_field: str = "text", val_fraction: float = 0.05, seed: int = 0
 ) -> tuple[list[str], list[str]]:
-    """Documents from a file or a directory (recursively all .txt, .jsonl, .parquet, sorted).
+    """Documents from a file or a directory (`read_documents`), split into (train, validation) by
+    whole documents, with a shuffle seeded with `seed`; with two or more documents and
+    `val_fraction > 0`, validation gets at least one and train keeps at least one.
+    """
+    return _split(read_documents(path, text_field=text_field), val_fraction, seed)
+
+
+def read_documents(path: str | os.PathLike, *, text_field: str = "text") -> list[str]:
+    """Documents from a file or a directory (recursively all .txt, .jsonl, .parquet, .arrow, sorted).
 
     `.txt`: the whole file is one document. `.jsonl`: one document per line, the string at
-    `text_field`. `.parquet`: one document per row of column `text_field`. Empty documents are
-    dropped. Whole documents are split by a shuffle seeded with `seed`; with two or more
-    documents and `val_fraction > 0`, validation gets at least one and train keeps at least one.
-    Every problem with a file is a `DataError` naming it.
+    `text_field`. `.parquet`, and `.arrow` (a Hugging Face dataset's `save_to_disk` files): one
+    document per row of column `text_field`. Empty documents are dropped. Every problem with a
+    file is a `DataError` naming it.
     """
     path = os.fspath(path)
     documents = []
@@ -319,7 +332,7 @@ def local_files(
             if not all(file.endswith(".txt") for file in files):
                 what += f" or have only empty {field} values"
         raise DataError(f"no non-empty documents in {path}: {what}")
-    return _split(documents, val_fraction, seed)
+    return documents
 
 
 # ---------------------------------------------------------------------------------------------

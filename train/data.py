@@ -17,29 +17,37 @@ import numpy as np
 from hybrax.train import corpus
 from hybrax.train.config import DataConfig
 from hybrax.train.packing import PackedBatches, evaluation_batches
+from hybrax.train.shards import ShardDocuments
+from hybrax.train.token_documents import TokenDocuments
 from hybrax.train.tokenizer import Tokenizer, load_tokenizer
 
 
 @dataclasses.dataclass
 class Datasets:
     train: PackedBatches
-    val_documents: list[np.ndarray]
+    val_documents: list[np.ndarray] | TokenDocuments
     train_bytes: int              # UTF-8 bytes of the training text
     val_bytes: int
     tokenizer: Tokenizer
 
 
 def documents(config: DataConfig, seed: int) -> tuple[list[str], list[str]]:
+    """(train, validation) texts of a text source; validation is `data.val_path` when given."""
     if config.source == "shakespeare":
         return corpus.shakespeare(config.val_plays)
+    if config.source == "files" and config.val_path is not None:
+        return (corpus.read_documents(config.path, text_field=config.text_field),
+                corpus.read_documents(config.val_path, text_field=config.text_field))
     if config.source == "files":
         return corpus.local_files(config.path, text_field=config.text_field, val_fraction=config.val_fraction,
                                   seed=seed)
+    if config.source == "prepared":
+        raise corpus.DataError(f"data.path={config.path!r} is already prepared (token shards); it has no text to read")
     return corpus.synthetic(seed=seed)
 
 
 def _source(config: DataConfig) -> str:
-    return f"data.path={config.path!r}" if config.source == "files" else f"data.source={config.source!r}"
+    return f"data.path={config.path!r}" if config.source in ("files", "prepared") else f"data.source={config.source!r}"
 
 
 def _check_split(config: DataConfig, train_text: list[str], val_text: list[str]) -> None:
@@ -57,6 +65,8 @@ def build_datasets(config: DataConfig, seed: int, row_range: tuple[int, int] | N
     """Training batches (only rows `row_range` of each global batch when given: one process's share)
     and the validation documents."""
     tokenizer = load_tokenizer(config.tokenizer)
+    if config.source == "prepared":
+        return _prepared_datasets(config, seed, row_range, tokenizer)
     train_text, val_text = documents(config, seed)
     _check_split(config, train_text, val_text)
     train_docs, val_docs = _encode(tokenizer, train_text), _encode(tokenizer, val_text)
@@ -67,6 +77,18 @@ def build_datasets(config: DataConfig, seed: int, row_range: tuple[int, int] | N
         raise corpus.DataError(f"{_source(config)}: {error}") from None
     return Datasets(train, val_docs, sum(len(t.encode()) for t in train_text), sum(len(t.encode()) for t in val_text),
                     tokenizer)
+
+
+def _prepared_datasets(config: DataConfig, seed: int, row_range, tokenizer: Tokenizer) -> Datasets:
+    """Token shards read as needed (train/shards.py): memory does not grow with the corpus."""
+    train_docs = ShardDocuments(config.path, "train", tokenizer)
+    val_docs = ShardDocuments(config.path, config.val_split, tokenizer)
+    try:
+        train = PackedBatches(train_docs, batch_size=config.batch_size, seq_len=config.seq_len, seed=seed,
+                              row_range=row_range, specials=tokenizer.specials)
+    except corpus.DataError as error:
+        raise corpus.DataError(f"{_source(config)}: {error}") from None
+    return Datasets(train, val_docs, train_docs.bytes, val_docs.bytes, tokenizer)
 
 
 def _encode(tokenizer: Tokenizer, texts: list[str]) -> list[np.ndarray]:

@@ -30,28 +30,48 @@ from typing import Any
 import numpy as np
 
 from hybrax.train.corpus import DataError
+from hybrax.train.token_documents import TokenDocuments, as_documents
 from hybrax.train.tokenizer import BYTE_SPECIALS, Specials
 
 Batch = dict[str, np.ndarray]
 
 
-def _framed(documents: Sequence[np.ndarray], specials: Specials) -> list[np.ndarray]:
-    """`BOS d EOS` for every document, in one dtype (the inputs' unsigned dtype when they share one)."""
-    if len(documents) == 0:
-        raise DataError("documents is empty; need at least one tokenized document")
-    dtypes = {np.asarray(d).dtype for d in documents}
-    dtype = dtypes.pop() if len(dtypes) == 1 and np.issubdtype(next(iter(dtypes)), np.unsignedinteger) else np.int32
-    framed = []
-    for index, document in enumerate(documents):
-        document = np.asarray(document)
-        if document.ndim != 1 or not np.issubdtype(document.dtype, np.integer):
-            raise DataError(
-                f"documents[{index}] has shape {document.shape} dtype {document.dtype}; "
-                "expected a 1-D integer array of token ids"
-            )
-        bos, eos = np.array([specials.bos], dtype), np.array([specials.eos], dtype)
-        framed.append(np.concatenate([bos, document.astype(dtype), eos]))
-    return framed
+class _Stream:
+    """`BOS d EOS` for every document in `order`, read by window without building it."""
+
+    def __init__(self, documents: TokenDocuments, order: np.ndarray, specials: Specials):
+        self.documents, self.order, self.specials = documents, np.asarray(order), specials
+        framed = documents.lengths[self.order] + 2
+        self.starts = np.concatenate([[0], np.cumsum(framed)])   # int64 [n + 1]
+        self.length = int(self.starts[-1])
+        self.dtype = documents.dtype if np.issubdtype(documents.dtype, np.unsignedinteger) else np.dtype(np.int32)
+
+    def window(self, start: int, size: int, fill: int | None = None) -> np.ndarray:
+        """Stream tokens `start : start + size`; past the end, `fill` (which must then be given)."""
+        out = np.empty(size, self.dtype)
+        k = int(np.searchsorted(self.starts, start, side="right")) - 1
+        pos, done = start, 0
+        while done < size:
+            if k >= len(self.order):
+                out[done:] = fill
+                break
+            doc, offset = int(self.order[k]), pos - int(self.starts[k])
+            length = int(self.documents.lengths[doc])
+            take = min(length + 2 - offset, size - done)
+            segment = out[done: done + take]
+            first, last = offset, offset + take   # framed positions [first, last) of this document
+            i = 0
+            if first == 0:
+                segment[0] = self.specials.bos
+                i = 1
+            body_stop = min(last, length + 1)
+            if body_stop > max(first, 1):
+                body = self.documents.read(doc, max(first, 1) - 1, body_stop - 1)
+                segment[i: i + len(body)] = body
+            if last == length + 2:
+                segment[-1] = self.specials.eos
+            done, pos, k = done + take, pos + take, k + 1
+        return out
 
 
 def batch_from_rows(rows: np.ndarray, specials: Specials = BYTE_SPECIALS) -> Batch:
@@ -98,7 +118,7 @@ class PackedBatches:
 
     def __init__(
         self,
-        documents: Sequence[np.ndarray],
+        documents: Sequence[np.ndarray] | TokenDocuments,
         *,
         batch_size: int,
         seq_len: int,
@@ -114,10 +134,10 @@ class PackedBatches:
         self.row_range = (int(start), int(stop))
         if seed < 0:
             raise DataError(f"seed={seed} must be >= 0 (it seeds default_rng([seed, epoch]))")
-        self._documents, self.specials = _framed(documents, specials), specials
+        self._documents, self.specials = as_documents(documents), specials
         self.batch_size, self.seq_len = batch_size, seq_len
         self.seed, self.shuffle = int(seed), shuffle
-        stream_length = sum(len(d) for d in self._documents)
+        stream_length = int(self._documents.lengths.sum()) + 2 * len(self._documents.lengths)
         self.rows_per_epoch = (stream_length - 1) // seq_len
         self.batches_per_epoch = self.rows_per_epoch // batch_size
         if self.batches_per_epoch == 0:
@@ -128,17 +148,16 @@ class PackedBatches:
         self._epoch, self._batch = 0, 0
         self._cached: tuple[int, np.ndarray, np.ndarray] | None = None
 
-    def _epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """The epoch's stream `[L]` and row order `[rows_per_epoch]`, built once per epoch."""
+    def _epoch_plan(self, epoch: int) -> tuple[_Stream, np.ndarray]:
+        """The epoch's stream (documents in order) and row order `[rows_per_epoch]`, built once per epoch."""
         if self._cached is None or self._cached[0] != epoch:
             rng = np.random.default_rng([self.seed, epoch])
-            n = len(self._documents)
-            order = rng.permutation(n) if self.shuffle else range(n)
-            stream = np.concatenate([self._documents[i] for i in order])
+            n = len(self._documents.lengths)
+            order = rng.permutation(n) if self.shuffle else np.arange(n)
             rows = np.arange(self.rows_per_epoch)
             if self.shuffle:
                 rows = rng.permutation(rows)
-            self._cached = (epoch, stream, rows)
+            self._cached = (epoch, _Stream(self._documents, order, self.specials), rows)
         return self._cached[1], self._cached[2]
 
     def __iter__(self) -> PackedBatches:
@@ -148,8 +167,8 @@ class PackedBatches:
         stream, row_order = self._epoch_plan(self._epoch)
         rows = row_order[self._batch * self.batch_size : (self._batch + 1) * self.batch_size]
         rows = rows[self.row_range[0] : self.row_range[1]]
-        window = rows[:, None] * self.seq_len + np.arange(self.seq_len + 1)
-        batch = batch_from_rows(stream[window], self.specials)
+        window = np.stack([stream.window(int(r) * self.seq_len, self.seq_len + 1) for r in rows])
+        batch = batch_from_rows(window, self.specials)
         self._batch += 1
         if self._batch == self.batches_per_epoch:
             self._epoch, self._batch = self._epoch + 1, 0
@@ -200,7 +219,8 @@ class PackedBatches:
 
 
 def evaluation_batches(
-    documents: Sequence[np.ndarray], *, batch_size: int, seq_len: int, specials: Specials = BYTE_SPECIALS
+    documents: Sequence[np.ndarray] | TokenDocuments, *, batch_size: int, seq_len: int,
+    specials: Specials = BYTE_SPECIALS
 ) -> Iterator[Batch]:
     """Every row of the validation stream once, in order; PAD fills the last row and batch.
 
@@ -210,16 +230,15 @@ def evaluation_batches(
     `loss * loss_mask` scores every next-token prediction inside each document exactly once.
     """
     _check_sizes(batch_size, seq_len)
-    stream, pad = np.concatenate(_framed(documents, specials)), specials.pad
-    num_rows = -(-(len(stream) - 1) // seq_len)
+    documents = as_documents(documents)
+    stream, pad = _Stream(documents, np.arange(len(documents.lengths)), specials), specials.pad
+    num_rows = -(-(stream.length - 1) // seq_len)
     num_batches = -(-num_rows // batch_size)
-    padded = np.full(num_rows * seq_len + 1, pad, dtype=stream.dtype)
-    padded[: len(stream)] = stream
-    offsets = np.arange(seq_len + 1)
     for k in range(num_batches):
-        rows = np.arange(k * batch_size, (k + 1) * batch_size)
-        window = np.minimum(rows, num_rows - 1)[:, None] * seq_len + offsets
-        batch = batch_from_rows(np.where((rows < num_rows)[:, None], padded[window], pad), specials)
+        rows = range(k * batch_size, (k + 1) * batch_size)
+        window = np.stack([stream.window(r * seq_len, seq_len + 1, fill=pad) if r < num_rows
+                           else np.full(seq_len + 1, pad, stream.dtype) for r in rows])
+        batch = batch_from_rows(window, specials)
         final = (batch["targets"] == pad) & (batch["tokens"] != pad)  # the stream's last EOS
         batch["tokens"][final], batch["segment_ids"][final], batch["positions"][final] = pad, 0, 0
         yield batch

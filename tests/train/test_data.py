@@ -331,9 +331,9 @@ def _hide_pyarrow(monkeypatch):
 BAD_FILES = {
     "missing path": ({}, "no-such-dir", {}, r"data path '.*/no-such-dir' does not exist$", None),
     "unsupported extension": ({"data.csv": "a,b\n"}, "data.csv", {},
-                              r"/data\.csv has unsupported extension '\.csv'; valid: \.txt, \.jsonl, \.parquet$", None),
+                              r"/data\.csv has unsupported extension '\.csv'; valid: \.txt, \.jsonl, \.parquet, \.arrow$", None),
     "no data files": ({"d/notes.md": "not data"}, "d", {},
-                      r"^no \.txt, \.jsonl, \.parquet files under directory .*/d$", None),
+                      r"^no \.txt, \.jsonl, \.parquet, \.arrow files under directory .*/d$", None),
     "empty txt": ({"a.txt": ""}, "a.txt", {}, r"^no non-empty documents in .*/a\.txt: the file is empty$", None),
     "only empty files": ({"d/a.txt": "", "d/b.jsonl": '\n{"text": ""}\n'}, "d", {},
                          r"^no non-empty documents in .*/d: all 2 files are empty or have only empty "
