@@ -55,9 +55,8 @@ class DataConfig(StrictConfig):
                                  "corpora name data.val_split)")
             if not pathlib.Path(self.val_path).expanduser().exists():
                 raise ValueError(f"data.val_path={self.val_path!r} does not exist")
-        if self.tokenizer != "bytes" and not pathlib.Path(self.tokenizer).expanduser().is_file():
-            raise ValueError(f"data.tokenizer={self.tokenizer!r} is neither 'bytes' nor an existing tokenizer.json "
-                             "file (make one with hybrax-tokenizer train)")
+        if self.tokenizer != "bytes":
+            load_tokenizer(self.tokenizer)   # a one-line ValueError naming the shipped ones when it cannot
         if self.seq_len < 1 or self.batch_size < 1:
             raise ValueError(f"data.seq_len={self.seq_len} and data.batch_size={self.batch_size} must be >= 1")
         if not 0.0 < self.val_fraction < 1.0:

@@ -153,3 +153,15 @@ def test_cli_trains_a_tokenizer_on_the_training_plays_only(tmp_path):
                           "--vocab-size", "10", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == \
         "error: vocab_size=10 must be >= 259 (256 bytes + 3 specials)"
+
+
+def test_the_shipped_bpe_round_trips_every_play_and_was_trained_on_the_training_plays(plays, tmp_path, monkeypatch):
+    """configs/quickstart_bpe.yaml's tokenizer, found by name from any folder; retraining it on the
+    training plays gives the same vocabulary (the tokenizers library trains deterministically)."""
+    monkeypatch.chdir(tmp_path)
+    shipped = load_tokenizer("shakespeare_bpe2048.json")
+    lengths = shipped.byte_lengths()
+    for text, ids in zip(plays[0] + plays[1], shipped.encode_batch(plays[0] + plays[1])):
+        assert shipped.decode(ids) == text and int(lengths[ids].sum()) == len(text.encode("utf-8"))
+    assert BPETokenizer.train(plays[0], 2048).fingerprint == shipped.fingerprint
+    assert build_config({"data": {"tokenizer": "shakespeare_bpe2048.json"}}).model.vocab_size == 2048

@@ -5,21 +5,38 @@
 import functools
 import pathlib
 
+from hybrax.configs import DIRECTORY
+
 from hybrax.train.tokenizer.bpe import BPETokenizer
 from hybrax.train.tokenizer.bytes import BOS, BYTE_SPECIALS, EOS, ID_DTYPE, PAD, VOCAB_SIZE, ByteTokenizer
 from hybrax.train.tokenizer.interface import Specials, Tokenizer, id_dtype
 
 __all__ = ["BOS", "BYTE_SPECIALS", "EOS", "ID_DTYPE", "PAD", "VOCAB_SIZE", "BPETokenizer", "ByteTokenizer",
-           "Specials", "Tokenizer", "id_dtype", "load_tokenizer"]
+           "Specials", "Tokenizer", "find_tokenizer", "id_dtype", "load_tokenizer"]
+
+
+SHIPPED = DIRECTORY / "tokenizers"   # tokenizers that ship with the presets, found by name
+
+
+def find_tokenizer(spec: str) -> pathlib.Path | None:
+    """The tokenizer.json `spec` names: a path from the working directory, else a shipped one's
+    name (`shakespeare_bpe2048.json`); None when neither exists."""
+    path = pathlib.Path(spec).expanduser()
+    if path.is_file():
+        return path
+    shipped = SHIPPED / path.name
+    return shipped if len(path.parts) == 1 and shipped.is_file() else None
 
 
 def load_tokenizer(spec: str = "bytes") -> Tokenizer:
-    """`bytes`, or the path of a tokenizer.json (ValueError, one line, when it cannot be loaded)."""
+    """`bytes`, or a tokenizer.json (`find_tokenizer`); ValueError, one line, when it cannot be loaded."""
     if spec == "bytes":
         return ByteTokenizer()
-    path = pathlib.Path(spec).expanduser()
-    if not path.is_file():
-        raise ValueError(f"data.tokenizer={spec!r} is neither 'bytes' nor an existing tokenizer.json file")
+    path = find_tokenizer(spec)
+    if path is None:
+        shipped = ", ".join(sorted(p.name for p in SHIPPED.glob("*.json")))
+        raise ValueError(f"data.tokenizer={spec!r} is neither 'bytes' nor an existing tokenizer.json file (shipped: "
+                         f"{shipped}; make one with hybrax-tokenizer train)")
     return _load_bpe(str(path.resolve()), path.stat().st_mtime_ns)
 
 
