@@ -53,6 +53,18 @@ def initialize(arguments: dict | None, *, auto: bool = False) -> None:
     jax.distributed.initialize(**(arguments or {}))
 
 
+def preemption_reached(step: int) -> bool:
+    """In a multi-process run, JAX's preemption service (started by `jax.distributed.initialize`)
+    takes SIGTERM from this hybrax's handler: any process's notice is shared, and every process gets
+    True at the same step, the one to save at. Must be called at every step; False in a
+    single-process run or when the service is off."""
+    from jax._src import distributed as jax_distributed
+
+    if jax.process_count() == 1 or jax_distributed.global_state.preemption_sync_manager is None:
+        return False
+    return multihost_utils.reached_preemption_sync_point(step)
+
+
 def any_process(*flags: bool) -> list[bool]:
     """Each flag ORed over all processes: decisions every process then takes together (a collective
     save, a stop). One small all-gather per call in a multi-process run; free otherwise."""

@@ -15,7 +15,8 @@ little free space to start one). Each stop is one line naming the last good chec
 
 A stop every process must take together is agreed first (train.distributed.any_process): a
 SIGTERM that reached one host, or a full disk seen by one, stops them all at the same step, so
-the collective save is entered by all processes or by none.
+the collective save is entered by all processes or by none. In a multi-process run SIGTERM goes to
+JAX's preemption service, whose sync point (train.distributed.preemption_reached) is that agreement.
 """
 
 import pathlib
@@ -28,7 +29,7 @@ from hybrax.train import termination
 from hybrax.train.checkpoint import CheckpointSaveFailed
 from hybrax.train.config import Config
 from hybrax.train.data import validation_batches
-from hybrax.train.distributed import any_process
+from hybrax.train.distributed import any_process, preemption_reached
 from hybrax.train.metrics import console_line, is_finite, plain
 from hybrax.train.run import Run, build_run, write_atomically
 from hybrax.train.run_directory import OnChange
@@ -89,6 +90,7 @@ def _steps(run: Run, bar: tqdm) -> tuple[int, TrainState | None]:
                 _report(run, bar, step, record, shown={"loss": loss, **record})
         failed = _save_failure(run.checkpointer.poll)   # an earlier asynchronous save that failed
         stopping, failed_somewhere = any_process(termination.requested(), failed is not None)  # all, or none
+        stopping = preemption_reached(step) or stopping   # SIGTERM when jax.distributed's notifier holds it
         if not failed_somewhere and (step % config.checkpoint.every == 0 or last or stopping):
             if not bool(state_is_finite(state)):
                 return _stop(run, f"the state holds a non-finite value after step {step}"), None

@@ -84,6 +84,22 @@ def test_two_processes_match_one_and_resume(tmp_path):
 
 
 @pytest.mark.slow
+def test_two_processes_read_disjoint_rows_of_prepared_shards(tmp_path):
+    """Token shards (hybrax-data prepare): each process reads only its rows of every global batch
+    (train.packing row_range over train.shards), and together they train exactly as one process."""
+    done = subprocess.run([sys.executable, "-m", "hybrax.train.prepare", "prepare", "--config", "quickstart.yaml",
+                           "--out", str(tmp_path / "prepared"), "--shard-tokens", "1000000"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    shards = ["data.source=prepared", f"data.path={tmp_path / 'prepared'}", "train.steps=4"]
+    _one_process(tmp_path / "single", *shards)
+    _two_processes(tmp_path / "multi", *shards)
+    single, multi = _train_losses(tmp_path / "single"), _train_losses(tmp_path / "multi")
+    assert sorted(multi) == [1, 2, 3, 4]
+    np.testing.assert_allclose([multi[s] for s in range(1, 5)], [single[s] for s in range(1, 5)], rtol=1e-5)
+
+
+@pytest.mark.slow
 def test_sigterm_on_one_process_stops_both_at_the_same_step(tmp_path):
     """Only process 1 gets SIGTERM; the stop is agreed each step (train.distributed.any_process), so
     both enter the collective save of the same step, and both exit 0."""
