@@ -373,6 +373,8 @@ BAD_FILES = {
 @pytest.mark.parametrize("case", BAD_FILES, ids=list(BAD_FILES))
 def test_every_bad_data_file_is_one_data_error_line(case, tmp_path, monkeypatch):
     files, target, keywords, expected, setup = BAD_FILES[case]
+    if case == "corrupt parquet":   # pyarrow's own message is part of the expected one
+        pytest.importorskip("pyarrow.parquet")
     for name, content in files.items():
         path = tmp_path / name
         path.parent.mkdir(parents=True, exist_ok=True)
