@@ -12,6 +12,7 @@
 import pathlib
 import sys
 
+import pytest
 from jax.sharding import AbstractMesh, AxisType
 
 from hybrax.layers.partitioned import free_axes, split_axes
@@ -118,6 +119,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow   # 19 s; the conformance suite's sharded check and test_sharding keep a fast one
 def test_partitioned_ops_equal_unpartitioned_on_8_devices():
     results = run_with_devices(_EQUALS_UNPARTITIONED, devices=8)
     print({case: f"{r['error']:.1e}" for case, r in results.items()})

@@ -98,6 +98,7 @@ def test_cli_reports_bad_input_before_any_compute(tmp_path):
     assert not run_dir.exists() and result.stdout == ""
 
 
+@pytest.mark.slow
 def test_bad_input_leaves_an_existing_run_untouched(tmp_path):
     """A finished run, then reruns with a bad key, with another model (refused as a changed config) and
     with --resume into that model (its checkpoint does not fit)."""

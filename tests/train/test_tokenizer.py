@@ -115,7 +115,7 @@ def test_byte_batches_are_unchanged():
         assert h.hexdigest()[:16] == expected
 
 
-@pytest.mark.parametrize("kind", ["bytes", "bpe"])
+@pytest.mark.parametrize("kind", [pytest.param("bytes", marks=pytest.mark.slow), "bpe"])
 def test_bits_per_byte_count_every_byte_of_the_evaluated_text_once(plays, bpe, kind):
     """Over the validation batches the byte count is the UTF-8 size of the held-out text, and val_bpb
     is the text tokens' nats over those bytes, in bits."""
