@@ -41,7 +41,7 @@ class InMemoryDocuments:
         self.dtype = next(iter(dtypes)) if unsigned else np.dtype(np.int32)
         self.lengths = np.array([len(a) for a in arrays], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(self.lengths)])
-        self._flat = np.concatenate(arrays).astype(self.dtype, copy=False) if arrays else np.zeros(0, self.dtype)
+        self._flat = np.concatenate(arrays).astype(self.dtype, copy=False)
 
     def read(self, index: int, start: int, stop: int) -> np.ndarray:
         base = self._starts[index]
