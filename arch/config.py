@@ -32,6 +32,9 @@ class KernelsConfig(StrictConfig):
     linear_attention: KernelChoice = "auto"        # xla, pallas_tpu, pallas_gpu, pallas, reference
     block_sparse_attention: KernelChoice = "auto"  # xla, pallas_tpu, pallas_gpu, pallas, reference
     grouped_matmul: KernelChoice = "auto"          # xla, ragged_dot, pallas_tpu, reference
+    delta_rule: KernelChoice = "auto"              # xla, reference
+    mlstm: KernelChoice = "auto"                   # xla, reference
+    slstm: KernelChoice = "auto"                   # xla, reference
     strict: bool = False
 
     @model_validator(mode="after")
@@ -59,11 +62,14 @@ class KernelsConfig(StrictConfig):
 def kernel_implementations() -> dict:
     """model.kernels key -> the op's implementation table."""
     from hybrax.pallas_kernels.block_sparse_attention.api import IMPLEMENTATIONS as block_sparse
+    from hybrax.pallas_kernels.delta_rule.api import IMPLEMENTATIONS as delta_rule
     from hybrax.pallas_kernels.dot_product_attention.api import IMPLEMENTATIONS as dense
     from hybrax.pallas_kernels.grouped_matmul.api import IMPLEMENTATIONS as grouped
     from hybrax.pallas_kernels.linear_attention.api import IMPLEMENTATIONS as linear
+    from hybrax.pallas_kernels.mlstm.api import IMPLEMENTATIONS as mlstm
+    from hybrax.pallas_kernels.slstm.api import IMPLEMENTATIONS as slstm
     return {"attention": dense, "linear_attention": linear, "block_sparse_attention": block_sparse,
-            "grouped_matmul": grouped}
+            "grouped_matmul": grouped, "delta_rule": delta_rule, "mlstm": mlstm, "slstm": slstm}
 
 
 class ModelConfig(StrictConfig):

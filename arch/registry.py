@@ -10,9 +10,12 @@ and the module is built from it. Mixer and FFN names share the `model.<name>` na
 import dataclasses
 
 from hybrax.layers.config import LayerConfig
+from hybrax.layers.linear.gated_deltanet import GatedDeltaNet, GatedDeltaNetConfig
 from hybrax.layers.linear.gla import GLA, GLAConfig
 from hybrax.layers.linear.linear_attention import LinearAttention, LinearAttentionConfig
 from hybrax.layers.linear.mamba2 import Mamba2, Mamba2Config
+from hybrax.layers.linear.mlstm import MLSTM, MLSTMConfig
+from hybrax.layers.linear.slstm import SLSTM, SLSTMConfig
 from hybrax.layers.mlp import MLPConfig, SwiGLU
 from hybrax.layers.moe import MoE, MoEConfig
 from hybrax.layers.softmax.attention import Attention, AttentionConfig
@@ -78,6 +81,9 @@ MIXERS.register("attention", AttentionConfig, Attention)
 MIXERS.register("linear_attention", LinearAttentionConfig, LinearAttention)
 MIXERS.register("gla", GLAConfig, GLA)
 MIXERS.register("mamba2", Mamba2Config, Mamba2)
+MIXERS.register("mlstm", MLSTMConfig, MLSTM)
+MIXERS.register("slstm", SLSTMConfig, SLSTM)
+MIXERS.register("gated_deltanet", GatedDeltaNetConfig, GatedDeltaNet)
 MIXERS.register("moba", MoBAConfig, MoBA)
 MIXERS.register("nsa", NSAConfig, NSA)
 MIXERS.register("bilevel_routing_attention", BilevelRoutingConfig, BilevelRoutingAttention)

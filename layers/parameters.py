@@ -8,6 +8,8 @@ creation happens by jitting the constructor with the shardings derived from thes
 
 from collections.abc import Callable, Sequence
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -35,3 +37,34 @@ def normal(std: float) -> Initializer:
 
 def ones() -> Initializer:
     return jax.nn.initializers.ones
+
+
+def constant(value: float) -> Initializer:
+    return lambda key, shape, dtype: jnp.full(shape, value, dtype)
+
+
+def uniform(low: float, high: float) -> Initializer:
+    return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, low, high)
+
+
+def linspace(low: float, high: float) -> Initializer:
+    """Evenly spaced from `low` to `high` along the first dimension (e.g. per-head gate biases)."""
+    def init(key, shape, dtype):
+        del key
+        values = jnp.linspace(low, high, shape[0], dtype=jnp.float32).reshape((shape[0],) + (1,) * (len(shape) - 1))
+        return jnp.broadcast_to(values, shape).astype(dtype)
+    return init
+
+
+def dt_bias(dt_min: float, dt_max: float) -> Initializer:
+    """softplus^-1 of dt ~ exp(U[log dt_min, log dt_max]), so that softplus(dt_bias) starts there
+    (Mamba's time-step initialisation; Gated DeltaNet's decay uses it too)."""
+    def init(key, shape, dtype):
+        dt = jnp.exp(jax.random.uniform(key, shape, jnp.float32, math.log(dt_min), math.log(dt_max)))
+        return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
+    return init
+
+
+def log_uniform(low: float, high: float) -> Initializer:
+    """log of U[low, high] (Mamba-2's A_log with A ~ U[1, 16])."""
+    return lambda key, shape, dtype: jnp.log(jax.random.uniform(key, shape, jnp.float32, low, high)).astype(dtype)

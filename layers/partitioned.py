@@ -29,8 +29,11 @@ from jax.sharding import AxisType, PartitionSpec as P
 
 from hybrax.layers.sharding import current_mesh
 from hybrax.pallas_kernels import block_sparse_attention as _block_sparse_attention
+from hybrax.pallas_kernels import delta_rule as _delta_rule
 from hybrax.pallas_kernels import dot_product_attention as _dot_product_attention
 from hybrax.pallas_kernels import linear_attention as _linear_attention
+from hybrax.pallas_kernels import mlstm as _mlstm
+from hybrax.pallas_kernels import slstm as _slstm
 
 Names = tuple[str | None, ...] | None   # one logical name per dimension; None: a replicated argument
 
@@ -113,6 +116,9 @@ ROWS_HEADS = ("batch", None, "heads", None)        # [B, T, H, D]
 ROWS_KV_HEADS = ("batch", None, "kv_heads", None)  # [B, S, Hkv, D]
 ROWS = ("batch", None)                             # [B, T]
 STATE = ("batch", "heads", None, None)             # [B, H, K, V]
+ROWS_TIME_HEADS = ("batch", None, "heads")         # [B, T, H]: per-head gates
+HEAD_VECTORS = ("batch", "heads", None)            # [B, H, D]: normalisers, sLSTM cells
+PER_HEAD = ("batch", "heads")                      # [B, H]: stabilisers
 
 
 def linear_attention(q, k, v, log_decay=None, *, initial_state=None, segment_ids=None, return_final_state=False,
@@ -151,3 +157,51 @@ def dot_product_attention(q, k, v, *, segment_ids=None, mask=None, **options):
         q, k, v, segment_ids=segment_ids, mask=mask, **options)
     return partitioned(run, (ROWS_HEADS, ROWS_KV_HEADS, ROWS_KV_HEADS, ROWS, mask_names), ROWS_HEADS)(
         q, k, v, segment_ids, mask)
+
+
+def delta_rule(q, k, v, beta, log_decay=None, *, initial_state=None, segment_ids=None, return_final_state=False,
+               **options):
+    """`pallas_kernels.delta_rule`, partitioned over rows and heads (no state crosses either)."""
+    def run(q, k, v, beta, log_decay, initial_state, segment_ids):
+        o, final = _delta_rule(q, k, v, beta, log_decay, initial_state=initial_state, segment_ids=segment_ids,
+                               return_final_state=return_final_state, **options)
+        return (o, final) if return_final_state else o
+
+    names = (ROWS_HEADS, ROWS_HEADS, ROWS_HEADS, ROWS_TIME_HEADS, ROWS_TIME_HEADS, STATE, ROWS)
+    out = partitioned(run, names, (ROWS_HEADS, STATE) if return_final_state else ROWS_HEADS)(
+        q, k, v, beta, log_decay, initial_state, segment_ids)
+    return out if return_final_state else (out, None)
+
+
+def mlstm(q, k, v, log_input_gate, log_forget_gate, *, initial_state=None, segment_ids=None,
+          return_final_state=False, **options):
+    """`pallas_kernels.mlstm`, partitioned over rows and heads; the state is (C, n, m)."""
+    def run(q, k, v, log_input_gate, log_forget_gate, c, n, m, segment_ids):
+        state = None if c is None else (c, n, m)
+        h, final = _mlstm(q, k, v, log_input_gate, log_forget_gate, initial_state=state, segment_ids=segment_ids,
+                          return_final_state=return_final_state, **options)
+        return (h, *final) if return_final_state else h
+
+    state = (None, None, None) if initial_state is None else tuple(initial_state)
+    names = (ROWS_HEADS, ROWS_HEADS, ROWS_HEADS, ROWS_TIME_HEADS, ROWS_TIME_HEADS, STATE, HEAD_VECTORS, PER_HEAD,
+             ROWS)
+    out_names = (ROWS_HEADS, STATE, HEAD_VECTORS, PER_HEAD) if return_final_state else ROWS_HEADS
+    out = partitioned(run, names, out_names)(q, k, v, log_input_gate, log_forget_gate, *state, segment_ids)
+    return (out[0], tuple(out[1:])) if return_final_state else (out, None)
+
+
+def slstm(gate_inputs, recurrent_weights, *, initial_state=None, segment_ids=None, return_final_state=False,
+          **options):
+    """`pallas_kernels.slstm`, partitioned over rows and heads (heads are independent: the
+    recurrent weights are block-diagonal); the state is (c, n, m, h)."""
+    def run(gate_inputs, recurrent_weights, c, n, m, h, segment_ids):
+        state = None if c is None else (c, n, m, h)
+        out, final = _slstm(gate_inputs, recurrent_weights, initial_state=state, segment_ids=segment_ids,
+                            return_final_state=return_final_state, **options)
+        return (out, *final) if return_final_state else out
+
+    state = (None,) * 4 if initial_state is None else tuple(initial_state)
+    names = (("batch", None, "heads", None, None), ("heads", None, None, None), *(HEAD_VECTORS,) * 4, ROWS)
+    out_names = (ROWS_HEADS, *(HEAD_VECTORS,) * 4) if return_final_state else ROWS_HEADS
+    out = partitioned(run, names, out_names)(gate_inputs, recurrent_weights, *state, segment_ids)
+    return (out[0], tuple(out[1:])) if return_final_state else (out, None)

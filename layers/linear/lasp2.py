@@ -35,7 +35,8 @@ import jax
 import jax.numpy as jnp
 
 from hybrax.layers.sequence_parallel import local_chunks
-from hybrax.layers.sequence_parallel.layout import SEQ_AXIS, check_length, seq_size
+from hybrax.layers.sequence_parallel.chunk_states import gather_chunks, pick_local
+from hybrax.layers.sequence_parallel.layout import check_length, seq_size
 from hybrax.layers.sequence_parallel.packing import float32_to_ids, ids_to_float32
 from hybrax.layers.sharding import spec
 from hybrax.pallas_kernels.linear_attention import linear_attention
@@ -98,17 +99,6 @@ def _local(arrays, *, scale, chunk_size, implementation):
     return local_chunks.unstack(o.astype(v.dtype))
 
 
-def _natural_order(gathered):
-    """[P, 2, ...] all-gathered per device and local chunk -> [2P, ...] in natural chunk order."""
-    return jnp.concatenate([gathered[:, 0], gathered[::-1, 1]], axis=0)
-
-
-def _pick_local(all_chunks):
-    """[2P, ...] -> [2, ...]: this device's chunks d and 2P - 1 - d."""
-    d = jax.lax.axis_index(SEQ_AXIS)
-    return jnp.stack([all_chunks[d], all_chunks[all_chunks.shape[0] - 1 - d]])
-
-
 @jax.custom_vjp
 def _incoming_states(states_2xbxHxKxV, decays_2xbxHxK_, bounds_2xbx2):
     """S^in of this device's two chunks, [2, b, H, K, V] float32, from every chunk's final state S_j,
@@ -120,7 +110,7 @@ def _incoming_states_fwd(states, decays, bounds):
     two, b, H, K, V = states.shape
     packed = jnp.concatenate([states.reshape(two, b, -1), decays.reshape(two, b, -1),
                               ids_to_float32(bounds).reshape(two, b, 4)], axis=-1)
-    chunks = _natural_order(jax.lax.all_gather(packed, SEQ_AXIS))  # [2P, b, n]
+    chunks = gather_chunks(packed)  # [2P, b, n]
     n_states, n_decays = H * K * V, decays[0, 0].size
     states_all = chunks[..., :n_states].reshape(-1, b, H, K, V)
     decays_all = chunks[..., n_states:n_states + n_decays].reshape(-1, *decays.shape[1:])
@@ -135,12 +125,12 @@ def _incoming_states_fwd(states, decays, bounds):
 
     keep_next = jnp.concatenate([keep[1:], jnp.zeros_like(keep[:1])])
     _, incoming_all = jax.lax.scan(step, jnp.zeros_like(states_all[0]), (states_all, decays_all, keep_next))
-    return _pick_local(incoming_all), (incoming_all, decays_all, keep)
+    return pick_local(incoming_all), (incoming_all, decays_all, keep)
 
 
 def _incoming_states_bwd(residuals, d_incoming_2xbxHxKxV):
     incoming_all, decays_all, keep = residuals
-    d_incoming_all = _natural_order(jax.lax.all_gather(d_incoming_2xbxHxKxV, SEQ_AXIS))
+    d_incoming_all = gather_chunks(d_incoming_2xbxHxKxV)
     scalar = decays_all.shape[-1] == 1  # K' = 1: one decay per head, summed over K too
 
     def step(d_outgoing, xs):  # walks the chunks backwards; d_outgoing = dF_j
@@ -152,7 +142,7 @@ def _incoming_states_bwd(residuals, d_incoming_2xbxHxKxV):
 
     _, (d_states, d_decays) = jax.lax.scan(step, jnp.zeros_like(incoming_all[0]),
                                            (d_incoming_all, incoming_all, decays_all, keep), reverse=True)
-    return _pick_local(d_states), _pick_local(d_decays), None
+    return pick_local(d_states), pick_local(d_decays), None
 
 
 _incoming_states.defvjp(_incoming_states_fwd, _incoming_states_bwd)

@@ -20,7 +20,6 @@ Parameter budget (d = d_model, E = H P, W = 4): in-projection d (2E + 2N + H), c
 """
 
 from typing import ClassVar
-import math
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +28,7 @@ from flax import nnx
 from hybrax.layers.config import DType, Implementation, LayerConfig, ModelShape
 from hybrax.layers.linear.group_norm import HeadRMSNorm
 from hybrax.layers.linear.linear_recurrence import check_decoding, chunked_flops_per_token, initial_state, mix
-from hybrax.layers.parameters import logical_param, normal, ones
+from hybrax.layers.parameters import dt_bias, log_uniform, logical_param, normal, ones, uniform
 from hybrax.layers.projection import project
 from hybrax.layers.sequence_parallel.halo import short_causal_convs_sequence_parallel
 from hybrax.layers.sequence_parallel.layout import seq_size
@@ -78,22 +77,6 @@ class Mamba2Config(LayerConfig):
         return projections + conv + chunked_flops_per_token(H, N, self.head_dim, seq_len, self.chunk_size)
 
 
-def _uniform(low: float, high: float):
-    return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, low, high)
-
-
-def _dt_bias(dt_min: float, dt_max: float):
-    """softplus^-1 of dt ~ exp(U[log dt_min, log dt_max]), so that softplus(dt_bias) starts there."""
-    def init(key, shape, dtype):
-        dt = jnp.exp(jax.random.uniform(key, shape, jnp.float32, math.log(dt_min), math.log(dt_max)))
-        return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
-    return init
-
-
-def _log_uniform_a(key, shape, dtype):
-    return jnp.log(jax.random.uniform(key, shape, jnp.float32, 1.0, 16.0)).astype(dtype)
-
-
 class Mamba2(nnx.Module):
     def __init__(self, config: Mamba2Config, *, rngs: nnx.Rngs):
         c = config
@@ -107,15 +90,15 @@ class Mamba2(nnx.Module):
         self.w_b = logical_param(rngs, init, (d, N), c.param_dtype, ("embed", "head_dim"))
         self.w_c = logical_param(rngs, init, (d, N), c.param_dtype, ("embed", "head_dim"))
         self.w_dt = logical_param(rngs, init, (d, H), c.param_dtype, ("embed", "heads"))
-        conv_init, bound = _uniform(-W ** -0.5, W ** -0.5), W ** -0.5
+        conv_init, bound = uniform(-W ** -0.5, W ** -0.5), W ** -0.5
         self.conv_x = logical_param(rngs, conv_init, (W, H, P), c.param_dtype, ("conv", "heads", "head_dim"))
-        self.conv_x_bias = logical_param(rngs, _uniform(-bound, bound), (H, P), c.param_dtype, ("heads", "head_dim"))
+        self.conv_x_bias = logical_param(rngs, uniform(-bound, bound), (H, P), c.param_dtype, ("heads", "head_dim"))
         self.conv_b = logical_param(rngs, conv_init, (W, N), c.param_dtype, ("conv", "head_dim"))
-        self.conv_b_bias = logical_param(rngs, _uniform(-bound, bound), (N,), c.param_dtype, ("head_dim",))
+        self.conv_b_bias = logical_param(rngs, uniform(-bound, bound), (N,), c.param_dtype, ("head_dim",))
         self.conv_c = logical_param(rngs, conv_init, (W, N), c.param_dtype, ("conv", "head_dim"))
-        self.conv_c_bias = logical_param(rngs, _uniform(-bound, bound), (N,), c.param_dtype, ("head_dim",))
-        self.dt_bias = logical_param(rngs, _dt_bias(c.dt_min, c.dt_max), (H,), c.param_dtype, ("heads",))
-        self.a_log = logical_param(rngs, _log_uniform_a, (H,), c.param_dtype, ("heads",))
+        self.conv_c_bias = logical_param(rngs, uniform(-bound, bound), (N,), c.param_dtype, ("head_dim",))
+        self.dt_bias = logical_param(rngs, dt_bias(c.dt_min, c.dt_max), (H,), c.param_dtype, ("heads",))
+        self.a_log = logical_param(rngs, log_uniform(1.0, 16.0), (H,), c.param_dtype, ("heads",))
         self.d_skip = logical_param(rngs, ones(), (H,), c.param_dtype, ("heads",))
         self.norm = HeadRMSNorm(H, P, per_head=False, eps=c.norm_eps, dtype=c.dtype, param_dtype=c.param_dtype,
                                 rngs=rngs)

@@ -1,0 +1,93 @@
+"""The gated delta rule behind the implementation switch.
+
+`delta_rule(q [B, T, H, K], k [B, T, H, K], v [B, T, H, V], beta [B, T, H], log_decay=None
+[B, T, H], *, scale=None, initial_state=None [B, H, K, V], segment_ids=None [B, T],
+return_final_state=False, chunk_size=64, implementation=None) -> (o [B, T, H, V] in v's dtype,
+final_state [B, H, K, V] float32 or None)`
+
+    S_0 = initial_state or 0
+    S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t^T v_t
+        = a S_{t-1} + beta_t k_t^T (v_t - a k_t S_{t-1}),     a = exp(g_t)
+    o_t = scale * q_t S_t,      scale = K ** -0.5
+
+DeltaNet's update (Schlag et al. 2021; chunked training: Yang et al. 2024, "Parallelizing Linear
+Transformers with the Delta Rule over Sequence Length") with Gated DeltaNet's decay (Yang, Kautz &
+Hatamizadeh 2024): the memory S moves its answer for key k_t a fraction beta_t of the way to v_t,
+after decaying by exp(g_t). The state is stored [K, V] (k^T v is the outer product), the
+transpose of the paper's [V, K], as in `linear_attention`. `log_decay` g is None (no decay: plain
+DeltaNet) or a scalar per head and step [B, T, H]; its values must be <= 0. beta is meant to lie
+in [0, 1] and k to have ||k|| <= 1 (the layer L2-normalises q and k): then every step's transition
+exp(g) (I - beta k k^T) is contractive. The op accepts any k and beta. With `segment_ids`, the
+state is reset to zero where a new segment starts (segment_ids[:, t] != segment_ids[:, t-1]), so
+a packed document gives what it gives alone: the initial state belongs to the first segment, the
+final state is the state after the last step.
+
+Implementations: `reference` (lax.scan of the definition) and `xla` (chunked jnp, the WY / UT
+form). Default order: (xla,) on every backend; Pallas kernels come later.
+
+Validation raises a one-line ValueError before any compute. The check that log_decay <= 0 needs
+the values, so it runs only on concrete arrays (eager calls); under `jax.jit`, `grad` or `vmap` the
+values are tracers and go unchecked.
+"""
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hybrax.pallas_kernels.delta_rule import reference, xla
+from hybrax.pallas_kernels.implementation import dispatch
+
+IMPLEMENTATIONS = {
+    "reference": reference.delta_rule,
+    "xla": xla.delta_rule,
+}
+DEFAULTS = {"tpu": ("xla",), "gpu": ("xla",), "default": ("xla",)}
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_inputs(q, k, v, beta, log_decay, initial_state, segment_ids, chunk_size) -> None:
+    """Raise a one-line ValueError for inputs the op does not accept."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"q, k, v must be [batch, time, heads, dim]; got shapes {q.shape}, {k.shape}, {v.shape}")
+    if q.shape != k.shape:
+        raise ValueError(f"q {q.shape} and k {k.shape} must have the same shape [B, T, H, K]")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v {v.shape} must match q {q.shape} in batch, time and heads")
+    B, T, H, K = q.shape
+    V = v.shape[3]
+    if beta.shape != (B, T, H):
+        raise ValueError(f"beta shape {beta.shape} must be [B, T, H] = {(B, T, H)}")
+    if log_decay is not None:
+        if log_decay.shape != (B, T, H):
+            raise ValueError(f"log_decay shape {log_decay.shape} must be [B, T, H] = {(B, T, H)}")
+        if _is_concrete(log_decay) and log_decay.size:
+            largest = float(np.max(np.asarray(log_decay, np.float32)))
+            if largest > 0:
+                raise ValueError(f"log_decay must be <= 0 (decay factors exp(g) <= 1); got max {largest}")
+    if initial_state is not None and initial_state.shape != (B, H, K, V):
+        raise ValueError(f"initial_state shape {initial_state.shape} must be [B, H, K, V] = {(B, H, K, V)}")
+    if segment_ids is not None:
+        if segment_ids.shape != (B, T):
+            raise ValueError(f"segment_ids shape {segment_ids.shape} must be [B, T] = {(B, T)}")
+        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+            raise ValueError(f"segment_ids dtype {segment_ids.dtype} must be an integer dtype")
+    if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r} must be an integer >= 1")
+
+
+def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, log_decay: jax.Array | None = None,
+               *, scale: float | None = None, initial_state: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, return_final_state: bool = False,
+               chunk_size: int = 64, implementation: str | Sequence[str] | None = None,
+               ) -> tuple[jax.Array, jax.Array | None]:
+    """The gated delta rule; see the module docstring for the contract."""
+    check_inputs(q, k, v, beta, log_decay, initial_state, segment_ids, chunk_size)
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    return dispatch("delta_rule", IMPLEMENTATIONS, DEFAULTS, implementation, q, k, v, beta, log_decay,
+                    scale=scale, initial_state=initial_state, segment_ids=segment_ids,
+                    return_final_state=return_final_state, chunk_size=int(chunk_size))

@@ -1,0 +1,203 @@
+"""Chunked gated delta rule in jnp: the CPU path and the fallback everywhere.
+
+    S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t^T v_t,      o_t = scale * q_t S_t
+
+q, k [B, T, H, K], v [B, T, H, V], beta [B, T, H], g = log_decay None / [B, T, H] (<= 0), state
+[B, H, K, V]. The chunked form is the WY / UT representation of DeltaNet's training algorithm
+(Yang et al. 2024, "Parallelizing Linear Transformers with the Delta Rule over Sequence Length",
+section 3) with Gated DeltaNet's decay (Yang, Kautz & Hatamizadeh 2024; fla's
+chunk_gated_delta_rule). Time is cut into chunks of C tokens; within a chunk, b_i = g_1 + .. + g_i
+and, with S the state entering the chunk, the recurrence unrolls to
+
+    S_i = exp(b_i) S + sum_{j <= i} exp(b_i - b_j) k_j^T x_j,     x_j = beta_j (v_j - exp(g_j) k_j S_{j-1})
+
+and substituting S_{j-1} into x_j gives a unit lower triangular system for X [C, V]:
+
+    (I + A) X = beta V - (beta exp(b) K) S,      A_ij = beta_i (k_i . k_j) exp(b_i - b_j)  (j < i)
+
+so X = U - W S with W = (I + A)^{-1} (beta exp(b) K) [C, K] and U = (I + A)^{-1} (beta V) [C, V],
+neither of which depends on S. Then
+
+    o     = scale * ((q exp(b)) S + (tril(q K^T exp(b_i - b_j)), diagonal included) X)
+    S_new = exp(b_C) S + (K exp(b_C - b))^T X = M S + R,
+            M = exp(b_C) I - (K exp(b_C - b))^T W [K, K],   R = (K exp(b_C - b))^T U [K, V].
+
+Everything but the products with S runs as batched matmuls (the inverse of I + A too, by
+recursive doubling) over all chunks of a block of BLOCK_TOKENS = 512 tokens at once; a `lax.scan` over the chunks carries
+S_new = M S + R (one [K, K] x [K, V] product per chunk), and the outputs then take the entering
+states in one batched product. An outer `lax.scan` over blocks keeps only one block's
+intermediates live, so time per token stays flat in T.
+
+Stability: exp(b_i - b_j) is the exp of a direct sum g_{j+1} + .. + g_i <= 0 (a masked cumulative
+sum, `segsum`), never exp(-b_j), which overflows for strong decays (g down to -20 per token).
+With ||k|| <= 1 and beta in [0, 1], |A_ij| <= 1 and each step's transition is contractive.
+
+Segments: pairs across a segment change contribute nothing (to A and to the scores), the carried
+state reaches token i only while no segment has started in the chunk up to it, a token enters the
+outgoing state only if no segment starts after it in the chunk, and the state survives a chunk
+only if no segment starts in it. These are 0/1 multipliers, so no -inf arithmetic. Time is padded
+to a multiple of C with q = k = v = 0, beta = 0, g = 0 and no segment start: padded tokens have
+x = 0 and leave the final state unchanged. Gradients come from autodiff of this code.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+PRECISION = jax.lax.Precision.HIGHEST  # float32 matmuls; TPU/GPU defaults would round to bf16/tf32
+BLOCK_TOKENS = 512  # longer sequences are scanned in blocks of about this many tokens (flat time per token)
+
+
+def _einsum(spec, *operands):
+    return jnp.einsum(spec, *operands, precision=PRECISION)
+
+
+def segsum(g):
+    """[..., L] -> [..., L, L] with out[i, j] = g_{j+1} + .. + g_i for j <= i (0 above the
+    diagonal), summed directly so no two large prefix sums are subtracted."""
+    L = g.shape[-1]
+    strictly_below = jnp.arange(L)[:, None] > jnp.arange(L)[None, :]  # [m, j]: m > j
+    terms = jnp.where(strictly_below, g[..., :, None], 0.0)  # [..., m, j] = g_m [m > j]
+    return jnp.cumsum(terms, axis=-2)  # [..., i, j] = sum_{m <= i} g_m [m > j]
+
+
+def _suffix_sum(g, axis):
+    """out_j = g_{j+1} + .. + g_last along `axis` (exclusive reverse cumulative sum)."""
+    rev = jnp.flip(jnp.cumsum(jnp.flip(g, axis), axis=axis), axis)  # sum_{m >= j}
+    rev = jnp.moveaxis(rev, axis, -1)
+    out = jnp.concatenate([rev[..., 1:], jnp.zeros_like(rev[..., :1])], axis=-1)
+    return jnp.moveaxis(out, -1, axis)
+
+
+def unit_lower_inverse(A):
+    """(I + A)^{-1} for strictly lower triangular A [..., C, C], by recursive doubling in matmuls.
+
+    With D the inverse of the diagonal blocks of size s, and L21 the block below-left of each
+    pair of them, the inverse of the blocks of size 2s is [[D11, 0], [-D22 L21 D11, D22]]
+    (the recursive triangular inversion; each level is exact, not a truncated series). A is
+    zero-padded to a power of two P, which leaves its top-left C x C inverse unchanged. Used
+    instead of `lax.linalg.triangular_solve`, whose CPU lowering calls LAPACK (through scipy's
+    OpenBLAS, which stalls when XLA calls it from several threads at once); this is plain
+    batched matmuls everywhere, differentiated by autodiff.
+    """
+    C = A.shape[-1]
+    P = 1 << (C - 1).bit_length()
+    A = jnp.pad(A, [(0, 0)] * (A.ndim - 2) + [(0, P - C), (0, P - C)])
+    batch = A.shape[:-2]
+    inverse = jnp.ones(batch + (P, 1, 1), A.dtype)  # [..., blocks, s, s], s = 1
+    s = 1
+    while s < P:
+        pairs = P // (2 * s)
+        blocks = A.reshape(batch + (pairs, 2 * s, pairs, 2 * s))
+        blocks = jnp.moveaxis(jnp.diagonal(blocks, axis1=-4, axis2=-2), -1, -3)  # [..., pairs, 2s, 2s]
+        L21 = blocks[..., s:, :s]
+        D11, D22 = inverse[..., 0::2, :, :], inverse[..., 1::2, :, :]
+        D21 = -_einsum("...ij,...jk,...kl->...il", D22, L21, D11)
+        top = jnp.concatenate([D11, jnp.zeros_like(D11)], axis=-1)
+        bottom = jnp.concatenate([D21, D22], axis=-1)
+        inverse = jnp.concatenate([top, bottom], axis=-2)
+        s *= 2
+    return inverse.reshape(batch + (P, P))[..., :C, :C]
+
+
+def _to_chunks(x, N, C):
+    """[B, T, H, ...] -> [B, H, N, C, ...], zero-padding time to N * C."""
+    B, T = x.shape[:2]
+    x = jnp.pad(x, [(0, 0), (0, N * C - T)] + [(0, 0)] * (x.ndim - 2))
+    x = x.reshape((B, N, C) + x.shape[2:])
+    return jnp.moveaxis(x, 3, 1)
+
+
+def delta_rule(q, k, v, beta, log_decay, *, scale, initial_state, segment_ids, return_final_state,
+               chunk_size):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    dtype = jnp.result_type(q.dtype, k.dtype, v.dtype, beta.dtype, jnp.float32)
+    C = min(chunk_size, T)
+    N = math.ceil(T / C)
+    G = min(N, max(1, BLOCK_TOKENS // C))  # chunks per block
+    M = math.ceil(N / G)  # blocks
+    N = M * G
+    chunks = lambda x: _to_chunks(x.astype(dtype), N, C)  # [B, H, N, C, ...], zero-padded
+    inputs = (chunks(q), chunks(k), chunks(v), chunks(beta),
+              jnp.zeros((B, H, N, C), dtype) if log_decay is None else chunks(log_decay))
+
+    masks = None
+    if segment_ids is not None:
+        starts_BxT = jnp.concatenate(
+            [jnp.zeros((B, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+        segment_BxT = jnp.cumsum(starts_BxT, axis=1, dtype=jnp.int32)
+        segment_BxT = jnp.pad(segment_BxT, [(0, 0), (0, N * C - T)], mode="edge")
+        segment_BxNxC = segment_BxT.reshape(B, N, C)
+        entering_BxN = jnp.concatenate([segment_BxNxC[:, :1, 0], segment_BxNxC[:, :-1, -1]], axis=1)
+        masks = (
+            (segment_BxNxC[:, :, :, None] == segment_BxNxC[:, :, None, :]).astype(dtype),  # same
+            (segment_BxNxC == entering_BxN[:, :, None]).astype(dtype),  # state -> token i
+            (segment_BxNxC == segment_BxNxC[:, :, -1:]).astype(dtype),  # token j -> state
+            (segment_BxNxC[:, :, -1] == entering_BxN).astype(dtype),  # state -> next chunk
+        )
+
+    state_BxHxKxV = (jnp.zeros((B, H, K, V), dtype) if initial_state is None
+                     else initial_state.astype(dtype))
+    block = lambda state, xs: _block(*xs[0], xs[1], state)
+    if M == 1:
+        final_BxHxKxV, o_BxHxNxCxV = block(state_BxHxKxV, (inputs, masks))
+    else:  # scan over blocks of G chunks: [B, H, N, ...] -> [M, B, H, G, ...] (masks [M, B, G, ...])
+        split = lambda x, axis: jnp.moveaxis(x.reshape(x.shape[:axis] + (M, G) + x.shape[axis + 1:]), axis, 0)
+        blocks = (tuple(split(x, 2) for x in inputs),
+                  None if masks is None else tuple(split(x, 1) for x in masks))
+        final_BxHxKxV, o_MxBxHxGxCxV = jax.lax.scan(block, state_BxHxKxV, blocks)
+        o_BxHxNxCxV = jnp.moveaxis(o_MxBxHxGxCxV, 0, 2).reshape(B, H, N, C, V)
+    o_BxTxHxV = jnp.moveaxis(o_BxHxNxCxV, 1, 3).reshape(B, N * C, H, V)[:, :T]
+    o_BxTxHxV = (scale * o_BxTxHxV).astype(v.dtype)
+    return o_BxTxHxV, (final_BxHxKxV if return_final_state else None)
+
+
+def _block(q_BxHxNxCxK, k_BxHxNxCxK, v_BxHxNxCxV, beta_BxHxNxC, g_BxHxNxC, masks, state_BxHxKxV):
+    """One block of chunks: (state after the block, unscaled o [B, H, N, C, V])."""
+    C, K = k_BxHxNxCxK.shape[3:]
+    dtype = k_BxHxNxCxK.dtype
+    # Pairwise decays exp(b_i - b_j) (1 above the diagonal, masked below), and the decays from the
+    # chunk start to token i (inclusive), from token j to the chunk end (exclusive), of the chunk.
+    decay_CxC = jnp.exp(segsum(g_BxHxNxC))
+    decay_in = jnp.exp(jnp.cumsum(g_BxHxNxC, axis=3))
+    decay_out = jnp.exp(_suffix_sum(g_BxHxNxC, axis=3))
+    chunk_decay = jnp.exp(jnp.sum(g_BxHxNxC, axis=3))  # [B, H, N]
+    if masks is not None:
+        same, reaches, leaves, survives = masks
+        decay_CxC = decay_CxC * same[:, None]
+        decay_in = decay_in * reaches[:, None]
+        decay_out = decay_out * leaves[:, None]
+        chunk_decay = chunk_decay * survives[:, None]
+    causal_CxC = jnp.tril(jnp.ones((C, C), dtype))
+    strictly_causal_CxC = jnp.tril(jnp.ones((C, C), dtype), -1)
+
+    # The UT transform: [W U] = (I + A)^{-1} [beta exp(b) K, beta V] for all chunks at once.
+    beta = beta_BxHxNxC[..., None]
+    A_CxC = (beta * _einsum("bhnik,bhnjk->bhnij", k_BxHxNxCxK, k_BxHxNxCxK)
+             * decay_CxC * strictly_causal_CxC)
+    rhs = jnp.concatenate([beta * decay_in[..., None] * k_BxHxNxCxK, beta * v_BxHxNxCxV], axis=-1)
+    WU = _einsum("bhnij,bhnjd->bhnid", unit_lower_inverse(A_CxC), rhs)
+    W_BxHxNxCxK, U_BxHxNxCxV = WU[..., :K], WU[..., K:]
+
+    k_out = k_BxHxNxCxK * decay_out[..., None]
+    # S_new = M S + R per chunk.
+    eye_KxK = jnp.eye(K, dtype=dtype)
+    M_BxHxNxKxK = (chunk_decay[..., None, None] * eye_KxK
+                   - _einsum("bhnck,bhncl->bhnkl", k_out, W_BxHxNxCxK))
+    R_BxHxNxKxV = _einsum("bhnck,bhncv->bhnkv", k_out, U_BxHxNxCxV)
+
+    def step(state_BxHxKxV, inputs):
+        M_BxHxKxK, R_BxHxKxV = inputs
+        return _einsum("bhkl,bhlv->bhkv", M_BxHxKxK, state_BxHxKxV) + R_BxHxKxV, state_BxHxKxV
+
+    final_BxHxKxV, entering_NxBxHxKxV = jax.lax.scan(
+        step, state_BxHxKxV, (jnp.moveaxis(M_BxHxNxKxK, 2, 0), jnp.moveaxis(R_BxHxNxKxV, 2, 0)))
+
+    # With the entering states known: X = U - W S, o = (q exp(b)) S + scores X.
+    X_BxHxNxCxV = U_BxHxNxCxV - _einsum("bhnck,nbhkv->bhncv", W_BxHxNxCxK, entering_NxBxHxKxV)
+    scores = _einsum("bhnik,bhnjk->bhnij", q_BxHxNxCxK, k_BxHxNxCxK) * decay_CxC * causal_CxC
+    o_BxHxNxCxV = (_einsum("bhnij,bhnjv->bhniv", scores, X_BxHxNxCxV)
+                   + _einsum("bhnik,nbhkv->bhniv", q_BxHxNxCxK * decay_in[..., None], entering_NxBxHxKxV))
+    return final_BxHxKxV, o_BxHxNxCxV

@@ -1,0 +1,3 @@
+from hybrax.pallas_kernels.slstm.api import slstm
+
+__all__ = ["slstm"]
