@@ -19,18 +19,19 @@ so X = U - W S with W = (I + A)^{-1} (beta exp(b) K) [C, K] and U = (I + A)^{-1}
 neither of which depends on S. Then
 
     o     = scale * ((q exp(b)) S + (tril(q K^T exp(b_i - b_j)), diagonal included) X)
-    S_new = exp(b_C) S + (K exp(b_C - b))^T X = M S + R,
-            M = exp(b_C) I - (K exp(b_C - b))^T W [K, K],   R = (K exp(b_C - b))^T U [K, V].
+    S_new = exp(b_C) S + (K exp(b_C - b))^T X
 
-Everything but the products with S runs as batched matmuls (the inverse of I + A too, by
-recursive doubling) over all chunks of a block of BLOCK_TOKENS = 512 tokens at once; a `lax.scan` over the chunks carries
-S_new = M S + R (one [K, K] x [K, V] product per chunk), and the outputs then take the entering
-states in one batched product. An outer `lax.scan` over blocks keeps only one block's
-intermediates live, so time per token stays flat in T.
+What does not depend on S (the pairwise decays, A, the inverse of I + A by recursive doubling,
+W, U, the scores) runs as batched matmuls over all chunks of a block of BLOCK_TOKENS = 512 tokens
+at once; a `lax.scan` over the block's chunks carries S and does the two products with it per
+chunk (X = U - W S, S_new), and the outputs then take X and the entering states in batched
+products. An outer `lax.scan` over blocks keeps only one block's intermediates live, so the time
+per token stays flat in T.
 
-Stability: exp(b_i - b_j) is the exp of a direct sum g_{j+1} + .. + g_i <= 0 (a masked cumulative
-sum, `segsum`), never exp(-b_j), which overflows for strong decays (g down to -20 per token).
-With ||k|| <= 1 and beta in [0, 1], |A_ij| <= 1 and each step's transition is contractive.
+Stability: exp(b_i - b_j) is the exp of a direct sum g_{j+1} + .. + g_i <= 0 (`segsum`), never
+exp(b_i) exp(-b_j), which overflows for strong decays (g down to -20 per token); every other
+exponent is a sum of log-decays too, so <= 0. With ||k|| <= 1 and beta in [0, 1], |A_ij| <= 1 and
+each step's transition exp(g) (I - beta k^T k) is contractive.
 
 Segments: pairs across a segment change contribute nothing (to A and to the scores), the carried
 state reaches token i only while no segment has started in the chunk up to it, a token enters the
@@ -55,11 +56,14 @@ def _einsum(spec, *operands):
 
 def segsum(g):
     """[..., L] -> [..., L, L] with out[i, j] = g_{j+1} + .. + g_i for j <= i (0 above the
-    diagonal), summed directly so no two large prefix sums are subtracted."""
+    diagonal): each entry a direct sum of its own terms, so no two large prefix sums are
+    subtracted. Written as one matmul against the 0/1 tensor [j < m <= i], which on a CPU is
+    several times faster than a masked cumulative sum over [..., L, L]."""
     L = g.shape[-1]
-    strictly_below = jnp.arange(L)[:, None] > jnp.arange(L)[None, :]  # [m, j]: m > j
-    terms = jnp.where(strictly_below, g[..., :, None], 0.0)  # [..., m, j] = g_m [m > j]
-    return jnp.cumsum(terms, axis=-2)  # [..., i, j] = sum_{m <= i} g_m [m > j]
+    idx = jnp.arange(L)
+    between_LxLxL = ((idx[None, None, :] <= idx[:, None, None])
+                     & (idx[None, None, :] > idx[None, :, None]))  # [i, j, m]: j < m <= i
+    return _einsum("...m,ijm->...ij", g, between_LxLxL.astype(g.dtype))
 
 
 def _suffix_sum(g, axis):
@@ -77,9 +81,9 @@ def unit_lower_inverse(A):
     pair of them, the inverse of the blocks of size 2s is [[D11, 0], [-D22 L21 D11, D22]]
     (the recursive triangular inversion; each level is exact, not a truncated series). A is
     zero-padded to a power of two P, which leaves its top-left C x C inverse unchanged. Used
-    instead of `lax.linalg.triangular_solve`, whose CPU lowering calls LAPACK (through scipy's
-    OpenBLAS, which stalls when XLA calls it from several threads at once); this is plain
-    batched matmuls everywhere, differentiated by autodiff.
+    instead of `lax.linalg.triangular_solve`, whose CPU lowering is a LAPACK call per matrix (in
+    our benchmark on a loaded 2-core CPU it stalled for minutes at a time); this is plain batched
+    matmuls on every backend, differentiated by autodiff.
     """
     C = A.shape[-1]
     P = 1 << (C - 1).bit_length()
@@ -181,23 +185,22 @@ def _block(q_BxHxNxCxK, k_BxHxNxCxK, v_BxHxNxCxV, beta_BxHxNxC, g_BxHxNxC, masks
     WU = _einsum("bhnij,bhnjd->bhnid", unit_lower_inverse(A_CxC), rhs)
     W_BxHxNxCxK, U_BxHxNxCxV = WU[..., :K], WU[..., K:]
 
+    # The state-dependent part, chunk by chunk: X = U - W S, S_new = exp(b_C) S + (K exp(b_C - b))^T X.
     k_out = k_BxHxNxCxK * decay_out[..., None]
-    # S_new = M S + R per chunk.
-    eye_KxK = jnp.eye(K, dtype=dtype)
-    M_BxHxNxKxK = (chunk_decay[..., None, None] * eye_KxK
-                   - _einsum("bhnck,bhncl->bhnkl", k_out, W_BxHxNxCxK))
-    R_BxHxNxKxV = _einsum("bhnck,bhncv->bhnkv", k_out, U_BxHxNxCxV)
 
     def step(state_BxHxKxV, inputs):
-        M_BxHxKxK, R_BxHxKxV = inputs
-        return _einsum("bhkl,bhlv->bhkv", M_BxHxKxK, state_BxHxKxV) + R_BxHxKxV, state_BxHxKxV
+        W_BxHxCxK, U_BxHxCxV, k_out_BxHxCxK, decay_BxH = inputs
+        X_BxHxCxV = U_BxHxCxV - _einsum("bhck,bhkv->bhcv", W_BxHxCxK, state_BxHxKxV)
+        new_BxHxKxV = (decay_BxH[..., None, None] * state_BxHxKxV
+                       + _einsum("bhck,bhcv->bhkv", k_out_BxHxCxK, X_BxHxCxV))
+        return new_BxHxKxV, (state_BxHxKxV, X_BxHxCxV)
 
-    final_BxHxKxV, entering_NxBxHxKxV = jax.lax.scan(
-        step, state_BxHxKxV, (jnp.moveaxis(M_BxHxNxKxK, 2, 0), jnp.moveaxis(R_BxHxNxKxV, 2, 0)))
+    time_major = lambda x: jnp.moveaxis(x, 2, 0)
+    final_BxHxKxV, (entering_NxBxHxKxV, X_NxBxHxCxV) = jax.lax.scan(
+        step, state_BxHxKxV, tuple(map(time_major, (W_BxHxNxCxK, U_BxHxNxCxV, k_out, chunk_decay))))
 
-    # With the entering states known: X = U - W S, o = (q exp(b)) S + scores X.
-    X_BxHxNxCxV = U_BxHxNxCxV - _einsum("bhnck,nbhkv->bhncv", W_BxHxNxCxK, entering_NxBxHxKxV)
+    # o = (q exp(b)) S + scores X, batched over the block's chunks.
     scores = _einsum("bhnik,bhnjk->bhnij", q_BxHxNxCxK, k_BxHxNxCxK) * decay_CxC * causal_CxC
-    o_BxHxNxCxV = (_einsum("bhnij,bhnjv->bhniv", scores, X_BxHxNxCxV)
+    o_BxHxNxCxV = (_einsum("bhnij,nbhjv->bhniv", scores, X_NxBxHxCxV)
                    + _einsum("bhnik,nbhkv->bhniv", q_BxHxNxCxK * decay_in[..., None], entering_NxBxHxKxV))
     return final_BxHxKxV, o_BxHxNxCxV

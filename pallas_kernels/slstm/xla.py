@@ -39,7 +39,10 @@ import jax.numpy as jnp
 from hybrax.pallas_kernels.slstm.reference import normal, safe_ratio
 
 PRECISION = jax.lax.Precision.HIGHEST  # float32 matmuls; TPU/GPU defaults would round to bf16/tf32
-UNROLL = 1  # scan unroll: measured on a 2-core CPU (B=8, H=4, D=64, T=2048); see the tests' notes
+# Scan unroll (both scans). On a 2-core CPU (B=8, H=4, D=64, T=2048, forward + backward) unroll
+# 1 / 2 / 4 / 8 gave 41k / 32k / 23k / 12k tokens/s: unrolling slows XLA CPU's backward loop, and
+# the forward alone was flat (160k / 159k / 152k / 150k). Worth measuring again on GPU/TPU.
+UNROLL = 1
 
 
 def _einsum(spec, *operands):

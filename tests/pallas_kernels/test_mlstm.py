@@ -52,6 +52,18 @@ def test_xla_blocks_match_reference(monkeypatch):
     assert_matches_reference("xla", Case(100, "positive", segments=True, chunk_size=16, seed=7))
 
 
+def test_xla_newest_max_sends_the_gradient_to_the_newest_tie():
+    """At a tie the final m's gradient goes to the newest term, as in the reference's recurrence
+    (jnp.max would split it); masked entries get none."""
+    x = jnp.asarray([[1.0, 3.0, 3.0, 2.0, 3.0], [1.0, 3.0, 3.0, 2.0, 3.0]])
+    valid = jnp.asarray([[True, True, True, True, True], [True, True, True, True, False]])
+    value, has_any = xla.newest_max(x, valid)
+    np.testing.assert_array_equal(value, [3.0, 3.0])
+    assert bool(jnp.all(has_any))
+    grad = jax.grad(lambda x: jnp.sum(xla.newest_max(x, valid)[0]))(x)
+    np.testing.assert_array_equal(grad, [[0, 0, 0, 0, 1], [0, 0, 1, 0, 0]])
+
+
 def test_reference_matches_numpy_loop():
     """The definition, step by step in numpy float64, on a tiny case with every feature."""
     case = Case(T=9, gates="positive", segments=True, B=2, H=2, K=3, V=4, seed=3)
