@@ -74,16 +74,18 @@ def _suffix_sum(g, axis):
     return jnp.moveaxis(out, -1, axis)
 
 
+@jax.custom_vjp
 def unit_lower_inverse(A):
     """(I + A)^{-1} for strictly lower triangular A [..., C, C], by recursive doubling in matmuls.
 
-    With D the inverse of the diagonal blocks of size s, and L21 the block below-left of each
-    pair of them, the inverse of the blocks of size 2s is [[D11, 0], [-D22 L21 D11, D22]]
-    (the recursive triangular inversion; each level is exact, not a truncated series). A is
-    zero-padded to a power of two P, which leaves its top-left C x C inverse unchanged. Used
-    instead of `lax.linalg.triangular_solve`, whose CPU lowering is a LAPACK call per matrix (in
-    our benchmark on a loaded 2-core CPU it stalled for minutes at a time); this is plain batched
-    matmuls on every backend, differentiated by autodiff.
+    With D the inverses of the diagonal blocks of size s, and L21 the block below-left of each
+    pair of them, the inverse of the blocks of size 2s is [[D11, 0], [-D22 L21 D11, D22]] (the
+    recursive triangular inversion; each level is exact, not a truncated series). A is zero-padded
+    to a power of two P, which leaves its top-left C x C inverse unchanged. Used instead of
+    `lax.linalg.triangular_solve`, whose CPU lowering is a LAPACK call per matrix (in our
+    benchmark on a loaded 2-core CPU it stalled for minutes at a time): this is plain batched
+    matmuls on every backend. The gradient is the matrix-inverse identity (see `_inverse_bwd`),
+    not autodiff of the doubling, whose backward was several times slower than the forward.
     """
     C = A.shape[-1]
     P = 1 << (C - 1).bit_length()
@@ -103,6 +105,22 @@ def unit_lower_inverse(A):
         inverse = jnp.concatenate([top, bottom], axis=-2)
         s *= 2
     return inverse.reshape(batch + (P, P))[..., :C, :C]
+
+
+def _inverse_fwd(A):
+    inverse = unit_lower_inverse(A)
+    return inverse, inverse
+
+
+def _inverse_bwd(inverse, d_inverse):
+    """d(M^{-1}) = -M^{-1} dM M^{-1} with M = I + A, so dA = -(M^{-T} d_inverse M^{-T}), kept on
+    the strictly lower part (the only entries A has)."""
+    C = inverse.shape[-1]
+    dA = -_einsum("...ji,...jk,...lk->...il", inverse, d_inverse, inverse)
+    return (dA * jnp.tril(jnp.ones((C, C), dA.dtype), -1),)
+
+
+unit_lower_inverse.defvjp(_inverse_fwd, _inverse_bwd)
 
 
 def _to_chunks(x, N, C):

@@ -1,4 +1,5 @@
-"""The linear, gated and state-space mixers (linear_attention, gla, mamba2): what only they
+"""The linear, gated, state-space and recurrent mixers (linear_attention, gla, mamba2, mlstm,
+gated_deltanet, slstm): what only they
 promise: a recurrent cache whose size does not grow with the length, decoding that refuses packed
 documents, and the decay-free variant of linear attention (another path of the op) as causal as
 the registered one. The contract every mixer keeps (causality, decoding == parallel, packed
@@ -13,7 +14,7 @@ import conformance
 from hybrax.layers.config import TINY_SHAPE
 from hybrax.layers.linear.linear_attention import LinearAttention, LinearAttentionConfig
 
-MIXERS = ["linear_attention", "gla", "mamba2"]
+MIXERS = ["linear_attention", "gla", "mamba2", "mlstm", "gated_deltanet", "slstm"]
 
 
 @pytest.mark.parametrize("name", MIXERS)
@@ -21,7 +22,8 @@ def test_cache_is_constant_in_length(name):
     layer = conformance.build(name)
     short, long = layer.init_cache(batch=2, max_len=8), layer.init_cache(batch=2, max_len=4096)
     assert jax.tree.map(jnp.shape, short) == jax.tree.map(jnp.shape, long)
-    assert short["state"].dtype == jnp.float32
+    cell = [short[key] for key in ("state", "c", "n", "m", "h") if key in short]
+    assert cell and all(x.dtype == jnp.float32 for x in cell)
 
 
 @pytest.mark.parametrize("name", MIXERS)

@@ -117,10 +117,15 @@ def _cotangents(case: Case):
 def run_op(impl: str, inputs: dict, dtype, *, chunk_size: int = 64):
     """jitted (h, final_state) on `inputs` (q, k, v cast to dtype; gates and state float32, or
     float64 when dtype is)."""
+    return _jitted_op(impl, jnp.dtype(dtype), chunk_size)(inputs)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_op(impl: str, dtype, chunk_size: int):  # one jit per configuration: calls reuse its cache
     gate_dtype = jnp.float64 if dtype == jnp.float64 else jnp.float32
     return jax.jit(lambda x: mlstm(*_args(x, dtype, gate_dtype), initial_state=_state(x, gate_dtype),
                                    segment_ids=_segments(x), return_final_state=True,
-                                   chunk_size=chunk_size, implementation=impl))(inputs)
+                                   chunk_size=chunk_size, implementation=impl))
 
 
 def _args(x, dtype, gate_dtype):
