@@ -71,15 +71,15 @@ class GatedDeltaNetConfig(LayerConfig):
         op's xla implementation runs it. Per head and token, with C = min(chunk, T) and P the power
         of two >= C: the key Gram matrix C K; the inverse of the unit-triangular I + A by recursive
         doubling, P (P^2 - 1) / 3 per chunk; the inverse times [beta k, beta v], C (K + V); the
-        chunk transition K^2 and the carried state's product with it K^2 V / C; the intra-chunk
-        scores C K and their product with the corrected values C V; three K x V products (W S,
-        q S, the chunk's own state update). Elementwise work is not counted."""
+        intra-chunk scores C K and their product with the corrected values C V; three K x V
+        products (W S and the state update inside the scan over chunks, q S after it).
+        Elementwise work is not counted."""
         d, H, K, V, W = self.d_model, self.num_heads, self.key_dim, self.value_dim, self.conv_width
         C = min(self.chunk_size, seq_len)
         P = 1 << (C - 1).bit_length()
         projections = 2 * (d * H * (2 * K + 2 * V) + 2 * d * H + H * V * d)
         conv = 2 * W * H * (2 * K + V)
-        per_head = 3 * C * K + 2 * C * V + 3 * K * V + K * K + K * K * V / C + P * (P * P - 1) / (3 * C)
+        per_head = 3 * C * K + 2 * C * V + 3 * K * V + P * (P * P - 1) / (3 * C)
         return projections + conv + round(H * 2 * per_head)
 
 

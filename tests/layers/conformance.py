@@ -75,11 +75,6 @@ EXCEPTIONS: dict[tuple[str, str], tuple[object, str]] = {
         TOLERANCE, "the op's factored chunk form scales q and k by exp(+-m), m = half the chunk's cumulative "
                    "gate (pallas_kernels/linear_attention/xla.py), so later tokens of a chunk move earlier outputs "
                    "at rounding level (3e-7 of the output's scale); the gradient check stays exact"),
-    ("gated_deltanet", "flops"): (
-        (0.9, 1.6), "XLA's cost analysis counts a while loop's body once: the K x K chunk transition times the "
-                    "state runs once per chunk inside a scan (tiny chunks of 5: formula / XLA 1.22 at T = 13, 1.46 "
-                    "at 128); with the missing iterations added the formula is within 10% "
-                    "(tests/layers/test_recurrent_mixer_formulas.py)"),
     ("slstm", "flops"): (
         (0.9, 1.6), "XLA's cost analysis counts a while loop's body once: the recurrent matmul runs once per step "
                     "inside a scan (formula / XLA 1.42 at T = 13, 1.47 at 128); with the missing iterations added "

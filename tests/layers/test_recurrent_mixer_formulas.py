@@ -114,15 +114,15 @@ def test_parameter_budgets_match_the_docstrings():
 def _uncounted_loop_flops(config, T: int) -> float:
     """FLOPs per token that XLA's cost analysis misses: it counts a while loop's body once, not
     once per iteration. The loops with a matmul in their body: the delta rule's scan over the
-    chunks of a block (the K x K chunk transition times the state, 2 H K^2 V per chunk and row;
-    one block at these lengths, so N - 1 of its N chunks are missed) and sLSTM's scan over time
+    chunks of a block (W S and the state update, 4 H C K V per chunk and row; one block at these
+    lengths, so N - 1 of its N chunks are missed) and sLSTM's scan over time
     (the recurrent matmul, 8 H D^2 per step and row; T - 1 of T missed). Unrolling the scans
     instead is no measure: XLA then counts each step's update of the stacked outputs as a select
     over the whole buffer, quadratic in T."""
     if isinstance(config, GatedDeltaNetConfig):
         C = min(config.chunk_size, T)
         chunks = -(-T // C)
-        return (chunks - 1) / T * 2 * config.num_heads * config.key_dim ** 2 * config.value_dim
+        return (chunks - 1) / T * 4 * config.num_heads * C * config.key_dim * config.value_dim
     if isinstance(config, SLSTMConfig):
         return (T - 1) / T * 8 * config.num_heads * config.head_dim ** 2
     return 0.0
@@ -131,8 +131,9 @@ def _uncounted_loop_flops(config, T: int) -> float:
 @pytest.mark.parametrize("name", ["mlstm", "gated_deltanet", "slstm"])
 def test_flops_against_xla_with_every_loop_iteration(name):
     """flops_per_token within 10% of XLA's cost analysis of the forward plus the loop iterations
-    it does not count (`_uncounted_loop_flops`); test_conformance.py holds gated_deltanet and
-    slstm to a looser EXCEPTIONS bound against the raw count, for this reason."""
+    it does not count (`_uncounted_loop_flops`). test_conformance.py holds slstm to a looser
+    EXCEPTIONS bound against the raw count for this reason (its recurrent matmul is most of its
+    work); the delta rule's in-loop products are small enough that the raw count is within 10%."""
     config, module = conformance.resolve(name, conformance.FLOPS_SHAPE)
     for T in (13, 128):
         formula = config.flops_per_token(T)
