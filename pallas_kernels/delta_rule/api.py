@@ -22,8 +22,11 @@ state is reset to zero where a new segment starts (segment_ids[:, t] != segment_
 a packed document gives what it gives alone: the initial state belongs to the first segment, the
 final state is the state after the last step.
 
-Implementations: `reference` (lax.scan of the definition) and `xla` (chunked jnp, the WY / UT
-form). Default order: (xla,) on every backend; Pallas kernels come later.
+Implementations: `reference` (lax.scan of the definition), `xla` (chunked jnp, the WY / UT form),
+`pallas_tpu`, `pallas_gpu` (Pallas kernels of the same chunked form, each with its own backward;
+interpret mode when forced on a CPU) and `pallas` (pallas_tpu on TPU, pallas_gpu on GPU). Default
+order: TPU (pallas_tpu, xla); GPU (pallas_gpu, xla); CPU (xla,). `auto` keeps only what
+`verified.py` lists, so the kernels run only when named until they pass a device check.
 
 Validation raises a one-line ValueError before any compute. The check that log_decay <= 0 needs
 the values, so it runs only on concrete arrays (eager calls); under `jax.jit`, `grad` or `vmap` the
@@ -37,13 +40,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from hybrax.pallas_kernels.delta_rule import reference, xla
-from hybrax.pallas_kernels.implementation import dispatch
+from hybrax.pallas_kernels.implementation import dispatch, lazy_backend, pallas_for_backend
+
+_pallas_tpu = lazy_backend("hybrax.pallas_kernels.delta_rule", "tpu", "delta_rule")
+_pallas_gpu = lazy_backend("hybrax.pallas_kernels.delta_rule", "gpu", "delta_rule")
+_pallas = pallas_for_backend(_pallas_tpu, _pallas_gpu)
 
 IMPLEMENTATIONS = {
     "reference": reference.delta_rule,
     "xla": xla.delta_rule,
+    "pallas_tpu": _pallas_tpu,
+    "pallas_gpu": _pallas_gpu,
+    "pallas": _pallas,
 }
-DEFAULTS = {"tpu": ("xla",), "gpu": ("xla",), "default": ("xla",)}
+DEFAULTS = {"tpu": ("pallas_tpu", "xla"), "gpu": ("pallas_gpu", "xla"), "default": ("xla",)}
 
 
 def _is_concrete(x) -> bool:

@@ -25,8 +25,10 @@ With `segment_ids`, the state entering a step where a new segment starts (segmen
 segment_ids[:, t-1]) is (0, 0, 0), exactly as for a fresh sequence: the initial state belongs to the
 first segment, the final state is the state after the last step. h comes back in v's dtype.
 
-Implementations: `reference` (lax.scan of the definition) and `xla` (chunked jnp). Default order:
-xla on every backend (Pallas kernels come later).
+Implementations: `reference` (lax.scan of the definition), `xla` (chunked jnp), `pallas_tpu`,
+`pallas_gpu` (Pallas kernels; interpret mode when forced on a CPU) and `pallas` (pallas_tpu on TPU,
+pallas_gpu on GPU). Default order: TPU (pallas_tpu, xla); GPU (pallas_gpu, xla); CPU (xla,); `auto`
+keeps only the rows of verified.py (the kernels have not run on hardware, so today it runs xla).
 
 Validation raises a one-line ValueError before any compute; it checks shapes and dtypes only (no
 gate value is out of range).
@@ -38,16 +40,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hybrax.pallas_kernels.implementation import dispatch
+from hybrax.pallas_kernels.implementation import dispatch, lazy_backend, pallas_for_backend
 from hybrax.pallas_kernels.mlstm import reference, xla
 
 State = tuple[jax.Array, jax.Array, jax.Array]
 
+_pallas_tpu = lazy_backend("hybrax.pallas_kernels.mlstm", "tpu", "mlstm")
+_pallas_gpu = lazy_backend("hybrax.pallas_kernels.mlstm", "gpu", "mlstm")
+_pallas = pallas_for_backend(_pallas_tpu, _pallas_gpu)
+
 IMPLEMENTATIONS = {
     "reference": reference.mlstm,
     "xla": xla.mlstm,
+    "pallas_tpu": _pallas_tpu,
+    "pallas_gpu": _pallas_gpu,
+    "pallas": _pallas,
 }
-DEFAULTS = {"tpu": ("xla",), "gpu": ("xla",), "default": ("xla",)}
+DEFAULTS = {"tpu": ("pallas_tpu", "xla"), "gpu": ("pallas_gpu", "xla"), "default": ("xla",)}
 
 
 def check_inputs(q, k, v, log_input_gate, log_forget_gate, initial_state, segment_ids, chunk_size) -> None:

@@ -26,7 +26,10 @@ After one step n > 0 (see reference.py): h = 0 / 0 only where exp(i~ - m) underf
 zero state (i~ below about -87 in float32); the division is clamped there, giving h = 0.
 
 Implementations: `reference` (lax.scan of the definition, autodiff), `xla` (fused-matmul scan with
-its own backward). Default order on every backend: (xla,); Pallas kernels come later.
+its own backward), `pallas_tpu`, `pallas_gpu` (FlashRNN-style fused kernels with their own
+backward kernels; interpret mode when forced on a CPU; float32/bfloat16 inputs, float64 refused)
+and `pallas` (pallas_tpu on TPU, pallas_gpu on GPU). Default order: TPU (pallas_tpu, xla); GPU
+(pallas_gpu, xla); CPU (xla,). auto runs only implementations listed in verified.py.
 
 Validation raises a one-line ValueError before any compute.
 """
@@ -36,15 +39,25 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from hybrax.pallas_kernels.implementation import dispatch
+from hybrax.pallas_kernels.implementation import dispatch, lazy_backend, pallas_for_backend
 from hybrax.pallas_kernels.slstm import reference, xla
+
+
+_pallas_tpu = lazy_backend("hybrax.pallas_kernels.slstm", "tpu", "slstm")
+_pallas_gpu = lazy_backend("hybrax.pallas_kernels.slstm", "gpu", "slstm")
+_pallas = pallas_for_backend(_pallas_tpu, _pallas_gpu)
 
 
 IMPLEMENTATIONS = {
     "reference": reference.slstm,
     "xla": xla.slstm,
+    "pallas_tpu": _pallas_tpu,
+    "pallas_gpu": _pallas_gpu,
+    "pallas": _pallas,
 }
-DEFAULTS = {"tpu": ("xla",), "gpu": ("xla",), "default": ("xla",)}
+# auto keeps only rows of verified.py: the Pallas kernels are not there (no device run yet), so
+# auto still runs xla; a forced name runs them.
+DEFAULTS = {"tpu": ("pallas_tpu", "xla"), "gpu": ("pallas_gpu", "xla"), "default": ("xla",)}
 
 STATE_NAMES = ("c", "n", "m", "h")
 

@@ -90,3 +90,18 @@ def test_what_travels_between_devices():
 def numbers(shapes: list[str]) -> int:
     """Total elements of HLO array shapes such as 'f32[2,48,1,4,8]'."""
     return sum(math.prod(int(d) for d in re.findall(r"\d+", shape[shape.index("["):])) for shape in shapes)
+
+
+@pytest.mark.slow
+@pytest.mark.multi_device
+def test_seq_alone_equals_one_device():
+    """seq=4 with no other axis (the conformance suite's meshes pair seq with data, and with
+    tensor): outputs, loss and every gradient within the suite's tolerance of one device."""
+    import conformance
+
+    setup = "conformance.SHARDED_MESHES = ({'seq': 4},)"
+    results = conformance.run_sharded(["mlstm", "gated_deltanet", "slstm"], setup=setup)
+    for name, by_mesh in results.items():
+        (mesh, errors), = by_mesh.items()
+        assert mesh == "seq=4" and len(errors) > 3, (name, by_mesh)
+        assert max(errors.values()) <= conformance.TOLERANCE, (name, errors)

@@ -4,15 +4,21 @@ segments, initial state, beta at exactly 0 and 1, strong gates, bfloat16 and chu
 and do not divide T; laws (packing == separate runs, chunk-size invariance, beta = 0 keeps the
 decayed initial state, beta = 1 writes a key's value exactly); and the one-line input errors."""
 
+import importlib.util
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from delta_rule_cases import Case, assert_matches_reference, make_inputs
+from delta_rule_cases import REFUSED, Case, assert_matches_reference, make_inputs
 from hybrax.pallas_kernels.delta_rule import api, delta_rule, xla
 from hybrax.pallas_kernels.implementation import current_backend, kernel_policy
 from hybrax.pallas_kernels.verified import is_verified
+from refusals import expect_refusal_or_run
+
+KERNELS = [name for name, module in (("pallas_tpu", "tpu"), ("pallas_gpu", "gpu"))
+           if importlib.util.find_spec(f"hybrax.pallas_kernels.delta_rule.{module}") is not None]
 
 # Every length, decay form and feature at least once (xla runs all of these by default).
 CORE = [
@@ -37,17 +43,25 @@ REST = [Case(T, decay, segments=T > 1) for T in (1, 63, 64, 65, 257) for decay i
     Case(64, beta="one", decay_min=-20.0, dtype="bfloat16"),
     Case(64, beta="zero", dtype="bfloat16"),
 ]
-# The reference against itself in float32: one core case by default, the rest slow.
+# The reference against itself in float32: one core case by default, the rest slow. The kernels
+# (interpret mode on a CPU; test_delta_rule_pallas.py has their own checks) run one core case each
+# by default (segments, decay, initial state, a padded chunk; and bfloat16 for the TPU kernel) and
+# the whole matrix as slow.
 slow = pytest.mark.slow
+KERNEL_CORE = {"pallas_tpu": [CORE[1], CORE[4]], "pallas_gpu": [CORE[1]]}
 MATRIX = ([pytest.param("xla", case, id=f"xla-{case.id}") for case in CORE]
           + [pytest.param("reference", case, id=f"reference-{case.id}", marks=() if case is CORE[1] else slow)
              for case in CORE]
-          + [pytest.param("xla", case, id=f"xla-{case.id}", marks=slow) for case in REST])
+          + [pytest.param("xla", case, id=f"xla-{case.id}", marks=slow) for case in REST]
+          + [pytest.param(impl, case, id=f"{impl}-{case.id}",
+                          marks=() if case in KERNEL_CORE.get(impl, ()) else slow)
+             for impl in KERNELS for case in CORE + REST])
 
 
 @pytest.mark.parametrize("impl,case", MATRIX)
 def test_matches_float64_reference(impl, case):
-    assert_matches_reference(impl, case)
+    """A NotImplementedError fails, unless (impl, case) is in REFUSED: then it must be raised."""
+    expect_refusal_or_run(REFUSED, impl, case, lambda: assert_matches_reference(impl, case))
 
 
 @pytest.mark.parametrize("case", [Case(100, segments=True, chunk_size=16, beta="mixed", decay_min=-20.0, seed=7),
@@ -156,8 +170,9 @@ def test_beta_one_reads_back_the_value_just_written(impl):
 
 
 def test_defaults_and_no_final_state():
-    """Default order is xla on every backend; scale defaults to K ** -0.5; no final state unless asked."""
-    assert api.DEFAULTS == {"tpu": ("xla",), "gpu": ("xla",), "default": ("xla",)}
+    """Default order: the backend's kernel then xla on TPU / GPU, xla on the CPU (auto keeps only the
+    verified ones); scale defaults to K ** -0.5; no final state unless asked."""
+    assert api.DEFAULTS == {"tpu": ("pallas_tpu", "xla"), "gpu": ("pallas_gpu", "xla"), "default": ("xla",)}
     x = _float32(Case(T=20))
     args = (x["q"], x["k"], x["v"], x["beta"], x["log_decay"])
     run = jax.jit(lambda *a, **kw: delta_rule(*a, **kw), static_argnames=("scale", "implementation"))
@@ -201,7 +216,7 @@ def _call(B=2, T=5, H=2, K=4, V=3, *, q_shape=None, v_shape=None, beta_shape=Non
     (dict(segment_ids=jnp.zeros((2, 5))), r"segment_ids dtype float32 must be an integer dtype"),
     (dict(chunk_size=0), r"chunk_size=0 must be an integer >= 1"),
     (dict(chunk_size=16.0), r"chunk_size=16.0 must be an integer >= 1"),
-    (dict(implementation="pallas_tpu"), r"implementation='pallas_tpu' is unknown"),
+    (dict(implementation="cudnn"), r"implementation='cudnn' is unknown"),
 ])
 def test_bad_inputs_raise_one_line_errors(kwargs, message):
     with pytest.raises(ValueError, match=message) as info:

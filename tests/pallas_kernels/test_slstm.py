@@ -12,9 +12,11 @@ import pytest
 
 from hybrax.pallas_kernels.slstm import api, slstm
 from hybrax.pallas_kernels.verified import is_verified
-from slstm_cases import INPUT_GATES, Case, assert_matches_reference, make_inputs
+from refusals import expect_refusal_or_run
+from slstm_cases import INPUT_GATES, REFUSED, Case, assert_matches_reference, make_inputs
 
 IMPLEMENTATIONS = ["xla"]
+KERNELS = ["pallas_tpu", "pallas_gpu"]  # interpret mode on a CPU: about 10 s a case (compilation)
 
 # Every length and feature at least once (about 2 s each: one compilation per case).
 CORE = [
@@ -37,17 +39,23 @@ REST = [c for c in dict.fromkeys(
        Case(257, r_scale=3.0), Case(257, r_scale=3.0, dtype="bfloat16"),
        Case(64, B=3, H=4, D=32, seed=2), Case(65, B=1, H=1, D=1, seed=3)]) if c not in CORE]
 REFERENCE_CASES = [Case(257), Case(257, input_gate="uniform30", forget_min=-20.0), Case(65, r_scale=3.0)]
+# The kernels' fast cases (one each; the rest of the matrix is slow): T = 257 is three padded TPU
+# time blocks with segments, initial state and extreme gates; bfloat16 for the GPU kernel.
+KERNEL_FAST = {"pallas_tpu": CORE[4], "pallas_gpu": CORE[6]}
 
 slow = pytest.mark.slow
 MATRIX = ([pytest.param(impl, case, id=f"{impl}-{case.id}") for impl in IMPLEMENTATIONS for case in CORE]
           + [pytest.param(impl, case, id=f"{impl}-{case.id}", marks=slow)
              for impl in IMPLEMENTATIONS for case in REST]
+          + [pytest.param(impl, case, id=f"{impl}-{case.id}", marks=[] if case == KERNEL_FAST[impl] else slow)
+             for impl in KERNELS for case in CORE + REST]
           + [pytest.param("reference", case, id=f"reference-{case.id}", marks=slow) for case in REFERENCE_CASES])
 
 
 @pytest.mark.parametrize("impl,case", MATRIX)
 def test_matches_float64_reference(impl, case):
-    assert_matches_reference(impl, case)
+    """A NotImplementedError fails, unless (impl, case) is in REFUSED: then it must be raised."""
+    expect_refusal_or_run(REFUSED, impl, case, lambda: assert_matches_reference(impl, case))
 
 
 def _numpy_slstm(x, R, state, seg):
@@ -97,7 +105,10 @@ def _float32(case):
     return jnp.asarray(x["gate_inputs"], jnp.float32), jnp.asarray(x["recurrent_weights"], jnp.float32), state, seg
 
 
-@pytest.mark.parametrize("impl", ["xla", pytest.param("reference", marks=slow)])
+LAW_IMPLEMENTATIONS = ["xla", *(pytest.param(impl, marks=slow) for impl in ["reference", *KERNELS])]
+
+
+@pytest.mark.parametrize("impl", LAW_IMPLEMENTATIONS)
 def test_packed_segments_equal_separate_runs(impl):
     """Law: a packed row gives, token for token, what each segment gives run on its own (the first
     from the initial state, the others from zeros); the final state is the last segment's."""
@@ -105,7 +116,10 @@ def test_packed_segments_equal_separate_runs(impl):
     seg = jnp.asarray(np.repeat([0, 1, 2], [13, 20, 7])[None], jnp.int32)
     run = jax.jit(lambda x, s0, seg: slstm(x, R, initial_state=s0, segment_ids=seg, return_final_state=True,
                                            implementation=impl))
-    h, final = run(x, state, seg)
+    out = expect_refusal_or_run(REFUSED, impl, "packed_segments", lambda: run(x, state, seg))
+    if out is None:  # refused on purpose here
+        return
+    h, final = out
     zeros = tuple(jnp.zeros_like(s) for s in state)
     for start, stop in ((0, 13), (13, 33), (33, 40)):
         h_part, final_part = run(x[:, start:stop], state if start == 0 else zeros, None)
@@ -114,7 +128,7 @@ def test_packed_segments_equal_separate_runs(impl):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["xla", pytest.param("reference", marks=slow)])
+@pytest.mark.parametrize("impl", LAW_IMPLEMENTATIONS)
 def test_stabiliser_invariance(impl):
     """Law: m only rescales c and n. Initial states (c, n, m, h) and (c e^d, n e^d, m - d, h) give
     the same outputs h and the same gradients of a loss on h (the backward treats m as a
@@ -128,7 +142,10 @@ def test_stabiliser_invariance(impl):
         return jnp.sum(h * w), (h, final[0] / final[1])
 
     grad = jax.jit(jax.grad(run, argnums=(0, 1), has_aux=True))
-    (dx, dR), (h, ratio) = grad(x, R, (c0, n0, m0, h0))
+    out = expect_refusal_or_run(REFUSED, impl, "stabiliser", lambda: grad(x, R, (c0, n0, m0, h0)))
+    if out is None:  # refused on purpose here
+        return
+    (dx, dR), (h, ratio) = out
     (dx_d, dR_d), (h_d, ratio_d) = grad(x, R, (c0 * jnp.exp(d), n0 * jnp.exp(d), m0 - d, h0))
     for got, want in ((h_d, h), (ratio_d, ratio), (dx_d, dx), (dR_d, dR)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
@@ -179,9 +196,11 @@ def test_underflow_guard():
 
 
 def test_defaults_jit_and_no_final_state():
-    """Default order is xla everywhere (Pallas kernels come later); auto runs it once verified.py
-    lists it; jit == eager; no final state unless asked."""
-    assert api.DEFAULTS == {"tpu": ("xla",), "gpu": ("xla",), "default": ("xla",)}
+    """Default order: the Pallas kernel of the accelerator, then xla (auto keeps only what verified.py
+    lists: the kernels are not there); jit == eager; no final state unless asked."""
+    assert api.DEFAULTS == {"tpu": ("pallas_tpu", "xla"), "gpu": ("pallas_gpu", "xla"), "default": ("xla",)}
+    for backend in ("tpu", "gpu"):
+        assert not is_verified("slstm", backend, f"pallas_{backend}")
     x, R, state, seg = _float32(Case(T=20))
     h, none = slstm(x, R, initial_state=state, segment_ids=seg, implementation="xla")
     assert none is None and h.dtype == x.dtype and h.shape == x.shape[:3] + x.shape[4:]
