@@ -32,9 +32,9 @@ class KernelsConfig(StrictConfig):
     linear_attention: KernelChoice = "auto"        # xla, pallas_tpu, pallas_gpu, pallas, reference
     block_sparse_attention: KernelChoice = "auto"  # xla, pallas_tpu, pallas_gpu, pallas, reference
     grouped_matmul: KernelChoice = "auto"          # xla, ragged_dot, pallas_tpu, reference
-    delta_rule: KernelChoice = "auto"              # xla, reference
+    delta_rule: KernelChoice = "auto"              # xla, pallas_tpu, pallas_gpu, pallas, reference
     mlstm: KernelChoice = "auto"                   # xla, reference
-    slstm: KernelChoice = "auto"                   # xla, reference
+    slstm: KernelChoice = "auto"                   # xla, pallas_tpu, pallas_gpu, pallas, reference
     strict: bool = False
 
     @model_validator(mode="after")

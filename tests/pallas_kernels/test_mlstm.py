@@ -1,8 +1,11 @@
-"""mlstm: the reference against a plain numpy loop; xla against the float64 reference (outputs,
-final state, every gradient) over odd lengths, packed segments, initial state, gates at their
+"""mlstm: the reference against a plain numpy loop; xla and the Pallas kernels (pallas_tpu,
+pallas_gpu: interpret mode on a CPU) against the float64 reference (outputs, final state, every
+gradient) over odd lengths, packed segments, initial state, gates at their
 extremes (li at +-30, lf down to -20, positive lf, exact ties), bfloat16 and two chunk sizes;
 laws (packing == separate runs, chunk-size invariance, stabiliser invariance); no inf/NaN at the
 extremes; and the one-line input errors."""
+
+import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -12,9 +15,13 @@ import pytest
 from hybrax.pallas_kernels.implementation import current_backend
 from hybrax.pallas_kernels.mlstm import mlstm, xla
 from hybrax.pallas_kernels.verified import is_verified
-from mlstm_cases import Case, assert_matches_reference, make_inputs, relative_error, run_op
+from mlstm_cases import REFUSED, Case, assert_matches_reference, make_inputs, relative_error, run_op
+from refusals import expect_refusal_or_run
 
-IMPLEMENTATIONS = ["xla"]  # Pallas kernels join here
+IMPLEMENTATIONS = ["xla"] + [
+    name for name, module in (("pallas_tpu", "tpu"), ("pallas_gpu", "gpu"))
+    if importlib.util.find_spec(f"hybrax.pallas_kernels.mlstm.{module}") is not None]
+KERNELS = IMPLEMENTATIONS[1:]
 
 GATES = ("moderate", "extreme", "positive")
 # Fast: every feature at least once (each case compiles a forward and backward).
@@ -35,14 +42,21 @@ REST = [Case(T, gates, segments=T > 1, chunk_size=C) for T in (1, 63, 64, 65, 25
 ]
 REST = [case for case in REST if case not in CORE]
 
+# The kernels (interpret mode here; their own tests: test_mlstm_pallas.py) run one small case with
+# every feature by default, and CORE and REST as slow.
+KERNEL_CORE = [Case(33, "extreme", segments=True, chunk_size=16, B=1)]
+
 slow = pytest.mark.slow
-MATRIX = ([pytest.param(impl, case, id=f"{impl}-{case.id}") for impl in IMPLEMENTATIONS for case in CORE]
-          + [pytest.param(impl, case, id=f"{impl}-{case.id}", marks=slow) for impl in IMPLEMENTATIONS for case in REST])
+MATRIX = ([pytest.param("xla", case, id=f"xla-{case.id}") for case in CORE]
+          + [pytest.param("xla", case, id=f"xla-{case.id}", marks=slow) for case in REST]
+          + [pytest.param(impl, case, id=f"{impl}-{case.id}") for impl in KERNELS for case in KERNEL_CORE]
+          + [pytest.param(impl, case, id=f"{impl}-{case.id}", marks=slow) for impl in KERNELS for case in CORE + REST])
 
 
 @pytest.mark.parametrize("impl,case", MATRIX)
 def test_matches_float64_reference(impl, case):
-    assert_matches_reference(impl, case)
+    """A NotImplementedError fails, unless (impl, case) is in REFUSED: then it must be raised."""
+    expect_refusal_or_run(REFUSED, impl, case, lambda: assert_matches_reference(impl, case))
 
 
 def test_xla_blocks_match_reference(monkeypatch):
@@ -128,10 +142,14 @@ def test_xla_chunk_size_invariance():
             _close(got, want)
 
 
-@pytest.mark.parametrize("impl", [pytest.param("reference", marks=slow), "xla"])
+@pytest.mark.parametrize("impl", [pytest.param(impl, marks=slow) for impl in ["reference"] + KERNELS] + ["xla"])
 def test_stabiliser_invariance(impl):
     """Law: (C, n, m) and (C e^d, n e^d, m - d) are the same memory (C e^m): the outputs are equal
     and so is the final memory; only the stabiliser may differ."""
+    expect_refusal_or_run(REFUSED, impl, "stabiliser_invariance", lambda: _check_stabiliser_invariance(impl))
+
+
+def _check_stabiliser_invariance(impl):
     x = make_inputs(Case(T=30, gates="moderate", seed=5))
     h, (c, n, m) = run_op(impl, x, jnp.float32, chunk_size=8)
     for d in (6.0, -6.0):
@@ -151,11 +169,15 @@ EXTREMES = {  # (log_input_gate, log_forget_gate) for [B, T, H]
 }
 
 
-@pytest.mark.parametrize("impl", [pytest.param("reference", marks=slow), "xla"])
+@pytest.mark.parametrize("impl", [pytest.param(impl, marks=slow) for impl in ["reference"] + KERNELS] + ["xla"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_no_inf_or_nan_at_the_extremes(impl, dtype):
     """Outputs, final state and every gradient stay finite for saturated and positive gates, with
     segments and initial state, in float32 and with bfloat16 inputs (gates included)."""
+    expect_refusal_or_run(REFUSED, impl, "extremes", lambda: _check_no_inf_or_nan(impl, dtype))
+
+
+def _check_no_inf_or_nan(impl, dtype):
     rng = np.random.default_rng(0)
     B, T, H, K, V = 1, 150, 2, 8, 8
     x = make_inputs(Case(T=T, B=B, H=H, K=K, V=V, segments=True, dtype=dtype))
@@ -222,3 +244,8 @@ def test_bad_inputs_raise_one_line_errors(kwargs, message):
     with pytest.raises(ValueError, match=message) as info:
         _call(**kwargs)
     assert "\n" not in str(info.value)
+
+
+def test_pallas_alias_needs_an_accelerator():
+    with pytest.raises(NotImplementedError, match="implementation='pallas' needs a TPU or GPU backend"):
+        _call(implementation="pallas")

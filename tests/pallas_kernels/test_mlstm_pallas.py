@@ -70,7 +70,8 @@ def _grads(fn, q, k, v, li, lf, state, seg, chunk_size):
 def test_segment_on_chunk_boundary_and_extreme_gates(impl):
     """Segments [0]*16 [1]*8 [2]*17 with chunks of 16: segment 1 starts on a chunk boundary, segment 2
     mid-chunk; li mixes +-30 and lf mixes -20 and -1e-6 in every chunk. Finite, and equal to the
-    float32 reference."""
+    float32 reference. The absolute tolerance has a floor of 2e-5: dm_0 is a sum of O(1) terms that
+    cancel (h is invariant to scaling C_0 and n_0 together), so its roundoff is absolute."""
     B, T, H, K, V = 1, 41, 2, 8, 8
     keys = jax.random.split(jax.random.PRNGKey(3), 8)
     q, k = (jax.random.normal(key, (B, T, H, K)) for key in keys[:2])
@@ -87,7 +88,7 @@ def test_segment_on_chunk_boundary_and_extreme_gates(impl):
         for got, want in zip(jax.tree.leaves((got_h, got_state, got_grads)),
                              jax.tree.leaves((want_h, want_state, want_grads))):
             assert np.all(np.isfinite(got))
-            np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5 * float(jnp.max(jnp.abs(want))))
+            np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5 * max(float(jnp.max(jnp.abs(want))), 1.0))
 
     expect_refusal_or_run(REFUSED, impl, "segment_on_chunk_boundary", check)
 

@@ -3,7 +3,9 @@ reference (h, final state (c, n, m, h), the gradients of gate_inputs, R and ever
 initial state) over odd lengths, packed segments, initial state, input gates at +-30, forget gates
 down to -20, larger recurrent weights and bfloat16; laws (packed == separate runs, stabiliser
 invariance, causality and an elementwise cell when R = 0); the underflow guard; and the one-line
-input errors."""
+input errors. The Pallas kernels (pallas_tpu, pallas_gpu; interpret mode on a CPU) run one case
+each in the fast suite and the whole matrix and the laws under `slow`; test_slstm_pallas.py has
+their own shapes, the TPU-semantics interpreter and the Mosaic / Triton compilation checks."""
 
 import jax
 import jax.numpy as jnp

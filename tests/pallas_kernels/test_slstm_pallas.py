@@ -73,23 +73,34 @@ def _extreme_inputs(B=2, T=41, H=2, D=8, seed=3):
     return x, R, state
 
 
+def _relative_errors(impl, x, R, state, seg):
+    """Relative Frobenius errors of h, final state and all gradients against the float64 reference."""
+    grads, (h, final) = _loss(api.IMPLEMENTATIONS[impl], seg)(x, R, state)
+    with jax.enable_x64(True):
+        f64 = lambda tree: jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), tree)
+        want_grads, (want_h, want_final) = _loss(api.IMPLEMENTATIONS["reference"], seg)(f64(x), f64(R), f64(state))
+        want = [np.asarray(v) for v in jax.tree.leaves((want_h, want_final, want_grads))]
+    got = [np.asarray(v, np.float64) for v in jax.tree.leaves((h, final, grads))]
+    assert all(np.all(np.isfinite(g)) for g in got), f"{impl}: inf/NaN"
+    return np.array([np.linalg.norm(g - w) / max(np.linalg.norm(w), 1e-30) for g, w in zip(got, want)])
+
+
 @pytest.mark.parametrize("impl", list(KERNELS))
 def test_segment_on_time_block_boundary_and_extreme_gates(monkeypatch, impl):
     """TPU time blocks of 14 (T = 41: three blocks, one padded step): segments start at t = 1, on the
     block boundaries 14 and 28, and at the last step 40; input gates +-30 and forget gates +-20 in
-    every step. Finite, and equal to the float32 reference: h, final state and all gradients."""
+    every step. h, final state and all gradients within 1e-4 of the float64 reference, or within
+    twice xla's error where xla's own is larger: the gradient of the initial m is a sum of
+    cancelling terms (xla.py: dm_0 = c_0 dc_0 + n_0 dn_0 + max path), 4e-4 in xla here too."""
     monkeypatch.setattr(tpu, "MAX_TIME_BLOCK", 14)
     x, R, state = _extreme_inputs()
     seg = jnp.asarray([[0] + [1] * 13 + [2] * 14 + [0] * 12 + [1],
                        [4] * 14 + [5] * 20 + [6] * 7], jnp.int32)
 
     def check():
-        got_grads, (got_h, got_final) = _loss(api.IMPLEMENTATIONS[impl], seg)(x, R, state)
-        want_grads, (want_h, want_final) = _loss(api.IMPLEMENTATIONS["reference"], seg)(x, R, state)
-        for got, want in zip(jax.tree.leaves((got_h, got_final, got_grads)),
-                             jax.tree.leaves((want_h, want_final, want_grads))):
-            assert np.all(np.isfinite(got))
-            np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5 * float(jnp.max(jnp.abs(want))))
+        got = _relative_errors(impl, x, R, state, seg)
+        floor = np.maximum(1e-4, 2 * _relative_errors("xla", x, R, state, seg))
+        assert np.all(got <= floor), f"{impl}: relative errors {got} over {floor}"
 
     expect_refusal_or_run(REFUSED, impl, "segment_on_time_block_boundary", check)
 
@@ -115,6 +126,21 @@ def test_underflow_guard(impl):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
     expect_refusal_or_run(REFUSED, impl, "underflow_guard", check)
+
+
+@pytest.mark.parametrize("impl", list(KERNELS))
+def test_float64_is_refused_and_the_next_implementation_runs(impl):
+    """The kernels compute in float32: float64 inputs (x64) raise NotImplementedError, so a list
+    of implementations falls through to xla, and kernel_policy records why."""
+    from hybrax.pallas_kernels.implementation import kernel_policy
+    from hybrax.pallas_kernels.slstm import slstm
+    with jax.enable_x64(True):
+        x, R = jnp.zeros((1, 3, 1, 4, 2), jnp.float64), jnp.zeros((1, 2, 4, 2), jnp.float64)
+        with pytest.raises(NotImplementedError, match="computes in float32"):
+            KERNELS[impl].slstm_kernel(x, R, initial_state=None, segment_ids=None, return_final_state=False)
+        with kernel_policy() as choices:
+            h, _ = slstm(x, R, implementation=[impl, "xla"])
+        assert h.dtype == jnp.float64 and choices.ran("slstm") == {"xla"}
 
 
 def _v5e_device():
