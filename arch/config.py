@@ -33,7 +33,7 @@ class KernelsConfig(StrictConfig):
     block_sparse_attention: KernelChoice = "auto"  # xla, pallas_tpu, pallas_gpu, pallas, reference
     grouped_matmul: KernelChoice = "auto"          # xla, ragged_dot, pallas_tpu, reference
     delta_rule: KernelChoice = "auto"              # xla, pallas_tpu, pallas_gpu, pallas, reference
-    mlstm: KernelChoice = "auto"                   # xla, reference
+    mlstm: KernelChoice = "auto"                   # xla, pallas_tpu, pallas_gpu, pallas, reference
     slstm: KernelChoice = "auto"                   # xla, pallas_tpu, pallas_gpu, pallas, reference
     strict: bool = False
 

@@ -53,10 +53,18 @@ MATRIX = ([pytest.param("xla", case, id=f"xla-{case.id}") for case in CORE]
           + [pytest.param(impl, case, id=f"{impl}-{case.id}", marks=slow) for impl in KERNELS for case in CORE + REST])
 
 
+# Ill-conditioned for float32 at the kernels' chunk sizes: a token whose denominator nearly cancels
+# (h ~ 130) costs the float32 reference scan itself 1.4e-4 on dq, dk and the gate gradients. xla
+# with chunks of 7 lands at 2e-5 by luck; the kernels round the chunk up (8 on TPU, 16 on GPU), where
+# xla errs by 1.3e-4 too.
+KERNEL_TOLERANCE = {Case(100, "extreme", chunk_size=7): 2e-4}
+
+
 @pytest.mark.parametrize("impl,case", MATRIX)
 def test_matches_float64_reference(impl, case):
     """A NotImplementedError fails, unless (impl, case) is in REFUSED: then it must be raised."""
-    expect_refusal_or_run(REFUSED, impl, case, lambda: assert_matches_reference(impl, case))
+    tolerance = KERNEL_TOLERANCE.get(case) if impl in KERNELS else None
+    expect_refusal_or_run(REFUSED, impl, case, lambda: assert_matches_reference(impl, case, tolerance=tolerance))
 
 
 def test_xla_blocks_match_reference(monkeypatch):
