@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from delta_rule_cases import REFUSED, Case, assert_matches_reference, make_inputs
+from kernel_matrix import runs_case
 from hybrax.pallas_kernels.delta_rule import api, delta_rule, xla
 from hybrax.pallas_kernels.implementation import current_backend, kernel_policy
 from hybrax.pallas_kernels.verified import is_verified
@@ -48,14 +49,15 @@ REST = [Case(T, decay, segments=T > 1) for T in (1, 63, 64, 65, 257) for decay i
 # by default (segments, decay, initial state, a padded chunk; and bfloat16 for the TPU kernel) and
 # the whole matrix as slow.
 slow = pytest.mark.slow
-KERNEL_CORE = {"pallas_tpu": [CORE[1], CORE[4]], "pallas_gpu": [CORE[1]]}
+KERNEL_CORE = {"pallas_tpu": [CORE[1]], "pallas_gpu": [CORE[1]]}
 MATRIX = ([pytest.param("xla", case, id=f"xla-{case.id}") for case in CORE]
           + [pytest.param("reference", case, id=f"reference-{case.id}", marks=() if case is CORE[1] else slow)
              for case in CORE]
           + [pytest.param("xla", case, id=f"xla-{case.id}", marks=slow) for case in REST]
           + [pytest.param(impl, case, id=f"{impl}-{case.id}",
                           marks=() if case in KERNEL_CORE.get(impl, ()) else slow)
-             for impl in KERNELS for case in CORE + REST])
+             for impl in KERNELS for i, case in enumerate(CORE + REST)
+             if case in KERNEL_CORE.get(impl, ()) or runs_case(impl, i, KERNELS)])
 
 
 @pytest.mark.parametrize("impl,case", MATRIX)

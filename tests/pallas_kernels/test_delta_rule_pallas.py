@@ -58,6 +58,7 @@ def _grads(fn, q, k, v, beta, g, s0, seg, chunk_size):
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5), has_aux=True))(q, k, v, beta, g, s0)
 
 
+@pytest.mark.slow  # interpret mode: seconds per kernel; the fast suite keeps the unaligned-shape case
 @pytest.mark.parametrize("impl", list(KERNELS))
 def test_segments_on_chunk_boundaries_beta_extremes_strong_decay(impl):
     """Segments [0]*16 [1]*16 [2]*9 with chunks of 16: segments 1 and 2 start exactly on chunk

@@ -66,6 +66,7 @@ def _grads(fn, q, k, v, li, lf, state, seg, chunk_size):
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5), has_aux=True))(q, k, v, li, lf, state)
 
 
+@pytest.mark.slow  # interpret mode: seconds per kernel; the fast suite keeps the unaligned-shape case
 @pytest.mark.parametrize("impl", KERNELS)
 def test_segment_on_chunk_boundary_and_extreme_gates(impl):
     """Segments [0]*16 [1]*8 [2]*17 with chunks of 16: segment 1 starts on a chunk boundary, segment 2

@@ -16,6 +16,7 @@ from hybrax.pallas_kernels.slstm import api, slstm
 from hybrax.pallas_kernels.verified import is_verified
 from refusals import expect_refusal_or_run
 from slstm_cases import INPUT_GATES, REFUSED, Case, assert_matches_reference, make_inputs
+from kernel_matrix import runs_case
 
 IMPLEMENTATIONS = ["xla"]
 KERNELS = ["pallas_tpu", "pallas_gpu"]  # interpret mode on a CPU: about 10 s a case (compilation)
@@ -50,7 +51,8 @@ MATRIX = ([pytest.param(impl, case, id=f"{impl}-{case.id}") for impl in IMPLEMEN
           + [pytest.param(impl, case, id=f"{impl}-{case.id}", marks=slow)
              for impl in IMPLEMENTATIONS for case in REST]
           + [pytest.param(impl, case, id=f"{impl}-{case.id}", marks=[] if case == KERNEL_FAST[impl] else slow)
-             for impl in KERNELS for case in CORE + REST]
+             for impl in KERNELS for i, case in enumerate(CORE + REST)
+             if case == KERNEL_FAST[impl] or runs_case(impl, i, KERNELS)]
           + [pytest.param("reference", case, id=f"reference-{case.id}", marks=slow) for case in REFERENCE_CASES])
 
 

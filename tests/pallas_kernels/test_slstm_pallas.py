@@ -85,6 +85,7 @@ def _relative_errors(impl, x, R, state, seg):
     return np.array([np.linalg.norm(g - w) / max(np.linalg.norm(w), 1e-30) for g, w in zip(got, want)])
 
 
+@pytest.mark.slow  # interpret mode: seconds per kernel; the fast suite keeps the unaligned-shape case
 @pytest.mark.parametrize("impl", list(KERNELS))
 def test_segment_on_time_block_boundary_and_extreme_gates(monkeypatch, impl):
     """TPU time blocks of 14 (T = 41: three blocks, one padded step): segments start at t = 1, on the
@@ -105,6 +106,7 @@ def test_segment_on_time_block_boundary_and_extreme_gates(monkeypatch, impl):
     expect_refusal_or_run(REFUSED, impl, "segment_on_time_block_boundary", check)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", list(KERNELS))
 def test_underflow_guard(impl):
     """From a zero state an input gate of -100 makes exp(i~ - m) underflow: n = c = 0, and h = 0
