@@ -167,8 +167,9 @@ def _abstract_inputs(D, dtype, segments, sharding=None, B=8, T=250, H=2):
 
 
 @pytest.mark.tpu_compile
-@pytest.mark.parametrize("D,dtype,segments", [(128, jnp.float32, True), (128, jnp.bfloat16, True),
-                                              (64, jnp.float32, False), (64, jnp.bfloat16, True)])
+@pytest.mark.parametrize("D,dtype,segments", [  # about 8 s each (the time loop is compiled): two of them slow
+    (128, jnp.float32, True), pytest.param(128, jnp.bfloat16, True, marks=pytest.mark.slow),
+    pytest.param(64, jnp.float32, False, marks=pytest.mark.slow), (64, jnp.bfloat16, True)])
 def test_tpu_aot_compile_forward_and_backward(D, dtype, segments):
     """Mosaic compiles forward + backward on a v5e topology (no TPU needed); T = 250 is four time
     blocks of 63 (two padded steps) for D = 128, two of 125 for D = 64."""
