@@ -47,29 +47,14 @@ import math
 import jax
 import jax.numpy as jnp
 
+from hybrax.pallas_kernels.linear_attention.xla import _suffix_sum, _to_chunks, chunk_segment_masks, segsum
+
 PRECISION = jax.lax.Precision.HIGHEST  # float32 matmuls; TPU/GPU defaults would round to bf16/tf32
 BLOCK_TOKENS = 512  # longer sequences are scanned in blocks of about this many tokens (flat time per token)
 
 
 def _einsum(spec, *operands):
     return jnp.einsum(spec, *operands, precision=PRECISION)
-
-
-def segsum(g):
-    """[..., L] -> [..., L, L] with out[i, j] = g_{j+1} + .. + g_i for j <= i (0 above the
-    diagonal), summed directly so no two large prefix sums are subtracted (as in linear_attention)."""
-    L = g.shape[-1]
-    strictly_below = jnp.arange(L)[:, None] > jnp.arange(L)[None, :]  # [m, j]: m > j
-    terms = jnp.where(strictly_below, g[..., :, None], 0.0)  # [..., m, j] = g_m [m > j]
-    return jnp.cumsum(terms, axis=-2)  # [..., i, j] = sum_{m <= i} g_m [m > j]
-
-
-def _suffix_sum(g, axis):
-    """out_j = g_{j+1} + .. + g_last along `axis` (exclusive reverse cumulative sum)."""
-    rev = jnp.flip(jnp.cumsum(jnp.flip(g, axis), axis=axis), axis)  # sum_{m >= j}
-    rev = jnp.moveaxis(rev, axis, -1)
-    out = jnp.concatenate([rev[..., 1:], jnp.zeros_like(rev[..., :1])], axis=-1)
-    return jnp.moveaxis(out, -1, axis)
 
 
 @jax.custom_vjp
@@ -121,14 +106,6 @@ def _inverse_bwd(inverse, d_inverse):
 unit_lower_inverse.defvjp(_inverse_fwd, _inverse_bwd)
 
 
-def _to_chunks(x, N, C):
-    """[B, T, H, ...] -> [B, H, N, C, ...], zero-padding time to N * C."""
-    B, T = x.shape[:2]
-    x = jnp.pad(x, [(0, 0), (0, N * C - T)] + [(0, 0)] * (x.ndim - 2))
-    x = x.reshape((B, N, C) + x.shape[2:])
-    return jnp.moveaxis(x, 3, 1)
-
-
 def delta_rule(q, k, v, beta, log_decay, *, scale, initial_state, segment_ids, return_final_state,
                chunk_size):
     B, T, H, K = q.shape
@@ -143,20 +120,7 @@ def delta_rule(q, k, v, beta, log_decay, *, scale, initial_state, segment_ids, r
     inputs = (chunks(q), chunks(k), chunks(v), chunks(beta),
               jnp.zeros((B, H, N, C), dtype) if log_decay is None else chunks(log_decay))
 
-    masks = None
-    if segment_ids is not None:
-        starts_BxT = jnp.concatenate(
-            [jnp.zeros((B, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
-        segment_BxT = jnp.cumsum(starts_BxT, axis=1, dtype=jnp.int32)
-        segment_BxT = jnp.pad(segment_BxT, [(0, 0), (0, N * C - T)], mode="edge")
-        segment_BxNxC = segment_BxT.reshape(B, N, C)
-        entering_BxN = jnp.concatenate([segment_BxNxC[:, :1, 0], segment_BxNxC[:, :-1, -1]], axis=1)
-        masks = (
-            (segment_BxNxC[:, :, :, None] == segment_BxNxC[:, :, None, :]).astype(dtype),  # same
-            (segment_BxNxC == entering_BxN[:, :, None]).astype(dtype),  # state -> token i
-            (segment_BxNxC == segment_BxNxC[:, :, -1:]).astype(dtype),  # token j -> state
-            (segment_BxNxC[:, :, -1] == entering_BxN).astype(dtype),  # state -> next chunk
-        )
+    masks = None if segment_ids is None else chunk_segment_masks(segment_ids, N, C, dtype)
 
     state_BxHxKxV = (jnp.zeros((B, H, K, V), dtype) if initial_state is None
                      else initial_state.astype(dtype))

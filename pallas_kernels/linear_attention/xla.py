@@ -148,6 +148,23 @@ def _per_channel(q, k, g, c):
     return jax.lax.cond(span <= FACTORED_SPAN, _per_channel_factored, exact, q, k, g)
 
 
+def chunk_segment_masks(segment_ids, N: int, C: int, dtype):
+    """The 0/1 segment multipliers of the module docstring for time cut into N chunks of C
+    (padding continues the last segment): (same segment [B, N, C, C], the carried state reaches
+    token i [B, N, C], token j enters the outgoing state [B, N, C], the state survives the chunk
+    [B, N])."""
+    B, T = segment_ids.shape
+    starts_BxT = jnp.concatenate([jnp.zeros((B, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    segment_BxT = jnp.cumsum(starts_BxT, axis=1, dtype=jnp.int32)
+    segment_BxT = jnp.pad(segment_BxT, [(0, 0), (0, N * C - T)], mode="edge")
+    segment_BxNxC = segment_BxT.reshape(B, N, C)
+    entering_BxN = jnp.concatenate([segment_BxNxC[:, :1, 0], segment_BxNxC[:, :-1, -1]], axis=1)
+    return ((segment_BxNxC[:, :, :, None] == segment_BxNxC[:, :, None, :]).astype(dtype),  # same
+            (segment_BxNxC == entering_BxN[:, :, None]).astype(dtype),  # state -> token i
+            (segment_BxNxC == segment_BxNxC[:, :, -1:]).astype(dtype),  # token j -> state
+            (segment_BxNxC[:, :, -1] == entering_BxN).astype(dtype))  # state -> next chunk
+
+
 def linear_attention(q, k, v, log_decay, *, scale, initial_state, segment_ids, return_final_state,
                      chunk_size):
     B, T, H, K = q.shape
@@ -162,20 +179,7 @@ def linear_attention(q, k, v, log_decay, *, scale, initial_state, segment_ids, r
     q_BxHxNxCxK, k_BxHxNxCxK, v_BxHxNxCxV = chunks(q), chunks(k), chunks(v)
     g = jnp.zeros((B, H, N, C), dtype) if log_decay is None else chunks(log_decay)
 
-    masks = None
-    if segment_ids is not None:
-        starts_BxT = jnp.concatenate(
-            [jnp.zeros((B, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
-        segment_BxT = jnp.cumsum(starts_BxT, axis=1, dtype=jnp.int32)
-        segment_BxT = jnp.pad(segment_BxT, [(0, 0), (0, N * C - T)], mode="edge")
-        segment_BxNxC = segment_BxT.reshape(B, N, C)
-        entering_BxN = jnp.concatenate([segment_BxNxC[:, :1, 0], segment_BxNxC[:, :-1, -1]], axis=1)
-        masks = (
-            (segment_BxNxC[:, :, :, None] == segment_BxNxC[:, :, None, :]).astype(dtype),  # same
-            (segment_BxNxC == entering_BxN[:, :, None]).astype(dtype),  # state -> token i
-            (segment_BxNxC == segment_BxNxC[:, :, -1:]).astype(dtype),  # token j -> state
-            (segment_BxNxC[:, :, -1] == entering_BxN).astype(dtype),  # state -> next chunk
-        )
+    masks = None if segment_ids is None else chunk_segment_masks(segment_ids, N, C, dtype)
 
     state_BxHxKxV = (jnp.zeros((B, H, K, V), dtype) if initial_state is None
                      else initial_state.astype(dtype))
