@@ -36,10 +36,9 @@ values are tracers and go unchecked.
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from hybrax.pallas_kernels.delta_rule import reference, xla
+from hybrax.pallas_kernels import input_checks as checks
 from hybrax.pallas_kernels.implementation import dispatch, lazy_backend, pallas_for_backend
 
 _pallas_tpu = lazy_backend("hybrax.pallas_kernels.delta_rule", "tpu", "delta_rule")
@@ -56,38 +55,17 @@ IMPLEMENTATIONS = {
 DEFAULTS = {"tpu": ("pallas_tpu", "xla"), "gpu": ("pallas_gpu", "xla"), "default": ("xla",)}
 
 
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
-
-
 def check_inputs(q, k, v, beta, log_decay, initial_state, segment_ids, chunk_size) -> None:
     """Raise a one-line ValueError for inputs the op does not accept."""
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"q, k, v must be [batch, time, heads, dim]; got shapes {q.shape}, {k.shape}, {v.shape}")
-    if q.shape != k.shape:
-        raise ValueError(f"q {q.shape} and k {k.shape} must have the same shape [B, T, H, K]")
-    if v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"v {v.shape} must match q {q.shape} in batch, time and heads")
-    B, T, H, K = q.shape
-    V = v.shape[3]
-    if beta.shape != (B, T, H):
-        raise ValueError(f"beta shape {beta.shape} must be [B, T, H] = {(B, T, H)}")
+    B, T, H, K, V = checks.check_queries_keys_values(q, k, v)
+    checks.check_per_head_step("beta", beta, B, T, H)
     if log_decay is not None:
-        if log_decay.shape != (B, T, H):
-            raise ValueError(f"log_decay shape {log_decay.shape} must be [B, T, H] = {(B, T, H)}")
-        if _is_concrete(log_decay) and log_decay.size:
-            largest = float(np.max(np.asarray(log_decay, np.float32)))
-            if largest > 0:
-                raise ValueError(f"log_decay must be <= 0 (decay factors exp(g) <= 1); got max {largest}")
+        checks.check_per_head_step("log_decay", log_decay, B, T, H)
+    checks.check_log_decay_values(log_decay)
     if initial_state is not None and initial_state.shape != (B, H, K, V):
         raise ValueError(f"initial_state shape {initial_state.shape} must be [B, H, K, V] = {(B, H, K, V)}")
-    if segment_ids is not None:
-        if segment_ids.shape != (B, T):
-            raise ValueError(f"segment_ids shape {segment_ids.shape} must be [B, T] = {(B, T)}")
-        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-            raise ValueError(f"segment_ids dtype {segment_ids.dtype} must be an integer dtype")
-    if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size!r} must be an integer >= 1")
+    checks.check_segment_ids(segment_ids, B, T)
+    checks.check_chunk_size(chunk_size)
 
 
 def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, log_decay: jax.Array | None = None,

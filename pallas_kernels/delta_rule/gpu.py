@@ -22,42 +22,30 @@ has not run on a GPU. Parallelism is B * H * V / BV programs each walking the se
 """
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
 from hybrax.pallas_kernels.delta_rule import chunk_math, chunking
 from hybrax.pallas_kernels.implementation import interpret_mode
 from hybrax.pallas_kernels.linear_attention import chunking as la_chunking
+from hybrax.pallas_kernels.linear_attention import gpu as la_gpu
 from hybrax.pallas_kernels.linear_attention.gpu import ChunkView
 
 F32 = jnp.float32
-MAX_VALUE_BLOCK = 64
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    layout: chunking.Layout  # K and V here are the padded sizes
-    scale: float
-    value_block: int
-    has_initial_state: bool
-    interpret: bool
-    mxu_dtype: str = "float32"
+class Config(la_gpu.Config):
+    """linear_attention's kernel config, plus the chunk math's matmul."""
 
     def mm(self, x, y, dims=chunk_math.NN):
         return chunk_math.dot(x, y, dims, operand_dtype=self.mxu_dtype)
 
-    @property
-    def num_value_blocks(self) -> int:
-        return self.layout.value_dim // self.value_block
 
-
-def compiler_params():
-    return pltriton.CompilerParams(num_warps=4, num_stages=1)
+compiler_params = la_gpu.compiler_params
 
 
 def load_chunk(config: Config, view: ChunkView):
@@ -109,22 +97,8 @@ def kernel_inputs(config: Config, q, k, v, beta, b, s0, seg):
 
 def forward(config: Config, q, k, v, beta, b, s0, seg, save_states: bool):
     """Kernel-level forward on [B, H, Tp, *] inputs -> (o, final state[, states per chunk])."""
-    lay = config.layout
     names, args = kernel_inputs(config, q, k, v, beta, b, s0, seg)
-    state = (lay.batch, lay.heads, lay.key_dim, lay.value_dim)
-    out_shape = [
-        jax.ShapeDtypeStruct((lay.batch, lay.heads, lay.padded_len, lay.value_dim), v.dtype),
-        jax.ShapeDtypeStruct(state, F32),
-        jax.ShapeDtypeStruct((lay.batch, lay.heads, lay.num_chunks, *state[2:]), F32),
-    ][:3 if save_states else 2]
-    return pl.pallas_call(
-        functools.partial(_forward_kernel, config, names + ["o", "final", "states"][:len(out_shape)]),
-        grid=(lay.batch, lay.heads, config.num_value_blocks),
-        out_shape=out_shape,
-        compiler_params=compiler_params(),
-        interpret=config.interpret,
-        name="delta_rule_fwd",
-    )(*args)
+    return la_gpu.call_forward(config, _forward_kernel, names, args, v.dtype, save_states, "delta_rule_fwd")
 
 
 def _backward():
@@ -135,10 +109,6 @@ def _backward():
 _chunked = chunking.with_own_backward(forward, _backward)
 
 
-def _pow2_at_least_16(n: int) -> int:
-    return max(16, 1 << (n - 1).bit_length())
-
-
 def delta_rule_kernel(q, k, v, beta, log_decay, *, scale: float, initial_state, segment_ids,
                       return_final_state: bool, chunk_size: int, interpret=None):
     """The contract's signature plus `interpret` (None: compiled on a GPU, interpreted on a CPU, refused on a TPU)."""
@@ -146,21 +116,11 @@ def delta_rule_kernel(q, k, v, beta, log_decay, *, scale: float, initial_state, 
         interpret = interpret_mode("pallas_gpu delta_rule", "gpu")
     if q.shape[1] == 0:
         raise NotImplementedError("pallas_gpu delta_rule: empty sequence (T = 0)")
-    chunk_size = _pow2_at_least_16(chunk_size)  # Triton block shapes; same result, any chunk
     key_dim, value_dim = q.shape[-1], v.shape[-1]
-    kp, vp = _pow2_at_least_16(key_dim) - key_dim, _pow2_at_least_16(value_dim) - value_dim
-    pad_last = lambda x, n: x if n == 0 else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n)])
-    q, k, v = pad_last(q, kp), pad_last(k, kp), pad_last(v, vp)
-    if initial_state is not None:
-        initial_state = pad_last(jnp.pad(initial_state.astype(F32), ((0, 0), (0, 0), (0, kp), (0, 0))), vp)
+    q, k, v, initial_state, chunk_size, _ = la_gpu.pad_for_triton(q, k, v, initial_state, chunk_size)
     layout = chunking.make_layout(q, v, log_decay, segment_ids, chunk_size)
-    low_precision = all(x.dtype == jnp.bfloat16 for x in (q, k, v))
-    config = Config(layout, float(scale), min(layout.value_dim, MAX_VALUE_BLOCK),
-                    initial_state is not None, interpret, "bfloat16" if low_precision else "float32")
-    seg = ()
-    if segment_ids is not None:
-        count, in_flag, out_flag = la_chunking.segment_flags(segment_ids, layout)
-        seg = (count, la_chunking.row_form(count, layout), in_flag, out_flag)
+    config = la_gpu.make_config(Config, layout, scale, q, k, v, initial_state, interpret)
+    seg = la_gpu.segment_inputs(segment_ids, layout)
     heads = lambda x: la_chunking.to_heads(x, layout)
     o, final = _chunked(config, heads(q), heads(k), heads(v), chunking.beta_heads(beta, layout),
                         la_chunking.chunk_cumulative_decay(log_decay, layout), initial_state, seg)

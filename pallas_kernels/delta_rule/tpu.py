@@ -33,40 +33,26 @@ from jax.experimental.pallas import tpu as pltpu
 from hybrax.pallas_kernels.delta_rule import chunk_math, chunking
 from hybrax.pallas_kernels.implementation import interpret_mode
 from hybrax.pallas_kernels.linear_attention import chunking as la_chunking
+from hybrax.pallas_kernels.linear_attention import tpu as la_tpu
 from hybrax.pallas_kernels.linear_attention.tpu_chunk import chunk_vectors, to_column
 
 F32 = jnp.float32
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    layout: chunking.Layout
-    scale: float
-    has_initial_state: bool
-    interpret: object  # False, True or pltpu.InterpretParams()
-    mxu_dtype: str = "float32"  # "bfloat16" when q, k, v are
+class Config(la_tpu.Config):
+    """linear_attention's kernel config, plus the chunk math's matmul."""
 
     def mm(self, x, y, dims=chunk_math.NN):
         return chunk_math.dot(x, y, dims, operand_dtype=self.mxu_dtype)
 
 
 def block_specs(config: Config, reverse: bool = False):
-    """BlockSpec factories for the arrays the kernels read, on grid (B, H, chunks)."""
-    lay = config.layout
-    nc, c = lay.num_chunks, lay.chunk
-    chunk_of = (lambda i: nc - 1 - i) if reverse else (lambda i: i)
-    return dict(
-        head=lambda d: pl.BlockSpec((None, None, c, d), lambda b, h, i: (b, h, chunk_of(i), 0)),
-        head_rows=pl.BlockSpec((None, None, nc, c), lambda b, h, i: (b, h, 0, 0)),
-        batch_rows=pl.BlockSpec((None, None, nc, c), lambda b, h, i: (b, 0, 0, 0)),
-        state=pl.BlockSpec((None, None, lay.key_dim, lay.value_dim), lambda b, h, i: (b, h, 0, 0)),
-        chunk_state=pl.BlockSpec((None, None, None, lay.key_dim, lay.value_dim),
-                                 lambda b, h, i: (b, h, chunk_of(i), 0, 0)),
-    )
+    """linear_attention's BlockSpec factories with the state held [K, V]."""
+    return la_tpu.block_specs(config, reverse, state_dims=(config.layout.key_dim, config.layout.value_dim))
 
 
-def compiler_params():
-    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
+compiler_params = la_tpu.compiler_params
 
 
 def load_chunk(config: Config, chunk_index, q_ref, k_ref, v_ref, beta_ref, b_ref, segment_refs):
@@ -141,12 +127,7 @@ def forward(config: Config, q, k, v, beta, b, s0, seg, save_states: bool):
     lay = config.layout
     spec = block_specs(config)
     args, in_specs = inputs_and_specs(config, q, k, v, beta, b, s0, seg)
-    state = (lay.batch, lay.heads, lay.key_dim, lay.value_dim)
-    out_shape = [
-        jax.ShapeDtypeStruct((lay.batch, lay.heads, lay.padded_len, lay.value_dim), v.dtype),
-        jax.ShapeDtypeStruct(state, F32),
-        jax.ShapeDtypeStruct((lay.batch, lay.heads, lay.num_chunks, *state[2:]), F32),
-    ][:3 if save_states else 2]
+    out_shape = la_chunking.forward_outputs(lay, v.dtype, save_states, (lay.key_dim, lay.value_dim))
     return pl.pallas_call(
         functools.partial(_forward_kernel, config, save_states),
         grid=(lay.batch, lay.heads, lay.num_chunks),

@@ -102,6 +102,19 @@ def segment_flags(segment_ids_BxT, layout: Layout):
     return as_column(count), as_column(in_flag), as_column(out_flag)
 
 
+def forward_outputs(layout: Layout, dtype, save_states: bool, state_dims: tuple[int, int],
+                    states_dtype=jnp.float32) -> list[jax.ShapeDtypeStruct]:
+    """out_shape of a chunk-walking forward kernel: o [B, H, Tp, V] in `dtype`, the final state
+    [B, H, *state_dims] float32 and, when save_states, the state entering every chunk
+    [B, H, NC, *state_dims] in `states_dtype` (the backward's residual)."""
+    bh = (layout.batch, layout.heads)
+    out = [jax.ShapeDtypeStruct((*bh, layout.padded_len, layout.value_dim), dtype),
+           jax.ShapeDtypeStruct((*bh, *state_dims), jnp.float32)]
+    if save_states:
+        out.append(jax.ShapeDtypeStruct((*bh, layout.num_chunks, *state_dims), states_dtype))
+    return out
+
+
 def with_own_backward(forward: Callable, load_backward: Callable[[], Callable]) -> Callable:
     """The kernel call `(config, q, k, v, b, s0, seg) -> (o, final)` as a `jax.custom_vjp` whose
     backward runs backward kernels, not autodiff through the forward.

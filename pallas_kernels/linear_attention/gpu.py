@@ -194,24 +194,25 @@ def kernel_inputs(config: Config, q, k, v, b, s0, seg):
     return names, args
 
 
-def forward(config: Config, q, k, v, b, s0, seg, save_states: bool):
-    """Kernel-level forward on [B, H, Tp, *] inputs -> (o, final state[, states per chunk])."""
+def call_forward(config: Config, kernel, names, args, dtype, save_states: bool, name: str):
+    """pallas_call of a chunk-walking forward kernel `kernel(config, names, *refs)` on grid
+    (B, H, V / BV) -> (o [B, H, Tp, V] in `dtype`, final state [B, H, K, V][, states per chunk])."""
     lay = config.layout
-    names, args = kernel_inputs(config, q, k, v, b, s0, seg)
-    state = (lay.batch, lay.heads, lay.key_dim, lay.value_dim)
-    out_shape = [
-        jax.ShapeDtypeStruct((lay.batch, lay.heads, lay.padded_len, lay.value_dim), v.dtype),
-        jax.ShapeDtypeStruct(state, F32),
-        jax.ShapeDtypeStruct((lay.batch, lay.heads, lay.num_chunks, *state[2:]), F32),
-    ][:3 if save_states else 2]
+    out_shape = chunking.forward_outputs(lay, dtype, save_states, (lay.key_dim, lay.value_dim))
     return pl.pallas_call(
-        functools.partial(_forward_kernel, config, names + ["o", "final", "states"][:len(out_shape)]),
+        functools.partial(kernel, config, names + ["o", "final", "states"][:len(out_shape)]),
         grid=(lay.batch, lay.heads, config.num_value_blocks),
         out_shape=out_shape,
         compiler_params=compiler_params(),
         interpret=config.interpret,
-        name="linear_attention_fwd",
+        name=name,
     )(*args)
+
+
+def forward(config: Config, q, k, v, b, s0, seg, save_states: bool):
+    """Kernel-level forward on [B, H, Tp, *] inputs -> (o, final state[, states per chunk])."""
+    names, args = kernel_inputs(config, q, k, v, b, s0, seg)
+    return call_forward(config, _forward_kernel, names, args, v.dtype, save_states, "linear_attention_fwd")
 
 
 def _backward():
@@ -226,28 +227,49 @@ def _pow2_at_least_16(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
 
+def pad_for_triton(q, k, v, initial_state, chunk_size: int):
+    """Zero-pad K and V to powers of two >= 16 and round chunk_size up to one (Triton's dot blocks).
+    Exact: padded channels carry zeros. -> (q, k, v, initial_state, chunk_size, K padding)."""
+    key_dim, value_dim = q.shape[-1], v.shape[-1]
+    kp, vp = _pow2_at_least_16(key_dim) - key_dim, _pow2_at_least_16(value_dim) - value_dim
+    q, k, v = pad_last(q, kp), pad_last(k, kp), pad_last(v, vp)
+    if initial_state is not None:
+        initial_state = pad_last(jnp.pad(initial_state.astype(F32), ((0, 0), (0, 0), (0, kp), (0, 0))), vp)
+    return q, k, v, initial_state, _pow2_at_least_16(chunk_size), kp
+
+
+def pad_last(x, n: int):
+    """x zero-padded by n along its last axis."""
+    return x if x is None or n == 0 else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n)])
+
+
+def make_config(config_type, layout: chunking.Layout, scale: float, q, k, v, initial_state, interpret):
+    """A kernel Config: value blocks of at most MAX_VALUE_BLOCK, bf16 dot operands for bf16 q, k, v."""
+    low_precision = all(x.dtype == jnp.bfloat16 for x in (q, k, v))
+    return config_type(layout, float(scale), min(layout.value_dim, MAX_VALUE_BLOCK), initial_state is not None,
+                       interpret, "bfloat16" if low_precision else "float32")
+
+
+def segment_inputs(segment_ids, layout: chunking.Layout) -> tuple:
+    """The kernels' segment arrays: (count, count in row form, in flags, out flags), or ()."""
+    if segment_ids is None:
+        return ()
+    count, in_flag, out_flag = chunking.segment_flags(segment_ids, layout)
+    return count, chunking.row_form(count, layout), in_flag, out_flag
+
+
 def linear_attention_kernel(q, k, v, log_decay, *, scale: float, initial_state, segment_ids,
                             return_final_state: bool, chunk_size: int, interpret=None):
     """The contract's signature plus `interpret` (None: compiled on a GPU, interpreted on a CPU, refused on a TPU)."""
-    chunk_size = _pow2_at_least_16(chunk_size)  # Triton block shapes; same result, any chunk
     if interpret is None:
         interpret = interpret_mode("pallas_gpu linear_attention", "gpu")
     key_dim, value_dim = q.shape[-1], v.shape[-1]
-    kp, vp = _pow2_at_least_16(key_dim) - key_dim, _pow2_at_least_16(value_dim) - value_dim
-    pad_last = lambda x, n: x if x is None or n == 0 else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n)])
-    q, k, v = pad_last(q, kp), pad_last(k, kp), pad_last(v, vp)
+    q, k, v, initial_state, chunk_size, kp = pad_for_triton(q, k, v, initial_state, chunk_size)
     if log_decay is not None and log_decay.ndim == 4:
         log_decay = pad_last(log_decay, kp)
-    if initial_state is not None:
-        initial_state = pad_last(jnp.pad(initial_state.astype(F32), ((0, 0), (0, 0), (0, kp), (0, 0))), vp)
     layout = chunking.make_layout(q, v, log_decay, segment_ids, chunk_size)
-    low_precision = all(x.dtype == jnp.bfloat16 for x in (q, k, v))
-    config = Config(layout, float(scale), min(layout.value_dim, MAX_VALUE_BLOCK),
-                    initial_state is not None, interpret, "bfloat16" if low_precision else "float32")
-    seg = ()
-    if segment_ids is not None:
-        count, in_flag, out_flag = chunking.segment_flags(segment_ids, layout)
-        seg = (count, chunking.row_form(count, layout), in_flag, out_flag)
+    config = make_config(Config, layout, scale, q, k, v, initial_state, interpret)
+    seg = segment_inputs(segment_ids, layout)
     o, final = _chunked(config, chunking.to_heads(q, layout), chunking.to_heads(k, layout),
                         chunking.to_heads(v, layout), chunking.chunk_cumulative_decay(log_decay, layout),
                         initial_state, seg)

@@ -57,18 +57,19 @@ class Config:
     mxu_dtype: str = "float32"  # "bfloat16" when q, k, v are: the big matmuls take bf16 operands
 
 
-def block_specs(config: Config, reverse: bool = False):
-    """BlockSpec factories for the arrays the kernels read, on grid (B, H, chunks)."""
+def block_specs(config: Config, reverse: bool = False, state_dims: tuple[int, int] | None = None):
+    """BlockSpec factories for the arrays the kernels read, on grid (B, H, chunks). The state block
+    is [V, K] (these kernels hold S^T) unless `state_dims` says otherwise."""
     lay = config.layout
     nc, c = lay.num_chunks, lay.chunk
     chunk_of = (lambda i: nc - 1 - i) if reverse else (lambda i: i)
+    state_dims = (lay.value_dim, lay.key_dim) if state_dims is None else state_dims
     return dict(
         head=lambda d: pl.BlockSpec((None, None, c, d), lambda b, h, i: (b, h, chunk_of(i), 0)),
         head_rows=pl.BlockSpec((None, None, nc, c), lambda b, h, i: (b, h, 0, 0)),
         batch_rows=pl.BlockSpec((None, None, nc, c), lambda b, h, i: (b, 0, 0, 0)),
-        state=pl.BlockSpec((None, None, lay.value_dim, lay.key_dim), lambda b, h, i: (b, h, 0, 0)),
-        chunk_state=pl.BlockSpec((None, None, None, lay.value_dim, lay.key_dim),
-                                 lambda b, h, i: (b, h, chunk_of(i), 0, 0)),
+        state=pl.BlockSpec((None, None, *state_dims), lambda b, h, i: (b, h, 0, 0)),
+        chunk_state=pl.BlockSpec((None, None, None, *state_dims), lambda b, h, i: (b, h, chunk_of(i), 0, 0)),
     )
 
 
@@ -194,13 +195,9 @@ def forward(config: Config, q, k, v, b, s0, seg, save_states: bool):
     spec = block_specs(config)
     args, in_specs = inputs_and_specs(config, q, k, v, b, s0, seg)
     scratch = [pltpu.VMEM((lay.value_dim, lay.key_dim), F32)] + gate_scratch(lay, backward=False)
-    out_shape = [
-        jax.ShapeDtypeStruct((lay.batch, lay.heads, lay.padded_len, lay.value_dim), v.dtype),
-        jax.ShapeDtypeStruct((lay.batch, lay.heads, lay.value_dim, lay.key_dim), F32),
-        # The backward's state residual, stored in the matmul operand dtype (bf16 halves it).
-        jax.ShapeDtypeStruct((lay.batch, lay.heads, lay.num_chunks, lay.value_dim, lay.key_dim),
-                             jnp.dtype(config.mxu_dtype)),
-    ][:3 if save_states else 2]
+    # The backward's state residual is stored in the matmul operand dtype (bf16 halves it).
+    out_shape = chunking.forward_outputs(lay, v.dtype, save_states, (lay.value_dim, lay.key_dim),
+                                         jnp.dtype(config.mxu_dtype))
     return pl.pallas_call(
         functools.partial(_forward_kernel, config, save_states),
         grid=(lay.batch, lay.heads, lay.num_chunks),

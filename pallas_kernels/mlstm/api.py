@@ -37,9 +37,8 @@ gate value is out of range).
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
+from hybrax.pallas_kernels import input_checks as checks
 from hybrax.pallas_kernels.implementation import dispatch, lazy_backend, pallas_for_backend
 from hybrax.pallas_kernels.mlstm import reference, xla
 
@@ -61,17 +60,9 @@ DEFAULTS = {"tpu": ("pallas_tpu", "xla"), "gpu": ("pallas_gpu", "xla"), "default
 
 def check_inputs(q, k, v, log_input_gate, log_forget_gate, initial_state, segment_ids, chunk_size) -> None:
     """Raise a one-line ValueError for inputs the op does not accept."""
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"q, k, v must be [batch, time, heads, dim]; got shapes {q.shape}, {k.shape}, {v.shape}")
-    if q.shape != k.shape:
-        raise ValueError(f"q {q.shape} and k {k.shape} must have the same shape [B, T, H, K]")
-    if v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"v {v.shape} must match q {q.shape} in batch, time and heads")
-    B, T, H, K = q.shape
-    V = v.shape[3]
-    for name, gate in (("log_input_gate", log_input_gate), ("log_forget_gate", log_forget_gate)):
-        if gate.shape != (B, T, H):
-            raise ValueError(f"{name} shape {gate.shape} must be [B, T, H] = {(B, T, H)}")
+    B, T, H, K, V = checks.check_queries_keys_values(q, k, v)
+    checks.check_per_head_step("log_input_gate", log_input_gate, B, T, H)
+    checks.check_per_head_step("log_forget_gate", log_forget_gate, B, T, H)
     if initial_state is not None:
         want = ((B, H, K, V), (B, H, K), (B, H))
         if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 3:
@@ -80,13 +71,8 @@ def check_inputs(q, k, v, log_input_gate, log_forget_gate, initial_state, segmen
         got = tuple(tuple(x.shape) for x in initial_state)
         if got != want:
             raise ValueError(f"initial_state shapes {got} must be (C [B, H, K, V], n [B, H, K], m [B, H]) = {want}")
-    if segment_ids is not None:
-        if segment_ids.shape != (B, T):
-            raise ValueError(f"segment_ids shape {segment_ids.shape} must be [B, T] = {(B, T)}")
-        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-            raise ValueError(f"segment_ids dtype {segment_ids.dtype} must be an integer dtype")
-    if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size!r} must be an integer >= 1")
+    checks.check_segment_ids(segment_ids, B, T)
+    checks.check_chunk_size(chunk_size)
 
 
 def mlstm(q: jax.Array, k: jax.Array, v: jax.Array, log_input_gate: jax.Array, log_forget_gate: jax.Array,

@@ -39,6 +39,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from hybrax.pallas_kernels import input_checks as checks
 from hybrax.pallas_kernels.implementation import dispatch, lazy_backend, pallas_for_backend
 from hybrax.pallas_kernels.slstm import reference, xla
 
@@ -84,11 +85,7 @@ def check_inputs(gate_inputs, recurrent_weights, initial_state, segment_ids) -> 
             if getattr(part, "shape", None) != (B, H, D):
                 raise ValueError(f"initial_state {name} shape {getattr(part, 'shape', None)} must be "
                                  f"[B, H, D] = {(B, H, D)}")
-    if segment_ids is not None:
-        if segment_ids.shape != (B, T):
-            raise ValueError(f"segment_ids shape {segment_ids.shape} must be [B, T] = {(B, T)}")
-        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-            raise ValueError(f"segment_ids dtype {segment_ids.dtype} must be an integer dtype")
+    checks.check_segment_ids(segment_ids, B, T)
 
 
 def slstm(gate_inputs: jax.Array, recurrent_weights: jax.Array, *,

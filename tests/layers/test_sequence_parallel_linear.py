@@ -10,7 +10,7 @@ import pytest
 
 from hybrax.layers.short_conv import short_causal_conv
 
-from devices import run_with_devices
+from devices import STACK_AND_COLLECTIVES, run_with_devices
 
 COMMON = r"""
 import json, re
@@ -38,26 +38,7 @@ def mesh_of(**axes):
     return jax.make_mesh(tuple(axes.values()), tuple(axes), axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
 """
 
-COLLECTIVES = COMMON + r"""
-class StackOfTwo(nnx.Module):
-    def __init__(self, name):
-        module, config = CONFIGS[name]
-        self.layers = nnx.List([module(config, rngs=nnx.Rngs(seed)) for seed in range(2)])
-
-    def __call__(self, x, segment_ids):
-        for layer in self.layers:
-            x = x + layer(x, segment_ids=segment_ids)
-        return x
-
-def gathered_arrays(text, op):
-    # the arrays each `op` instruction returns: a combined collective returns a tuple of several
-    # (an async -start returns (operands, results): keep the results)
-    shapes = []
-    for result, kind in re.findall(r"= ((?:\([^=]*?\))|\S+) " + op + r"(-start)?\(", text):
-        arrays = re.findall(r"[a-z0-9]+\[[0-9,]*\]", result)
-        shapes += arrays[len(arrays) // 2:] if kind else arrays
-    return shapes
-
+COLLECTIVES = COMMON + STACK_AND_COLLECTIVES + r"""
 B = 2
 mesh = mesh_of(seq=4)
 results = {}

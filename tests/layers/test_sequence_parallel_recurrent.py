@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from devices import run_with_devices
+from devices import STACK_AND_COLLECTIVES, run_with_devices
 
 SCRIPT = r"""
 import json, re
@@ -30,23 +30,7 @@ CONFIGS = {
     "slstm": (SLSTM, SLSTMConfig(d_model=D, num_heads=4, head_dim=8)),
 }
 
-class StackOfTwo(nnx.Module):
-    def __init__(self, name):
-        module, config = CONFIGS[name]
-        self.layers = nnx.List([module(config, rngs=nnx.Rngs(seed)) for seed in range(2)])
-
-    def __call__(self, x, segment_ids):
-        for layer in self.layers:
-            x = x + layer(x, segment_ids=segment_ids)
-        return x
-
-def arrays_of(text, op):
-    shapes = []
-    for result, kind in re.findall(r"= ((?:\([^=]*?\))|\S+) " + op + r"(-start)?\(", text):
-        arrays = re.findall(r"[a-z0-9]+\[[0-9,]*\]", result)
-        shapes += arrays[len(arrays) // 2:] if kind else arrays
-    return shapes
-
+""" + STACK_AND_COLLECTIVES + r"""
 B = 2
 mesh = jax.make_mesh((4,), ("seq",), axis_types=(jax.sharding.AxisType.Auto,))
 results = {}
@@ -60,7 +44,7 @@ for name in CONFIGS:
                 shape, dtype, sharding=NamedSharding(mesh, spec(names, shape)))
             text = step.lower(params, sharded((B, T, D), jnp.float32, ("batch", "length", None)),
                               sharded((B, T), jnp.int32, ("batch", "length"))).compile().as_text()
-        results[f"{name} T={T}"] = {op: arrays_of(text, op) for op in
+        results[f"{name} T={T}"] = {op: gathered_arrays(text, op) for op in
                                     ("all-gather", "reduce-scatter", "all-to-all", "all-reduce")}
 print(json.dumps(results))
 """

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hybrax.pallas_kernels.delta_rule import delta_rule
+from reference_checks import assert_close, float64_outputs, packed_segment_ids
 from refusals import ON_THE_OTHER_ACCELERATOR
 
 FLOAT32_TOLERANCE = 1e-4
@@ -95,9 +96,7 @@ def make_inputs(case: Case) -> dict:
     if case.initial_state:
         inputs["initial_state"] = np.asarray(rng.standard_normal((B, H, K, V)), np.float32).astype(np.float64)
     if case.segments:  # about four segments per row; ids reused after a change
-        starts = rng.random((B, T)) < 4.0 / max(T, 1)
-        ids = np.cumsum(starts, axis=1) % 3
-        inputs["segment_ids"] = ids.astype(np.int32)
+        inputs["segment_ids"] = packed_segment_ids(rng, B, T)
     return inputs
 
 
@@ -137,15 +136,7 @@ def outputs_and_grads(impl: str, case: Case, inputs: dict, dtype) -> dict:
 @functools.lru_cache(maxsize=None)
 def reference_float64(case: Case) -> dict:
     """The reference scan in float64 on the case's inputs: the ground truth, cached per case."""
-    inputs = make_inputs(case)
-    with jax.enable_x64(True):
-        out = outputs_and_grads("reference", case, inputs, jnp.float64)
-        return {name: np.asarray(x, np.float64) for name, x in out.items()}
-
-
-def relative_error(got, want) -> float:
-    got = np.asarray(jnp.asarray(got).astype(jnp.float32), np.float64)
-    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+    return float64_outputs(outputs_and_grads, case, make_inputs(case))
 
 
 def assert_matches_reference(impl: str, case: Case, *, tolerance: float | None = None) -> dict:
@@ -156,14 +147,4 @@ def assert_matches_reference(impl: str, case: Case, *, tolerance: float | None =
     inputs = make_inputs(case)
     got = outputs_and_grads(impl, case, inputs, jnp.dtype(case.dtype))
     want = reference_float64(case)
-    assert set(got) == set(want), f"{impl}: returned {sorted(got)}, reference {sorted(want)}"
-    assert got["o"].dtype == jnp.dtype(case.dtype), f"{impl}: o dtype {got['o'].dtype} != {case.dtype}"
-    assert got["final_state"].dtype == jnp.float32, f"{impl}: final state dtype {got['final_state'].dtype}"
-    errors = {}
-    for name in want:
-        value = np.asarray(jnp.asarray(got[name]).astype(jnp.float32))
-        assert np.all(np.isfinite(value)), f"{impl} {case.id}: {name} has inf/NaN"
-        errors[name] = relative_error(got[name], want[name])
-    bad = {name: f"{err:.1e}" for name, err in errors.items() if not err <= tolerance}
-    assert not bad, f"{impl} {case.id}: relative error > {tolerance:.0e} in {bad}"
-    return errors
+    return assert_close(impl, case, got, want, tolerance=tolerance, output="o", states=("final_state",))

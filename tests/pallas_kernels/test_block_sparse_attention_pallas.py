@@ -12,7 +12,6 @@ tpu_backward.py); the GPU kernels have their own file.
   D = 128, blocks (128, 128), float32 and bfloat16, with and without segments, causal, GQA.
 """
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +22,7 @@ from jax.experimental.pallas import tpu as pltpu
 from block_sparse_attention_cases import CASES, REFUSED, Case, assert_matches_reference
 from hybrax.pallas_kernels.block_sparse_attention import tpu
 from refusals import expect_refusal_or_run
+from tpu_topology import v5e_device
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
@@ -86,13 +86,6 @@ def test_prefetched_schedules_obey_their_law(causal):
     assert got == triples
 
 
-def _v5e_device():
-    pytest.importorskip("libtpu", reason="libtpu not installed (pip install -e '.[test]')")
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other jax processes may hold the lock
-    from jax.experimental import topologies
-    return topologies.get_topology_desc("v5e:2x2", "tpu").devices[0]
-
-
 @pytest.mark.tpu_compile
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("segments", [False, True], ids=["dense", "segments"])
@@ -100,7 +93,7 @@ def test_tpu_aot_compile_forward_and_backward(dtype, segments):
     """Mosaic compiles forward, dq and dk/dv for D = 128, blocks (128, 128), causal, H = 4 over
     Hkv = 2, T = 512 with 3 listed blocks per query block, on a v5e topology (no TPU needed)."""
     B, T, H, Hkv, D, n_sel = 1, 512, 4, 2, 128, 3
-    sharding = jax.sharding.SingleDeviceSharding(_v5e_device())
+    sharding = jax.sharding.SingleDeviceSharding(v5e_device())
     spec = lambda shape, dt=dtype: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
     args = (spec((B, T, H, D)), spec((B, T, Hkv, D)), spec((B, T, Hkv, D)),
             spec((B, H, T // 128, n_sel), jnp.int32), spec((B, T), jnp.int32) if segments else None)

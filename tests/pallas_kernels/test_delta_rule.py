@@ -16,6 +16,7 @@ from kernel_matrix import runs_case
 from hybrax.pallas_kernels.delta_rule import api, delta_rule, xla
 from hybrax.pallas_kernels.implementation import current_backend, kernel_policy
 from hybrax.pallas_kernels.verified import is_verified
+from reference_checks import float32_inputs
 from refusals import expect_refusal_or_run
 
 KERNELS = [name for name, module in (("pallas_tpu", "tpu"), ("pallas_gpu", "gpu"))
@@ -104,9 +105,7 @@ def test_reference_matches_numpy_loop():
 
 
 def _float32(case):
-    x = make_inputs(case)
-    return {n: None if a is None else jnp.asarray(a, jnp.int32 if n == "segment_ids" else jnp.float32)
-            for n, a in x.items()}
+    return float32_inputs(make_inputs(case))
 
 
 def test_packed_segments_equal_separate_runs():

@@ -14,7 +14,6 @@ default, the rest slow). This file adds:
 """
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +24,7 @@ from jax.experimental.pallas import tpu as pltpu
 from delta_rule_cases import REFUSED, Case, assert_matches_reference
 from hybrax.pallas_kernels.delta_rule import api, gpu, reference, tpu
 from refusals import expect_refusal_or_run
+from tpu_topology import v5e_device
 
 KERNELS = {"pallas_tpu": tpu.delta_rule_kernel, "pallas_gpu": gpu.delta_rule_kernel}
 
@@ -84,13 +84,6 @@ def test_segments_on_chunk_boundaries_beta_extremes_strong_decay(impl):
     expect_refusal_or_run(REFUSED, impl, "segments_on_chunk_boundaries", check)
 
 
-def _v5e_device():
-    pytest.importorskip("libtpu", reason="libtpu not installed (pip install -e '.[test]')")
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other jax processes may hold the lock
-    from jax.experimental import topologies
-    return topologies.get_topology_desc("v5e:2x2", "tpu").devices[0]
-
-
 def _loss(kernel_module, K):
     def loss(q, k, v, beta, g, s0, seg):
         o, state = kernel_module.delta_rule_kernel(q, k, v, beta, g, scale=K ** -0.5, initial_state=s0,
@@ -115,7 +108,7 @@ COMPILE_CASES = [(True, jnp.float32, True), (False, jnp.bfloat16, False), (True,
 @pytest.mark.parametrize("decay,dtype,segments", COMPILE_CASES)
 def test_tpu_aot_compile_forward_and_backward(decay, dtype, segments):
     """Mosaic compiles forward + backward for K = V = 128 on a v5e topology (no TPU needed)."""
-    sharding = jax.sharding.SingleDeviceSharding(_v5e_device())
+    sharding = jax.sharding.SingleDeviceSharding(v5e_device())
     args = _abstract_inputs(decay, dtype, segments, sharding)
     argnums = (0, 1, 2, 3, 4, 5) if decay else (0, 1, 2, 3, 5)
     compiled = jax.jit(jax.value_and_grad(_loss(tpu, 128), argnums=argnums)).lower(*args).compile()

@@ -10,7 +10,6 @@ topology; the `slow` one holds its memory plan at T = 32768 against the dense xl
 """
 
 import dataclasses
-import os
 import re
 
 import jax
@@ -21,6 +20,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from hybrax.pallas_kernels.dot_product_attention import api, block_sparse, dot_product_attention, splash
 from hybrax.pallas_kernels.implementation import kernel_policy, target_backend
+from tpu_topology import v5e_device
 
 FUSED = ["splash", "pallas_gpu"]
 TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
@@ -158,17 +158,10 @@ def test_pallas_gpu_lowers_to_triton_for_h100():
     assert exported.mlir_module().count("xla.gpu.triton") >= 3
 
 
-def _v5e_device():
-    pytest.importorskip("libtpu", reason="libtpu not installed (pip install -e '.[test]')")
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other jax processes may hold the lock
-    from jax.experimental import topologies
-    return topologies.get_topology_desc("v5e:2x2", "tpu").devices[0]
-
-
 def _compile_attention_grad(implementation, *, B, T, H, kv_heads, D, dtype):
     """AOT-compile q, k, v, segment_ids -> (sum(o), dq, dk, dv) for one v5e chip, with the TPU
     dispatch; returns (compiled, the kernel choices made while tracing)."""
-    device = jax.sharding.SingleDeviceSharding(_v5e_device())
+    device = jax.sharding.SingleDeviceSharding(v5e_device())
     spec = lambda shape, dt=dtype: jax.ShapeDtypeStruct(shape, dt, sharding=device)
 
     def loss(q, k, v, segment_ids):

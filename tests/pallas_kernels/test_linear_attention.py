@@ -12,6 +12,7 @@ import pytest
 
 from hybrax.pallas_kernels.linear_attention import linear_attention, xla
 from linear_attention_cases import REFUSED, Case, assert_matches_reference, make_inputs
+from reference_checks import float32_inputs
 from refusals import expect_refusal_or_run
 
 IMPLEMENTATIONS = ["xla"] + [
@@ -83,9 +84,7 @@ def test_reference_matches_numpy_loop():
 
 
 def _float32(case):
-    x = make_inputs(case)
-    return {n: None if a is None else jnp.asarray(a, jnp.int32 if n == "segment_ids" else jnp.float32)
-            for n, a in x.items()}
+    return float32_inputs(make_inputs(case))
 
 
 def test_packed_segments_equal_separate_runs():

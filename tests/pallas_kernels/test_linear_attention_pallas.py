@@ -15,7 +15,6 @@ to -20, bfloat16, chunk sizes 7, 16, 48 and 64. This file adds:
 """
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +25,7 @@ from jax.experimental.pallas import tpu as pltpu
 from linear_attention_cases import REFUSED, Case, assert_matches_reference
 from hybrax.pallas_kernels.linear_attention import api, gpu, reference, tpu
 from refusals import expect_refusal_or_run
+from tpu_topology import v5e_device
 
 KERNELS = {"pallas_tpu": tpu.linear_attention_kernel, "pallas_gpu": gpu.linear_attention_kernel}
 
@@ -84,13 +84,6 @@ def test_segment_on_chunk_boundary_and_extreme_decays(impl):
     expect_refusal_or_run(REFUSED, impl, "segment_on_chunk_boundary", check)
 
 
-def _v5e_device():
-    pytest.importorskip("libtpu", reason="libtpu not installed (pip install -e '.[test]')")
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other jax processes may hold the lock
-    from jax.experimental import topologies
-    return topologies.get_topology_desc("v5e:2x2", "tpu").devices[0]
-
-
 def _loss(kernel_module, K):
     def loss(q, k, v, g, s0, seg):
         o, state = kernel_module.linear_attention_kernel(q, k, v, g, scale=K ** -0.5, initial_state=s0,
@@ -115,7 +108,7 @@ COMPILE_CASES = [(None, jnp.bfloat16, False), ("scalar", jnp.float32, True),
 @pytest.mark.parametrize("decay,dtype,segments", COMPILE_CASES)
 def test_tpu_aot_compile_forward_and_backward(decay, dtype, segments):
     """Mosaic compiles forward + backward for K = V = 128 on a v5e topology (no TPU needed)."""
-    sharding = jax.sharding.SingleDeviceSharding(_v5e_device())
+    sharding = jax.sharding.SingleDeviceSharding(v5e_device())
     args = _abstract_inputs(decay, dtype, segments, sharding)
     argnums = (0, 1, 2, 4) if decay is None else (0, 1, 2, 3, 4)
     compiled = jax.jit(jax.value_and_grad(_loss(tpu, 128), argnums=argnums)).lower(*args).compile()

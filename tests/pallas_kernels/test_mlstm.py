@@ -15,8 +15,9 @@ import pytest
 from hybrax.pallas_kernels.implementation import current_backend
 from hybrax.pallas_kernels.mlstm import mlstm, xla
 from hybrax.pallas_kernels.verified import is_verified
-from mlstm_cases import REFUSED, Case, assert_matches_reference, make_inputs, relative_error, run_op
 from kernel_matrix import runs_case
+from mlstm_cases import REFUSED, Case, assert_matches_reference, make_inputs, run_op
+from reference_checks import relative_error
 from refusals import expect_refusal_or_run
 
 IMPLEMENTATIONS = ["xla"] + [

@@ -14,7 +14,6 @@ the float64 reference: outputs, final state (C, n, m) and every gradient. This f
 
 import functools
 import importlib.util
-import os
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +24,7 @@ from jax.experimental.pallas import tpu as pltpu
 from hybrax.pallas_kernels.mlstm import api, reference, tpu
 from mlstm_cases import REFUSED, Case, assert_matches_reference
 from refusals import expect_refusal_or_run
+from tpu_topology import v5e_device
 
 HAS_GPU_KERNEL = importlib.util.find_spec("hybrax.pallas_kernels.mlstm.gpu") is not None
 KERNELS = ["pallas_tpu"] + ["pallas_gpu"] * HAS_GPU_KERNEL
@@ -94,13 +94,6 @@ def test_segment_on_chunk_boundary_and_extreme_gates(impl):
     expect_refusal_or_run(REFUSED, impl, "segment_on_chunk_boundary", check)
 
 
-def _v5e_device():
-    pytest.importorskip("libtpu", reason="libtpu not installed (pip install -e '.[test]')")
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other jax processes may hold the lock
-    from jax.experimental import topologies
-    return topologies.get_topology_desc("v5e:2x2", "tpu").devices[0]
-
-
 def _loss(kernel, K):
     def loss(q, k, v, li, lf, state, seg):
         h, final = kernel(q, k, v, li, lf, scale=K ** -0.5, initial_state=state, segment_ids=seg,
@@ -123,7 +116,7 @@ COMPILE_CASES = [(jnp.float32, True), (jnp.bfloat16, True), (jnp.float32, False)
 @pytest.mark.parametrize("dtype,segments", COMPILE_CASES)
 def test_tpu_aot_compile_forward_and_backward(dtype, segments):
     """Mosaic compiles forward + backward for K = V = 128 on a v5e topology (no TPU needed)."""
-    sharding = jax.sharding.SingleDeviceSharding(_v5e_device())
+    sharding = jax.sharding.SingleDeviceSharding(v5e_device())
     args = _abstract_inputs(dtype, segments, sharding)
     compiled = jax.jit(jax.value_and_grad(_loss(tpu.mlstm_kernel, 128), argnums=(0, 1, 2, 3, 4, 5))
                        ).lower(*args).compile()

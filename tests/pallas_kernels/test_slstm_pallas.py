@@ -17,7 +17,6 @@ laws. This file adds:
 """
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +27,7 @@ from jax.experimental.pallas import tpu as pltpu
 from hybrax.pallas_kernels.slstm import api, gpu, tpu
 from refusals import expect_refusal_or_run
 from slstm_cases import REFUSED, Case, assert_matches_reference
+from tpu_topology import v5e_device
 
 KERNELS = {"pallas_tpu": tpu, "pallas_gpu": gpu}
 
@@ -145,13 +145,6 @@ def test_float64_is_refused_and_the_next_implementation_runs(impl):
         assert h.dtype == jnp.float64 and choices.ran("slstm") == {"xla"}
 
 
-def _v5e_device():
-    pytest.importorskip("libtpu", reason="libtpu not installed (pip install -e '.[test]')")
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other jax processes may hold the lock
-    from jax.experimental import topologies
-    return topologies.get_topology_desc("v5e:2x2", "tpu").devices[0]
-
-
 def _kernel_loss(module):
     def loss(x, R, state, seg):
         h, final = module.slstm_kernel(x, R, initial_state=state, segment_ids=seg, return_final_state=True,
@@ -173,7 +166,7 @@ def _abstract_inputs(D, dtype, segments, sharding=None, B=8, T=250, H=2):
 def test_tpu_aot_compile_forward_and_backward(D, dtype, segments):
     """Mosaic compiles forward + backward on a v5e topology (no TPU needed); T = 250 is four time
     blocks of 63 (two padded steps) for D = 128, two of 125 for D = 64."""
-    sharding = jax.sharding.SingleDeviceSharding(_v5e_device())
+    sharding = jax.sharding.SingleDeviceSharding(v5e_device())
     compiled = jax.jit(jax.value_and_grad(_kernel_loss(tpu), argnums=(0, 1, 2))).lower(
         *_abstract_inputs(D, dtype, segments, sharding)).compile()
     text = compiled.as_text()
