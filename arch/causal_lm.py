@@ -1,5 +1,8 @@
 """CausalLM = token embedding -> N pre-norm blocks (mixer, FFN, residuals) -> RMSNorm -> head.
 
+With `model.recursion` set the blocks are a Mixture-of-Recursions stack instead
+(arch/mixture_of_recursions.py): shared layers applied up to N_r times, routed per token.
+
 The per-layer mixer and FFN names come from `ModelConfig.mixers` / `ffns` through the registry.
 Logits are float32 `[B, T, vocab]`. With a `cache` (from `init_cache`) the call also returns the
 new cache, for decoding. Under a mesh, the residual stream is constrained to ("batch", "length",
@@ -10,8 +13,9 @@ the constraints are no-ops.
 import jax.numpy as jnp
 from flax import nnx
 
+from hybrax.arch.block import Block
 from hybrax.arch.config import ModelConfig
-from hybrax.arch.registry import FFNS, MIXERS
+from hybrax.arch.mixture_of_recursions import MixtureOfRecursions
 from hybrax.layers.embeddings import TokenEmbedding
 from hybrax.layers.norms import RMSNorm
 from hybrax.layers.parameters import logical_param, normal
@@ -20,41 +24,32 @@ from hybrax.layers.sharding import constrain
 RESIDUAL = ("batch", "length", "act_embed")
 
 
-class Block(nnx.Module):
-    def __init__(self, config: ModelConfig, mixer: str, ffn: str, *, rngs: nnx.Rngs):
-        kw = dict(eps=config.norm_eps, dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
-        self.mixer_norm = RMSNorm(config.d_model, **kw)
-        self.mixer = MIXERS.build(mixer, config, rngs=rngs)
-        self.ffn_norm = RMSNorm(config.d_model, **kw)
-        self.ffn = FFNS.build(ffn, config, rngs=rngs)
-
-    def __call__(self, x_BxTxD, *, segment_ids=None, positions=None, cache=None):
-        mixed = self.mixer(self.mixer_norm(x_BxTxD), segment_ids=segment_ids, positions=positions, cache=cache)
-        new_cache = None
-        if cache is not None:
-            mixed, new_cache = mixed
-        x_BxTxD = x_BxTxD + mixed
-        x_BxTxD = x_BxTxD + self.ffn(self.ffn_norm(x_BxTxD))
-        return x_BxTxD, new_cache
-
-
 class CausalLM(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         c = config
         self.embed = TokenEmbedding(c.vocab_size, c.d_model, init_std=c.init_std, dtype=c.dtype,
                                     param_dtype=c.param_dtype, rngs=rngs)
-        self.blocks = nnx.List([Block(c, m, f, rngs=rngs) for m, f in c.layer_pattern()])
+        if c.recursion is None:
+            self.blocks = nnx.List([Block(c, m, f, rngs=rngs) for m, f in c.layer_pattern()])
+        else:   # the blocks as a shared stack applied up to N_r times (arch/mixture_of_recursions.py)
+            self.recursions = MixtureOfRecursions(c, rngs=rngs)
         self.final_norm = RMSNorm(c.d_model, eps=c.norm_eps, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
         if not c.tie_embeddings:
             self.head = logical_param(rngs, normal(c.init_std), (c.d_model, c.vocab_size), c.param_dtype,
                                       ("embed", "vocab"))
 
-    def init_cache(self, batch: int, max_len: int) -> list:
+    def init_cache(self, batch: int, max_len: int):
+        if self.config.recursion is not None:
+            return self.recursions.init_cache(batch, max_len)
         return [block.mixer.init_cache(batch, max_len) for block in self.blocks]
 
     def __call__(self, tokens_BxT, *, segment_ids=None, positions=None, cache=None):
         x_BxTxD = constrain(self.embed(tokens_BxT), RESIDUAL)
+        if self.config.recursion is not None:
+            out = self.recursions(x_BxTxD, segment_ids=segment_ids, positions=positions, cache=cache)
+            x_BxTxD, new_caches = out if cache is not None else (out, None)
+            return self._logits(constrain(x_BxTxD, RESIDUAL), cache, new_caches)
         new_caches = []
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache[i]
@@ -64,6 +59,9 @@ class CausalLM(nnx.Module):
                 x_BxTxD, layer_cache = block(x_BxTxD, segment_ids=segment_ids, positions=positions, cache=layer_cache)
             x_BxTxD = constrain(x_BxTxD, RESIDUAL)
             new_caches.append(layer_cache)
+        return self._logits(x_BxTxD, cache, new_caches)
+
+    def _logits(self, x_BxTxD, cache, new_caches):
         x_BxTxD = self.final_norm(x_BxTxD)
         if self.config.tie_embeddings:
             logits_BxTxV = self.embed.attend(x_BxTxD)

@@ -12,6 +12,7 @@ A layer's section holds only what differs from its config class's defaults; the 
 model (layers/config.py: `LayerConfig.bind`)."""
 
 import difflib
+import math
 
 import pydantic
 from pydantic import ConfigDict, model_validator
@@ -72,6 +73,82 @@ def kernel_implementations() -> dict:
             "grouped_matmul": grouped, "delta_rule": delta_rule, "mlstm": mlstm, "slstm": slstm}
 
 
+RECURSION_SHARING = ("cycle", "middle_cycle")
+RECURSION_ROUTING = ("expert_choice", "token_choice", "none")
+RECURSION_KV = ("per_recursion", "shared")
+
+
+class RecursionConfig(StrictConfig):
+    """Mixture-of-Recursions (Bae et al., 2025): a shared stack of layers applied up to
+    `num_recursions` times, with a router deciding which tokens take each further step
+    (arch/mixture_of_recursions.py).
+
+    `model.num_layers` counts the distinct layers built. `cycle` shares all of them; `middle_cycle`
+    keeps the first and the last unique and shares the ones between. `capacity[r]` is the fraction
+    of a row's tokens that recursion step r processes (fixed, so every shape is static); a step at
+    capacity 1 takes every token still active, without a router.
+
+    `expert_choice`: each step with capacity < 1 keeps the top capacity[r] T of the tokens still
+    active by a sigmoid router, which also gates their update. The choice looks at the whole row, so
+    training is not causal; a binary cross-entropy on the same router (`router_aux_loss_weight`)
+    teaches it to say on its own whether a token would be chosen, and evaluation and decoding choose
+    by that (logit > 0): causal. `token_choice`: one softmax router over the depths 1..N_r assigns
+    each token its depth before the first recursion; step r takes the tokens assigned a depth > r
+    in order of position up to its capacity (later ones overflow and stop): causal everywhere; a
+    switch loss balances the depths. `none`: a plain recursive model, every token every step.
+
+    `kv_cache`: `per_recursion` (each step keeps keys and values of the tokens it processes) or
+    `shared` (every step attends to the keys and values of the first recursion; capacity[0] must be
+    1 and the shared layers attention)."""
+
+    num_recursions: int = 2
+    sharing: str = "middle_cycle"
+    routing: str = "expert_choice"
+    # per step; None: (N_r - r) / N_r, e.g. 1, 2/3, 1/3 for three (token_choice: times capacity_factor, at most 1)
+    capacity: list[float] | None = None
+    capacity_factor: float = 1.25           # token_choice: head room over the balanced share of each depth
+    kv_cache: str = "per_recursion"
+    router_aux_loss_weight: float = 0.1     # expert_choice: BCE(router logit, chosen), makes inference causal
+    balance_loss_weight: float = 0.01       # token_choice: switch loss over the depths
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.num_recursions < 1:
+            raise ValueError(f"model.recursion.num_recursions={self.num_recursions} must be >= 1")
+        for key, valid in (("sharing", RECURSION_SHARING), ("routing", RECURSION_ROUTING), ("kv_cache", RECURSION_KV)):
+            if getattr(self, key) not in valid:
+                raise ValueError(f"model.recursion.{key}={getattr(self, key)!r} is not one of {valid}")
+        if self.capacity is not None:
+            if len(self.capacity) != self.num_recursions:
+                raise ValueError(f"model.recursion.capacity has {len(self.capacity)} values for "
+                                 f"num_recursions={self.num_recursions}; give one per recursion step")
+            if any(not 0 < c <= 1 for c in self.capacity) or any(b > a for a, b in zip(self.capacity, self.capacity[1:])):
+                raise ValueError(f"model.recursion.capacity={self.capacity} must lie in (0, 1] and not increase")
+        if self.capacity_factor <= 0:
+            raise ValueError(f"model.recursion.capacity_factor={self.capacity_factor} must be > 0")
+        if self.kv_cache == "shared" and self.capacities()[0] < 1:
+            raise ValueError(f"model.recursion.kv_cache=shared needs capacity[0] = 1 (the first recursion's keys "
+                             f"and values cover every token); got {self.capacities()[0]}")
+        for key in ("router_aux_loss_weight", "balance_loss_weight"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"model.recursion.{key}={getattr(self, key)} must be >= 0")
+        return self
+
+    def capacities(self) -> list[float]:
+        """The fraction of a row each step processes."""
+        if self.capacity is not None:
+            return list(self.capacity)
+        n = self.num_recursions
+        share = [(n - r) / n for r in range(n)]
+        if self.routing == "token_choice":
+            return [1.0] + [min(1.0, self.capacity_factor * s) for s in share[1:]]
+        return share if self.routing == "expert_choice" else [1.0] * n
+
+    def slots(self, seq_len: int) -> list[int]:
+        """Tokens per row each step processes: ceil(capacity[r] T), at least 1."""
+        return [max(1, math.ceil(c * seq_len - 1e-9)) for c in self.capacities()]
+
+
 class ModelConfig(StrictConfig):
     vocab_size: int = 259
     d_model: int = 256
@@ -90,6 +167,7 @@ class ModelConfig(StrictConfig):
     param_dtype: DType = "float32"
     remat: bool = False                 # recompute each block's activations in the backward pass
     kernels: KernelsConfig = KernelsConfig()
+    recursion: RecursionConfig | None = None   # Mixture-of-Recursions over a shared stack (None: plain depth)
     # model.<layer name>: a registered mixer's or FFN's settings (its LayerConfig), kept as extras
     model_config = ConfigDict(extra="allow", frozen=True, validate_default=True)
 
@@ -128,6 +206,8 @@ class ModelConfig(StrictConfig):
             if self.num_layers % count:
                 raise ValueError(f"model.{key} has {count} names for model.num_layers={self.num_layers}; give "
                                  f"num_layers names or a pattern whose length divides it (repeated over the layers)")
+        if self.recursion is not None:
+            self._check_recursion()
         for key, registry in (("mixers", MIXERS), ("ffns", FFNS)):
             for name in getattr(self, key):
                 if name not in registry.names():
@@ -140,6 +220,18 @@ class ModelConfig(StrictConfig):
                                      f"num_heads={self.num_heads}, num_kv_heads={self.kv_heads}, "
                                      f"head_dim={self.head_size})") from None
         return self
+
+    def _check_recursion(self) -> None:
+        rc = self.recursion
+        if rc.sharing == "middle_cycle" and self.num_layers < 3:
+            raise ValueError(f"model.recursion.sharing=middle_cycle keeps the first and last of model.num_layers="
+                             f"{self.num_layers} unique and shares the ones between: needs num_layers >= 3")
+        if rc.kv_cache == "shared":
+            ends = 1 if rc.sharing == "middle_cycle" else 0
+            mixers = {m for m, _ in self.layer_pattern()[ends:self.num_layers - ends]}
+            if mixers != {"attention"}:
+                raise ValueError(f"model.recursion.kv_cache=shared reads the first recursion's keys and values: the "
+                                 f"shared layers must be attention, got {sorted(mixers)}")
 
     @property
     def kv_heads(self) -> int:
@@ -177,21 +269,56 @@ class ModelConfig(StrictConfig):
         return [(self.layer_config(m), self.layer_config(f)) for m, f in self.layer_pattern()]
 
     def num_params(self) -> int:
-        return self._embeddings_and_norms() + sum(m.num_params() + f.num_params() for m, f in self.layer_configs())
+        return (self._embeddings_and_norms() + sum(m.num_params() + f.num_params() for m, f in self.layer_configs())
+                + self._router_params())
+
+    def _router_params(self) -> int:
+        """Mixture-of-Recursions: one router column [d_model] per recursion step."""
+        routed = self.recursion is not None and self.recursion.routing != "none"
+        return self.d_model * self.recursion.num_recursions if routed else 0
 
     def num_active_params(self) -> int:
         """Parameters one token uses (mixture-of-experts layers count their router, top_k and shared
         experts only); equal to num_params() for a dense model."""
-        return self._embeddings_and_norms() + sum(_active(m) + _active(f) for m, f in self.layer_configs())
+        return (self._embeddings_and_norms() + sum(_active(m) + _active(f) for m, f in self.layer_configs())
+                + self._router_params())
 
     def _embeddings_and_norms(self) -> int:
         norms = (2 * self.num_layers + 1) * self.d_model
         return norms + self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
 
     def flops_per_token(self, seq_len: int) -> int:
-        """Forward-pass FLOPs per token (matmuls, 2 per multiply-add). Training is 3x this."""
+        """Forward-pass FLOPs per token (matmuls, 2 per multiply-add). Training is 3x this. With
+        model.recursion: the shared layers count once per step for the share of tokens the step takes
+        (training's capacities), each at the length of its shorter sequence."""
+        if self.recursion is not None:
+            return self._recursion_flops_per_token(seq_len) + 2 * self.d_model * self.vocab_size
         layers = sum(m.flops_per_token(seq_len) + f.flops_per_token(seq_len) for m, f in self.layer_configs())
         return layers + 2 * self.d_model * self.vocab_size
+
+    def recursion_layers(self) -> tuple[list, list, list]:
+        """(first, shared, last) layer configs (mixer, ffn) of the Mixture-of-Recursions stack."""
+        layers = self.layer_configs()
+        ends = 1 if self.recursion.sharing == "middle_cycle" else 0
+        return layers[:ends], layers[ends:len(layers) - ends], layers[len(layers) - ends:]
+
+    def _recursion_flops_per_token(self, seq_len: int) -> int:
+        rc = self.recursion
+        first, shared, last = self.recursion_layers()
+        total = sum(m.flops_per_token(seq_len) + f.flops_per_token(seq_len) for m, f in first + last)
+        for r, slots in enumerate(rc.slots(seq_len)):
+            share = slots / seq_len
+            for m, f in shared:
+                if rc.kv_cache == "shared" and r > 0:   # q and o projections; scores over all seq_len keys
+                    mixer = 4 * m.d_model * m.num_heads * m.head_dim + 4 * seq_len * m.num_heads * m.head_dim
+                else:
+                    mixer = m.flops_per_token(slots)
+                total += share * (mixer + f.flops_per_token(slots))
+        if rc.routing == "token_choice":
+            total += 2 * self.d_model * rc.num_recursions
+        elif rc.routing == "expert_choice":
+            total += 2 * self.d_model * sum(c < 1 for c in rc.capacities())
+        return round(total)
 
 
 def _active(layer_config) -> int:
