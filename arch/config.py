@@ -101,13 +101,13 @@ class RecursionConfig(StrictConfig):
     `shared` (every step attends to the keys and values of the first recursion; capacity[0] must be
     1 and the shared layers attention)."""
 
-    num_recursions: int = 2
-    sharing: str = "middle_cycle"
-    routing: str = "expert_choice"
+    num_recursions: int = 2                 # N_r: steps through the shared stack at most
+    sharing: str = "middle_cycle"           # cycle (share every layer) | middle_cycle (first and last unique)
+    routing: str = "expert_choice"          # expert_choice | token_choice | none
     # per step; None: (N_r - r) / N_r, e.g. 1, 2/3, 1/3 for three (token_choice: times capacity_factor, at most 1)
     capacity: list[float] | None = None
     capacity_factor: float = 1.25           # token_choice: head room over the balanced share of each depth
-    kv_cache: str = "per_recursion"
+    kv_cache: str = "per_recursion"         # per_recursion | shared (later steps read the first step's keys, values)
     router_aux_loss_weight: float = 0.1     # expert_choice: BCE(router logit, chosen), makes inference causal
     balance_loss_weight: float = 0.01       # token_choice: switch loss over the depths
 
@@ -122,7 +122,8 @@ class RecursionConfig(StrictConfig):
             if len(self.capacity) != self.num_recursions:
                 raise ValueError(f"model.recursion.capacity has {len(self.capacity)} values for "
                                  f"num_recursions={self.num_recursions}; give one per recursion step")
-            if any(not 0 < c <= 1 for c in self.capacity) or any(b > a for a, b in zip(self.capacity, self.capacity[1:])):
+            increasing = any(b > a for a, b in zip(self.capacity, self.capacity[1:]))
+            if any(not 0 < c <= 1 for c in self.capacity) or increasing:
                 raise ValueError(f"model.recursion.capacity={self.capacity} must lie in (0, 1] and not increase")
         if self.capacity_factor <= 0:
             raise ValueError(f"model.recursion.capacity_factor={self.capacity_factor} must be > 0")

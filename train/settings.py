@@ -60,6 +60,11 @@ def _rows(cls: type[pydantic.BaseModel], prefix: str) -> list[Key]:
         if isinstance(sub, type) and issubclass(sub, pydantic.BaseModel):
             rows += _rows(sub, f"{prefix}{name}.")
             continue
+        optional = [a for a in typing.get_args(sub) if isinstance(a, type) and issubclass(a, pydantic.BaseModel)]
+        if optional:   # a section that is off (None) until one of its keys is set
+            rows.append(Key(prefix + name, _type_name(sub), f"= {field.default!r}", docs.get(name, ""), field.default))
+            rows += _rows(optional[0], f"{prefix}{name}.")
+            continue
         if issubclass(cls, LayerConfig) and name == "d_model":
             continue   # always the model's residual width
         default = _default(cls, name, field)
