@@ -1,4 +1,5 @@
-"""One pre-norm block: x + mixer(norm(x)), then + ffn(norm(x)); the mixer and FFN by registered name."""
+"""One pre-norm block: x + mixer(norm(x)), then + ffn(norm(x)); the mixer and FFN by registered name.
+An FFN with `takes_modalities` (MoMa) also gets each token's modality id."""
 
 from flax import nnx
 
@@ -15,11 +16,15 @@ class Block(nnx.Module):
         self.ffn_norm = RMSNorm(config.d_model, **kw)
         self.ffn = FFNS.build(ffn, config, rngs=rngs)
 
-    def __call__(self, x_BxTxD, *, segment_ids=None, positions=None, cache=None):
+    def __call__(self, x_BxTxD, *, segment_ids=None, positions=None, cache=None, modality_ids=None):
         mixed = self.mixer(self.mixer_norm(x_BxTxD), segment_ids=segment_ids, positions=positions, cache=cache)
         new_cache = None
         if cache is not None:
             mixed, new_cache = mixed
         x_BxTxD = x_BxTxD + mixed
-        x_BxTxD = x_BxTxD + self.ffn(self.ffn_norm(x_BxTxD))
+        h_BxTxD = self.ffn_norm(x_BxTxD)
+        if getattr(self.ffn, "takes_modalities", False):   # MoMa: experts grouped by modality
+            x_BxTxD = x_BxTxD + self.ffn(h_BxTxD, modality_ids=modality_ids)
+        else:
+            x_BxTxD = x_BxTxD + self.ffn(h_BxTxD)
         return x_BxTxD, new_cache

@@ -44,9 +44,11 @@ class CausalLM(nnx.Module):
             return self.recursions.init_cache(batch, max_len)
         return [block.mixer.init_cache(batch, max_len) for block in self.blocks]
 
-    def __call__(self, tokens_BxT, *, segment_ids=None, positions=None, cache=None):
+    def __call__(self, tokens_BxT, *, segment_ids=None, positions=None, cache=None, modality_ids=None):
         x_BxTxD = constrain(self.embed(tokens_BxT), RESIDUAL)
         if self.config.recursion is not None:
+            if modality_ids is not None:
+                raise ValueError("modality_ids (MoMa) are not supported with model.recursion")
             out = self.recursions(x_BxTxD, segment_ids=segment_ids, positions=positions, cache=cache)
             x_BxTxD, new_caches = out if cache is not None else (out, None)
             return self._logits(constrain(x_BxTxD, RESIDUAL), cache, new_caches)
@@ -54,9 +56,11 @@ class CausalLM(nnx.Module):
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache[i]
             if self.config.remat and cache is None:
-                x_BxTxD, _ = nnx.remat(lambda blk, x: blk(x, segment_ids=segment_ids, positions=positions))(block, x_BxTxD)
+                x_BxTxD, _ = nnx.remat(lambda blk, x: blk(x, segment_ids=segment_ids, positions=positions,
+                                                          modality_ids=modality_ids))(block, x_BxTxD)
             else:
-                x_BxTxD, layer_cache = block(x_BxTxD, segment_ids=segment_ids, positions=positions, cache=layer_cache)
+                x_BxTxD, layer_cache = block(x_BxTxD, segment_ids=segment_ids, positions=positions, cache=layer_cache,
+                                             modality_ids=modality_ids)
             x_BxTxD = constrain(x_BxTxD, RESIDUAL)
             new_caches.append(layer_cache)
         return self._logits(x_BxTxD, cache, new_caches)

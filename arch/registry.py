@@ -18,6 +18,8 @@ from hybrax.layers.linear.mlstm import MLSTM, MLSTMConfig
 from hybrax.layers.linear.slstm import SLSTM, SLSTMConfig
 from hybrax.layers.mlp import MLPConfig, SwiGLU
 from hybrax.layers.moe import MoE, MoEConfig
+from hybrax.layers.moe.moma import MoMa
+from hybrax.layers.moe.moma_config import MoMaConfig
 from hybrax.layers.softmax.attention import Attention, AttentionConfig
 from hybrax.layers.sparse.bilevel_routing_attention import BilevelRoutingAttention, BilevelRoutingConfig
 from hybrax.layers.sparse.moba import MoBA, MoBAConfig
@@ -90,3 +92,4 @@ MIXERS.register("bilevel_routing_attention", BilevelRoutingConfig, BilevelRoutin
 MIXERS.register("routing_attention", RoutingAttentionConfig, RoutingAttention)
 FFNS.register("swiglu", MLPConfig, SwiGLU)
 FFNS.register("moe", MoEConfig, MoE)
+FFNS.register("moma", MoMaConfig, MoMa)

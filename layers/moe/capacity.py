@@ -52,5 +52,11 @@ def expert_ffn_slots(xe_GxExCxD, w_gate, w_up, w_down, dtype) -> jax.Array:
 def capacity(x_BxTxD, experts_BxTxK, weights_BxTxK, w_gate, w_up, w_down, *, capacity: int, dtype):
     """(float32 [B, T, D] routed output, kept mask bool [B, T, K])."""
     dispatch, combine, kept_BxTxK = dispatch_and_combine(experts_BxTxK, weights_BxTxK, w_gate.shape[0], capacity)
-    ye_BxExCxD = expert_ffn_slots(gather_slots(dispatch, x_BxTxD, dtype), w_gate, w_up, w_down, dtype)
-    return jnp.einsum("btec,becd->btd", combine, ye_BxExCxD), kept_BxTxK
+    return slots_ffn(x_BxTxD, dispatch, combine, w_gate, w_up, w_down, dtype=dtype), kept_BxTxK
+
+
+def slots_ffn(x_BxTxD, dispatch_BxTxExC, combine_BxTxExC, w_gate, w_up, w_down, *, dtype):
+    """float32 [B, T, D]: each expert's slots filled by `dispatch`, run, and combined with `combine`
+    (whatever chose the slots: token-choice capacity above, or expert choice)."""
+    ye_BxExCxD = expert_ffn_slots(gather_slots(dispatch_BxTxExC, x_BxTxD, dtype), w_gate, w_up, w_down, dtype)
+    return jnp.einsum("btec,becd->btd", combine_BxTxExC, ye_BxExCxD)

@@ -139,14 +139,18 @@ def dropless(x_NxD, experts_NxK, weights_NxK, w_gate, w_up, w_down, *, dtype, im
 
 def _capacity_local(x_bxTxD, experts_bxTxK, weights_bxTxK, w_gate, w_up, w_down, *, ep, num_experts, capacity,
                     dtype):
-    b = x_bxTxD.shape[0]
     dispatch, combine, kept = dispatch_and_combine(experts_bxTxK, weights_bxTxK, num_experts, capacity)
-    xe_bxExCxD = gather_slots(dispatch, x_bxTxD, dtype)
+    return _slots_local(x_bxTxD, dispatch, combine, w_gate, w_up, w_down, ep=ep, dtype=dtype), kept
+
+
+def _slots_local(x_bxTxD, dispatch_bxTxExC, combine_bxTxExC, w_gate, w_up, w_down, *, ep, dtype):
+    b = x_bxTxD.shape[0]
+    xe_bxExCxD = gather_slots(dispatch_bxTxExC, x_bxTxD, dtype)
     _, E, C, D = xe_bxExCxD.shape
     xe = _all_to_all(xe_bxExCxD.reshape(b, ep, E // ep, C, D), 1, 0)     # [ep b, 1, E / ep, C, D]
     ye = expert_ffn_slots(xe.reshape(ep * b, E // ep, C, D), w_gate, w_up, w_down, dtype)
     ye_bxExCxD = _all_to_all(ye.reshape(ep * b, 1, E // ep, C, D), 0, 1).reshape(b, E, C, D)
-    return jnp.einsum("btec,becd->btd", combine, ye_bxExCxD), kept
+    return jnp.einsum("btec,becd->btd", combine_bxTxExC, ye_bxExCxD)
 
 
 def capacity(x_BxTxD, experts_BxTxK, weights_BxTxK, w_gate, w_up, w_down, *, capacity: int, dtype):
@@ -157,3 +161,13 @@ def capacity(x_BxTxD, experts_BxTxK, weights_BxTxK, w_gate, w_up, w_down, *, cap
     local = functools.partial(_capacity_local, ep=ep, num_experts=num_experts, capacity=capacity, dtype=dtype)
     return jax.shard_map(local, in_specs=(rows, rows, rows, weights, weights, weights), out_specs=(rows, rows),
                          check_vma=False)(x_BxTxD, experts_BxTxK, weights_BxTxK, w_gate, w_up, w_down)
+
+
+def slots_ffn(x_BxTxD, dispatch_BxTxExC, combine_BxTxExC, w_gate, w_up, w_down, *, dtype):
+    """Expert-parallel `layers.moe.capacity.slots_ffn`: float32 [B, T, D]."""
+    num_experts = w_gate.shape[0]
+    ep, token_axes = _layout(num_experts, x_BxTxD.shape[0], "batch rows")
+    rows, slots, weights = P(token_axes, None, None), P(token_axes, None, None, None), P(AXIS, None, None)
+    local = functools.partial(_slots_local, ep=ep, dtype=dtype)
+    return jax.shard_map(local, in_specs=(rows, slots, slots, weights, weights, weights), out_specs=rows,
+                         check_vma=False)(x_BxTxD, dispatch_BxTxExC, combine_BxTxExC, w_gate, w_up, w_down)
