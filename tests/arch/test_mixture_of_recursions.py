@@ -46,8 +46,10 @@ def test_compact_puts_wanted_tokens_first_in_order():
     assert index.tolist() == [[1, 3]] and kept.tolist() == [[True, True]]
 
 
-@pytest.mark.parametrize("sharing", ["cycle", "middle_cycle"])
-@pytest.mark.parametrize("routing", ["expert_choice", "token_choice", "none"])
+@pytest.mark.parametrize("sharing,routing", [
+    ("middle_cycle", "expert_choice"), ("cycle", "token_choice"),
+    *[pytest.param(s, r, marks=pytest.mark.slow) for s, r in (
+        ("cycle", "expert_choice"), ("middle_cycle", "token_choice"), ("cycle", "none"), ("middle_cycle", "none"))]])
 def test_one_recursion_at_full_capacity_is_the_plain_model(sharing, routing):
     """Law: N_r = 1 and capacity 1 is the CausalLM of the same layers, in training and evaluation."""
     vanilla = CausalLM(ModelConfig(**BASE), rngs=nnx.Rngs(0))
@@ -71,8 +73,10 @@ def _perturbed_prefix_is_identical(model, x, s, training: bool):
 
 
 @pytest.mark.parametrize("name,training", [
-    ("expert_choice", False), ("expert_choice_shared_kv", False),       # inference chooses by l > 0
-    ("token_choice", True), ("token_choice", False), ("token_choice_shared_kv", True), ("none_cycle", True)])
+    ("expert_choice", False), ("token_choice", True),                   # expert choice infers by l > 0
+    *[pytest.param(n, t, marks=pytest.mark.slow) for n, t in (
+        ("expert_choice_shared_kv", False), ("token_choice", False), ("token_choice_shared_kv", True),
+        ("none_cycle", True))]])
 def test_causal_by_perturbation(name, training):
     """Changing token s leaves every logit before s bit-identical, for the modes that claim it."""
     model = CausalLM(VARIANTS[name], rngs=nnx.Rngs(2))
@@ -83,6 +87,7 @@ def test_causal_by_perturbation(name, training):
         _perturbed_prefix_is_identical(model, x, s, training)
 
 
+@pytest.mark.slow
 def test_expert_choice_training_is_not_causal_and_says_how_often_inference_differs():
     """Training's top-k reads the whole row: a later token can change an earlier output. The
     mismatch metric is the share of active tokens where l > 0 disagrees with top-k."""
@@ -113,7 +118,9 @@ def test_token_choice_reports_depths_and_balance():
     assert share[0] == 1.0 and share[1] <= 0.75 and share[2] <= min(0.5, share[1])
 
 
-@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("name", [
+    "expert_choice", "token_choice_shared_kv",
+    *[pytest.param(n, marks=pytest.mark.slow) for n in ("expert_choice_shared_kv", "token_choice", "none_cycle")]])
 def test_decoding_equals_parallel_forward(name):
     """Evaluation mode: prefill 5 tokens, then one at a time, against the parallel forward over
     the whole row (max_len = T, which fixes token_choice's capacities)."""
@@ -130,6 +137,7 @@ def test_decoding_equals_parallel_forward(name):
     np.testing.assert_allclose(jnp.concatenate(parts, axis=1), full, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_kv_cache_bytes_per_token():
     """Per-recursion caches store a step's keys and values only for the tokens it took; shared
     caching stores the first step's alone. Bytes per token, from the filled caches."""
@@ -158,9 +166,9 @@ def test_num_params_matches_model(name):
 
 @pytest.mark.parametrize("recursion", [
     dict(num_recursions=3),
-    dict(num_recursions=3, kv_cache="shared"),
-    dict(num_recursions=3, routing="token_choice"),
-    dict(num_recursions=2, routing="none", sharing="cycle"),
+    pytest.param(dict(num_recursions=3, kv_cache="shared"), marks=pytest.mark.slow),
+    pytest.param(dict(num_recursions=3, routing="token_choice"), marks=pytest.mark.slow),
+    pytest.param(dict(num_recursions=2, routing="none", sharing="cycle"), marks=pytest.mark.slow),
 ])
 def test_flops_per_token_counts_active_tokens(recursion):
     """The training forward's FLOPs per token within 5% of XLA's cost analysis: the shared layers

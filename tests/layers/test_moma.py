@@ -33,7 +33,7 @@ def swiglu(x, w_gate, w_up, w_down):
     return (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down
 
 
-@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+@pytest.mark.parametrize("dispatch", ["dropless", pytest.param("capacity", marks=pytest.mark.slow)])
 def test_one_modality_token_choice_is_the_moe_layer(dispatch):
     """Law: with a single group, MoMa's token choice is the MoE layer with the same weights, in
     evaluation and training (outputs and reported losses)."""
@@ -71,8 +71,9 @@ def test_one_modality_expert_choice_matches_the_formula():
     np.testing.assert_allclose(y, want, rtol=2e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("routing,training", [("expert_choice", True), ("expert_choice", False),
-                                              ("token_choice", True), ("token_choice", False)])
+@pytest.mark.parametrize("routing,training", [
+    ("expert_choice", True), ("token_choice", False),
+    *[pytest.param(r, t, marks=pytest.mark.slow) for r, t in (("expert_choice", False), ("token_choice", True))]])
 def test_tokens_never_reach_another_modalitys_experts(routing, training):
     """Changing every weight of modality 1's experts leaves each modality-0 token's output
     bit-identical, and gives those weights zero gradient from modality-0 tokens."""
@@ -99,8 +100,8 @@ def test_tokens_never_reach_another_modalitys_experts(routing, training):
         assert np.all(g[2:] == 0) and np.any(g[:2] != 0), name
 
 
-@pytest.mark.parametrize("routing,training", [("expert_choice", False), ("token_choice", True),
-                                              ("token_choice", False)])
+@pytest.mark.parametrize("routing,training", [
+    ("expert_choice", False), ("token_choice", True), pytest.param("token_choice", False, marks=pytest.mark.slow)])
 def test_causal_by_perturbation(routing, training):
     """Changing token s (and its modality) leaves every earlier output bit-identical. Expert
     choice in training reads the whole row and does not claim this."""
@@ -125,7 +126,7 @@ def test_expert_choice_reports_its_inference_mismatch():
     assert np.asarray(metrics["load"]).shape == (5,)
 
 
-@pytest.mark.parametrize("routing", ["expert_choice", "token_choice"])
+@pytest.mark.parametrize("routing", ["expert_choice", pytest.param("token_choice", marks=pytest.mark.slow)])
 def test_flops_per_token_matches_xla_cost_analysis(routing):
     """Expert choice: the formula counts its slots and the one-hot gather and combine. Token choice
     is the MoE layer's count; as in test_moe.py, capacity mode at capacity_factor 1 (T k slots per

@@ -1,0 +1,101 @@
+"""The fast suite's budget: `make test` (everything not marked slow) must stay under ten minutes on
+a 2-core CPU. The tests below check, in more cases (another length, dtype, kernel or preset) or more
+slowly, what a fast test next to them checks too; they are marked slow here, in one place, and run
+in `make test-slow` (CI runs both). Node ids, matched as prefixes (a parametrized case by the start
+of its id in brackets). Measured with `pytest -m "not slow" --durations=0`; a new test that takes
+more than a few seconds belongs here or gets `@pytest.mark.slow` where it is written."""
+
+import pytest
+
+SLOW_ON_CPU = (
+    # training, notebooks, tokenizers, settings
+    "tests/train/test_sharding.py::test_one_sharded_step_equals_one_device[gla]",
+    "tests/experiments/test_notebooks.py::test_scaling_recovers_a_known_law",
+    "tests/train/test_tokenizer.py::test_bits_per_byte_count_every_byte_of_the_evaluated_text_once[bpe]",
+    "tests/train/test_tokenizer.py::test_the_shipped_bpe_round_trips_every_play_and_was_trained_on_the_training_plays",
+    "tests/train/test_settings.py::test_a_layer_key_reaches_the_built_layer[mamba2]",
+    "tests/train/test_settings.py::test_a_layer_key_reaches_the_built_layer[moe]",
+    # the model
+    "tests/arch/test_causal_lm.py::test_cached_decoding_matches_full_forward[hybrid_gla]",
+    "tests/arch/test_causal_lm.py::test_cached_decoding_matches_full_forward[moe]",
+    "tests/arch/test_causal_lm.py::test_remat_gives_same_gradients",
+    "tests/arch/test_causal_lm.py::test_flops_per_token_matches_xla_cost_analysis[config3-1024]",
+    "tests/arch/test_causal_lm.py::test_flops_per_token_matches_xla_cost_analysis[config1-256]",
+    "tests/arch/test_causal_lm.py::test_num_params_matches_model[sparse_mixers]",
+    "tests/arch/test_causal_lm.py::test_num_params_matches_model[hybrid_gla]",
+    # layers (the conformance suite's jit == eager check: attention and gla stay fast)
+    "tests/layers/test_ring_attention.py::test_ring_attention_equals_dense_attention",
+    "tests/layers/test_moe.py::test_dropless_equals_every_expert_reference[kw1]",
+    "tests/layers/test_moe.py::test_dropless_equals_every_expert_reference[kw2]",
+    "tests/layers/test_moe.py::test_dropless_equals_every_expert_reference[kw3]",
+    "tests/layers/test_sparse_prefill.py::test_xattention_on_some_query_blocks_gives_their_rows",
+    "tests/layers/test_sparse_prefill.py::test_keep_everything_budget_is_dense[flexprefill]",
+    "tests/layers/test_routing_attention.py::test_commitment_loss_reaches_the_gradient",
+    *(f"tests/layers/test_conformance.py::test_mixer_conforms[{name}-jit_equals_eager]" for name in (
+        "linear_attention", "mamba2", "mlstm", "slstm", "gated_deltanet", "moba", "nsa", "bilevel_routing_attention",
+        "routing_attention")),
+    # dot-product and flash attention
+    "tests/pallas_kernels/test_dot_product_attention.py::test_decode_mask_against_longer_keys[xla]",
+    "tests/pallas_kernels/test_dot_product_attention.py::test_causal_matches_reference[1-xla]",
+    "tests/pallas_kernels/test_dot_product_attention.py::test_causal_matches_reference[63-xla]",
+    "tests/pallas_kernels/test_dot_product_attention.py::test_causal_matches_reference[257-xla]",
+    "tests/pallas_kernels/test_flash_attention.py::test_fused_matches_reference[splash-T1-",
+    "tests/pallas_kernels/test_flash_attention.py::test_fused_matches_reference[splash-T63-",
+    "tests/pallas_kernels/test_flash_attention.py::test_fused_matches_reference[pallas_gpu-T1-",
+    "tests/pallas_kernels/test_flash_attention.py::test_fused_matches_reference[pallas_gpu-T63-",
+    # linear attention (the kernels keep their own fast tests in test_linear_attention_pallas.py)
+    "tests/pallas_kernels/test_linear_attention.py::test_matches_float64_reference[xla-T65-decay=channel-C64-bfloat16",
+    "tests/pallas_kernels/test_linear_attention.py::test_matches_float64_reference[xla-T100-",
+    "tests/pallas_kernels/test_linear_attention.py::test_matches_float64_reference[xla-T257-decay=channel",
+    "tests/pallas_kernels/test_linear_attention.py::test_matches_float64_reference[pallas_tpu-",
+    "tests/pallas_kernels/test_linear_attention.py::test_matches_float64_reference[pallas_gpu-",
+    "tests/pallas_kernels/test_linear_attention.py::test_xla_factored_and_exact_per_channel_scores_agree[64]",
+    "tests/pallas_kernels/test_linear_attention.py::test_defaults_jit_and_no_final_state",
+    "tests/pallas_kernels/test_linear_attention.py::test_xla_blocks_match_reference[channel]",
+    "tests/pallas_kernels/test_linear_attention_pallas.py::test_segment_on_chunk_boundary_and_extreme_decays",
+    "tests/pallas_kernels/test_linear_attention_pallas.py::test_unaligned_head_dims_match_reference[channel-",
+    "tests/pallas_kernels/test_linear_attention_pallas.py::test_tpu_aot_compile_forward_and_backward"
+    "[channel-bfloat16-True]",
+    # mlstm
+    "tests/pallas_kernels/test_mlstm.py::test_matches_float64_reference[pallas_tpu-",
+    "tests/pallas_kernels/test_mlstm.py::test_matches_float64_reference[pallas_gpu-",
+    "tests/pallas_kernels/test_mlstm.py::test_matches_float64_reference[xla-T65-extreme-C64-bfloat16",
+    "tests/pallas_kernels/test_mlstm.py::test_xla_blocks_match_reference",
+    "tests/pallas_kernels/test_mlstm.py::test_packed_segments_equal_separate_runs",
+    "tests/pallas_kernels/test_mlstm.py::test_xla_chunk_size_invariance",
+    "tests/pallas_kernels/test_mlstm.py::test_no_inf_or_nan_at_the_extremes",
+    "tests/pallas_kernels/test_mlstm_pallas.py::test_unaligned_head_dims_match_reference[pallas_tpu]",
+    # slstm
+    "tests/pallas_kernels/test_slstm.py::test_matches_float64_reference[pallas_gpu-",
+    "tests/pallas_kernels/test_slstm.py::test_matches_float64_reference[xla-T65-bfloat16",
+    "tests/pallas_kernels/test_slstm.py::test_matches_float64_reference[xla-T257-float32-segments-init-i=uniform30",
+    "tests/pallas_kernels/test_slstm.py::test_matches_float64_reference[xla-T64-",
+    "tests/pallas_kernels/test_slstm.py::test_matches_float64_reference[xla-T63-",
+    "tests/pallas_kernels/test_slstm.py::test_matches_float64_reference[xla-T1-",
+    "tests/pallas_kernels/test_slstm.py::test_causal_by_gradient[True]",
+    "tests/pallas_kernels/test_slstm.py::test_underflow_guard",
+    "tests/pallas_kernels/test_slstm.py::test_defaults_jit_and_no_final_state",
+    "tests/pallas_kernels/test_slstm_pallas.py::test_tpu_aot_compile_forward_and_backward[128-float32-True]",
+    "tests/pallas_kernels/test_slstm_pallas.py::test_unaligned_dim_and_batch_blocks_match_reference[pallas_tpu]",
+    # delta rule
+    "tests/pallas_kernels/test_delta_rule.py::test_xla_blocks_match_reference",
+    "tests/pallas_kernels/test_delta_rule.py::test_matches_float64_reference[xla-T257-",
+    "tests/pallas_kernels/test_delta_rule.py::test_matches_float64_reference[xla-T64-",
+    # block-sparse attention
+    "tests/pallas_kernels/test_block_sparse_attention.py::test_query_blocks_give_the_rows_of_the_full_sequence",
+    "tests/pallas_kernels/test_block_sparse_attention.py::test_xla_matches_reference[T257-",
+    "tests/pallas_kernels/test_block_sparse_attention.py::test_xla_matches_reference[T100-",
+    "tests/pallas_kernels/test_block_sparse_attention_pallas.py::test_tpu_semantics_interpreter_matches_reference[T33-",
+    "tests/pallas_kernels/test_block_sparse_attention_pallas.py::test_matches_reference[T257-",
+    # grouped matmul
+    "tests/pallas_kernels/test_grouped_matmul.py::test_matches_reference[xla-M_is_257-",
+    "tests/pallas_kernels/test_grouped_matmul.py::test_matches_reference[pallas_tpu-rows_after_last_group-bf16]",
+    "tests/pallas_kernels/test_grouped_matmul.py::test_matches_reference[xla-empty_groups-",
+    "tests/pallas_kernels/test_grouped_matmul.py::test_matches_reference[xla-one_group_holds_all-",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid.startswith(SLOW_ON_CPU):
+            item.add_marker(pytest.mark.slow)
