@@ -23,7 +23,7 @@ $(VENV)/.installed-test: pyproject.toml | $(PY)
 train: $(VENV)/.installed-base
 	$(PY) -m hybrax.train --config $(CONFIG) $(ARGS)
 
-# The suite without the runs marked slow (about 10 minutes on 2 cores); CI runs both (test-slow: about 29).
+# The suite without the runs marked slow (under 10 minutes on 2 cores; tests/conftest.py lists what moved to slow); CI runs both (test-slow: about 29).
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
