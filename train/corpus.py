@@ -95,20 +95,43 @@ def _title_from_slug(slug: str) -> str:
     return " ".join(w if (w in small and i) else w.capitalize() for i, w in enumerate(words))
 
 
+SPEECH, SCRIPT = 0, 1   # modalities of the plays' text: spoken lines; headings, speakers, stage directions
+
+
 def parse_play(markdown: str, fallback_title: str | None = None) -> list[str]:
     """Splits one play's markdown into plain-text scene documents (rules in the module doc).
 
     `fallback_title` is used when the file does not open with a `# Title` heading.
     """
+    return [text for text, _ in parse_play_modalities(markdown, fallback_title)]
+
+
+def parse_play_modalities(markdown: str, fallback_title: str | None = None) -> list[tuple[str, np.ndarray]]:
+    """`parse_play`'s scenes, each with the modality of every character (int8, `SPEECH` or `SCRIPT`):
+    the scene's header lines, speaker headings (`**NAME**`) and stage directions (lines that open
+    with `_` emphasis, to the line that closes it) are SCRIPT; the spoken lines, SPEECH. A line's
+    newline has its line's modality; blank lines are SPEECH."""
     lines = markdown.splitlines()
     title, act, pending, body, scenes = fallback_title, None, [], [], []
     seen_heading = False
+    in_direction = False
 
     def emit() -> None:
-        text = "\n".join(body).strip("\n")
-        text = re.sub(r"\n{3,}", "\n\n", text)
-        header = [h for h in (title, act, *pending) if h]
-        scenes.append("\n".join(header) + "\n\n" + text + "\n")
+        kept = [(text, kind) for text, kind in body]
+        while kept and kept[0][0] == "":
+            kept.pop(0)
+        while kept and kept[-1][0] == "":
+            kept.pop()
+        collapsed = [line for i, line in enumerate(kept) if not (line[0] == "" and i and kept[i - 1][0] == "")]
+        header = "\n".join(h for h in (title, act, *pending) if h) + "\n\n"
+        parts, kinds = [header], [np.full(len(header), SCRIPT, np.int8)]
+        for i, (text, kind) in enumerate(collapsed):
+            piece = text + ("\n" if i < len(collapsed) - 1 else "")
+            parts.append(piece)
+            kinds.append(np.full(len(piece), kind, np.int8))
+        parts.append("\n")
+        kinds.append(np.full(1, collapsed[-1][1] if collapsed else SCRIPT, np.int8))
+        scenes.append(("".join(parts), np.concatenate(kinds)))
 
     for raw in lines:
         heading = _HEADING.match(raw)
@@ -118,7 +141,7 @@ def parse_play(markdown: str, fallback_title: str | None = None) -> list[str]:
                 title, seen_heading = text, True
                 continue
             seen_heading = True
-            if any(line.strip() for line in body):
+            if any(line for line, _ in body):
                 emit()
                 pending, body = [], []
             if re.match(r"ACT\b", text, re.IGNORECASE):
@@ -128,10 +151,17 @@ def parse_play(markdown: str, fallback_title: str | None = None) -> list[str]:
             else:
                 pending.append(text)
             continue
-        body.append(_clean_line(raw))
+        stripped = raw.strip()
+        opens = stripped.startswith("_") and not in_direction
+        kind = SCRIPT if (opens or in_direction or _SPEAKER.match(raw.rstrip())) else SPEECH
+        if opens or in_direction:
+            closes = stripped.endswith("_") and (len(stripped) > 1 or in_direction)
+            in_direction = not closes
+        line = _clean_line(raw)
+        body.append((line, kind if line else SPEECH))
     if title is None:
         raise DataError(f"play has no '# Title' line and no fallback_title: {markdown[:60]!r}")
-    if any(line.strip() for line in body):
+    if any(line for line, _ in body):
         emit()
     return scenes
 

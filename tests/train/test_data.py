@@ -60,6 +60,27 @@ def test_shakespeare_markup_is_stripped(plays):
     assert speaker_lines > 30_000
 
 
+def test_shakespeare_modalities_mark_speech_against_the_script():
+    """Every scene's text is parse_play's, and each character carries its modality: the header,
+    speaker headings and stage directions (from the markup) are SCRIPT, spoken lines SPEECH."""
+    path = corpus._play_files()["hamlet"]
+    markdown = open(path, encoding="utf-8").read()
+    scenes = corpus.parse_play_modalities(markdown)
+    assert [text for text, _ in scenes] == corpus.parse_play(markdown)
+    text, kinds = scenes[0]
+    assert len(kinds) == len(text) and kinds.dtype == np.int8
+
+    def kind_of(fragment):
+        start = text.index(fragment)
+        return set(kinds[start: start + len(fragment)].tolist())
+    assert kind_of("Hamlet\nACT I\nSCENE I. Elsinore") == {corpus.SCRIPT}
+    assert kind_of("BERNARDO:") == {corpus.SCRIPT}
+    assert kind_of("Enter HORATIO and MARCELLUS") == {corpus.SCRIPT}    # was _Enter HORATIO and MARCELLUS_
+    assert kind_of("Who's there?") == {corpus.SPEECH}
+    share = np.mean(np.concatenate([k for _, k in scenes]) == corpus.SCRIPT)
+    assert 0.05 < share < 0.3, share
+
+
 def test_shakespeare_documents_are_scenes_with_headings(plays):
     for document in plays[0] + plays[1]:
         header = document.split("\n\n")[0].split("\n")
