@@ -22,6 +22,9 @@ Markup rules for the plays (applied line by line, in this order):
    collapse to one.
 
 A scene document reads `Title\\nACT I\\nSCENE I. Place.\\n\\nStage direction\\n\\nNAME:\\nline...`.
+`parse_play_modalities` also gives each character a modality (MoMa's modality ids): SCRIPT for the
+header, speaker headings and stage directions (lines opening with `_` emphasis, through the line
+that closes it), SPEECH for the spoken lines (about 87% of the characters).
 
 Every problem with the data files or data settings is a `DataError` with a one-line message naming
 the file (and line or byte where there is one) and what would be valid, raised before any compute.
