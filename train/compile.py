@@ -60,8 +60,9 @@ class DoesNotFit(RuntimeError):
 def batch_spec(config: Config, mesh) -> dict:
     """The global [B, T] batch as ShapeDtypeStructs with the batch sharding (train.sharding)."""
     B, T = config.data.batch_size, config.data.seq_len
+    keys = BATCH_KEYS + (("modality_ids",) if config.data.modalities != "none" else ())
     return {k: jax.ShapeDtypeStruct((B, T), np.float32 if k == "loss_mask" else np.int32,
-                                    sharding=batch_sharding(mesh, (B, T))) for k in BATCH_KEYS}
+                                    sharding=batch_sharding(mesh, (B, T))) for k in keys}
 
 
 def sharded_steps(config: Config, graphdef, optimizer, shardings, mesh):

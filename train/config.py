@@ -41,6 +41,9 @@ class DataConfig(StrictConfig):
     val_fraction: float = 0.05              # documents held out (files, synthetic)
     seq_len: int = 256
     batch_size: int = 32                    # global rows per optimizer step (over all devices)
+    # a modality id per token for MoMa (batch key modality_ids): none, or script (shakespeare: speech 0;
+    # scene headers, speaker headings and stage directions 1, from the plays' markup)
+    modalities: Literal["none", "script"] = "none"
 
     @model_validator(mode="after")
     def _check(self):
@@ -61,6 +64,9 @@ class DataConfig(StrictConfig):
             raise ValueError(f"data.seq_len={self.seq_len} and data.batch_size={self.batch_size} must be >= 1")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
+        if self.modalities == "script" and self.source != "shakespeare":
+            raise ValueError(f"data.modalities='script' splits the Shakespeare plays' markup; data.source is "
+                             f"{self.source!r} (other sources give no modality ids yet)")
         return self
 
 

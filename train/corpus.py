@@ -170,13 +170,28 @@ def parse_play_modalities(markdown: str, fallback_title: str | None = None) -> l
 
 
 @functools.lru_cache(maxsize=1)
-def _parsed_plays() -> dict[str, tuple[str, ...]]:
-    """Play slug -> its scene documents, parsed once per process."""
+def _parsed_plays_with_modalities() -> dict[str, tuple[tuple[str, np.ndarray], ...]]:
+    """Play slug -> its scene documents with their characters' modalities, parsed once per process."""
     plays = {}
     for slug, path in _play_files().items():
         with open(path, encoding="utf-8") as f:
-            plays[slug] = tuple(parse_play(f.read(), fallback_title=_title_from_slug(slug)))
+            plays[slug] = tuple(parse_play_modalities(f.read(), fallback_title=_title_from_slug(slug)))
     return plays
+
+
+def _parsed_plays() -> dict[str, tuple[str, ...]]:
+    """Play slug -> its scene documents."""
+    return {slug: tuple(text for text, _ in scenes) for slug, scenes in _parsed_plays_with_modalities().items()}
+
+
+def shakespeare_modalities(val_plays: Sequence[str] = DEFAULT_VAL_PLAYS) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The characters' modalities of `shakespeare(val_plays)`'s documents, in the same order."""
+    shakespeare(val_plays)   # the same checks
+    held_out = {val_plays} if isinstance(val_plays, str) else set(val_plays)
+    plays = _parsed_plays_with_modalities()
+    train = [kinds for slug, scenes in plays.items() if slug not in held_out for _, kinds in scenes]
+    val = [kinds for slug, scenes in plays.items() if slug in held_out for _, kinds in scenes]
+    return train, val
 
 
 def shakespeare(val_plays: Sequence[str] = DEFAULT_VAL_PLAYS) -> tuple[list[str], list[str]]:

@@ -18,7 +18,8 @@ from hybrax.train import corpus
 from hybrax.train.config import DataConfig
 from hybrax.train.packing import PackedBatches, evaluation_batches
 from hybrax.train.shards import ShardDocuments
-from hybrax.train.token_documents import TokenDocuments
+from hybrax.train.modalities import token_modalities
+from hybrax.train.token_documents import InMemoryDocuments, TokenDocuments
 from hybrax.train.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -70,6 +71,13 @@ def build_datasets(config: DataConfig, seed: int, row_range: tuple[int, int] | N
     train_text, val_text = documents(config, seed)
     _check_split(config, train_text, val_text)
     train_docs, val_docs = _encode(tokenizer, train_text), _encode(tokenizer, val_text)
+    if config.modalities == "script":
+        train_chars, val_chars = corpus.shakespeare_modalities(config.val_plays)
+        lengths = tokenizer.byte_lengths()
+        train_docs = InMemoryDocuments(train_docs, [token_modalities(ids, lengths, text, chars) for ids, text, chars
+                                                    in zip(train_docs, train_text, train_chars)])
+        val_docs = InMemoryDocuments(val_docs, [token_modalities(ids, lengths, text, chars) for ids, text, chars
+                                                in zip(val_docs, val_text, val_chars)])
     try:
         train = PackedBatches(train_docs, batch_size=config.batch_size, seq_len=config.seq_len, seed=seed,
                               row_range=row_range, specials=tokenizer.specials)

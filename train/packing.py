@@ -20,6 +20,8 @@ A batch is a dict of `[B, T]` arrays:
 - `positions` (int32): index within the segment, 0 at each segment start and at the row start.
 - `loss_mask` (float32): 1 where the target is the next token of the same document (including
   the EOS that ends it); 0 where the target is the BOS of the next document, and on padding.
+- `modality_ids` (int32, only when the documents carry modalities: `data.modalities`): each
+  token's modality (train/modalities.py), 0 on BOS, EOS and padding.
 """
 
 from __future__ import annotations
@@ -48,7 +50,16 @@ class _Stream:
 
     def window(self, start: int, size: int, fill: int | None = None) -> np.ndarray:
         """Stream tokens `start : start + size`; past the end, `fill` (which must then be given)."""
-        out = np.empty(size, self.dtype)
+        return self._window(start, size, fill, self.documents.read, self.dtype,
+                            (self.specials.bos, self.specials.eos))
+
+    def window_modalities(self, start: int, size: int) -> np.ndarray:
+        """The modality id of each token of `window(start, size)` (0 for BOS, EOS and fill)."""
+        return self._window(start, size, 0, self.documents.read_modalities, np.dtype(np.int8), (0, 0))
+
+    def _window(self, start: int, size: int, fill, read, dtype, framing) -> np.ndarray:
+        bos, eos = framing
+        out = np.empty(size, dtype)
         k = int(np.searchsorted(self.starts, start, side="right")) - 1
         pos, done = start, 0
         while done < size:
@@ -62,14 +73,14 @@ class _Stream:
             first, last = offset, offset + take   # framed positions [first, last) of this document
             i = 0
             if first == 0:
-                segment[0] = self.specials.bos
+                segment[0] = bos
                 i = 1
             body_stop = min(last, length + 1)
             if body_stop > max(first, 1):
-                body = self.documents.read(doc, max(first, 1) - 1, body_stop - 1)
+                body = read(doc, max(first, 1) - 1, body_stop - 1)
                 segment[i: i + len(body)] = body
             if last == length + 2:
-                segment[-1] = self.specials.eos
+                segment[-1] = eos
             done, pos, k = done + take, pos + take, k + 1
         return out
 
@@ -169,6 +180,9 @@ class PackedBatches:
         rows = rows[self.row_range[0] : self.row_range[1]]
         window = np.stack([stream.window(int(r) * self.seq_len, self.seq_len + 1) for r in rows])
         batch = batch_from_rows(window, self.specials)
+        if getattr(self._documents, "has_modalities", False):
+            batch["modality_ids"] = np.stack([stream.window_modalities(int(r) * self.seq_len, self.seq_len)
+                                              for r in rows]).astype(np.int32)
         self._batch += 1
         if self._batch == self.batches_per_epoch:
             self._epoch, self._batch = self._epoch + 1, 0
@@ -241,4 +255,7 @@ def evaluation_batches(
         batch = batch_from_rows(window, specials)
         final = (batch["targets"] == pad) & (batch["tokens"] != pad)  # the stream's last EOS
         batch["tokens"][final], batch["segment_ids"][final], batch["positions"][final] = pad, 0, 0
+        if getattr(documents, "has_modalities", False):
+            batch["modality_ids"] = np.stack([stream.window_modalities(r * seq_len, seq_len) if r < num_rows
+                                              else np.zeros(seq_len, np.int8) for r in rows]).astype(np.int32)
         yield batch

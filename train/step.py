@@ -79,7 +79,8 @@ def forward(graphdef: nnx.GraphDef, params: nnx.State, model_state: nnx.State, b
     if batch_statistics != "own":
         model.set_attributes(batch_statistics=batch_statistics, raise_if_not_found=False)
     logits_BxTxV, losses, metrics = forward_with_auxiliaries(
-        model, batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"])
+        model, batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"],
+        modality_ids=batch.get("modality_ids"))
     nll_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV.astype(jnp.float32), batch["targets"])
     return nll_BxT, losses, metrics, nnx.state(model, RouterState)
 

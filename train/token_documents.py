@@ -26,7 +26,10 @@ class TokenDocuments(Protocol):
 
 
 class InMemoryDocuments:
-    def __init__(self, documents: Sequence[np.ndarray]):
+    """`modalities` (optional): an int8 array per document, one modality id per token
+    (train/modalities.py); then `read_modalities(i, start, stop)` reads them like `read`."""
+
+    def __init__(self, documents: Sequence[np.ndarray], modalities: Sequence[np.ndarray] | None = None):
         if len(documents) == 0:
             raise DataError("documents is empty; need at least one tokenized document")
         arrays = []
@@ -42,10 +45,24 @@ class InMemoryDocuments:
         self.lengths = np.array([len(a) for a in arrays], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(self.lengths)])
         self._flat = np.concatenate(arrays).astype(self.dtype, copy=False)
+        self._flat_modalities = None
+        if modalities is not None:
+            lengths = np.array([len(m) for m in modalities], dtype=np.int64)
+            if len(modalities) != len(arrays) or not np.array_equal(lengths, self.lengths):
+                raise DataError("modalities must give one id per token of every document")
+            self._flat_modalities = np.concatenate([np.asarray(m, np.int8) for m in modalities])
+
+    @property
+    def has_modalities(self) -> bool:
+        return self._flat_modalities is not None
 
     def read(self, index: int, start: int, stop: int) -> np.ndarray:
         base = self._starts[index]
         return self._flat[base + start: base + stop]
+
+    def read_modalities(self, index: int, start: int, stop: int) -> np.ndarray:
+        base = self._starts[index]
+        return self._flat_modalities[base + start: base + stop]
 
 
 def as_documents(documents: Sequence[np.ndarray] | TokenDocuments) -> TokenDocuments:

@@ -34,7 +34,13 @@ def dispatch_and_combine(experts_BxTxK, weights_BxTxK, num_experts: int, capacit
 
 
 def _mm(spec, a, b, dtype):
-    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+    """einsum of a and b rounded to `dtype`, accumulated in float32. XLA:CPU has no batched
+    bfloat16 x bfloat16 -> float32 dot: there the rounded operands go in as float32 (exact), the
+    same products and sums."""
+    a, b = a.astype(dtype), b.astype(dtype)
+    if jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.bfloat16:
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
 def gather_slots(dispatch_BxTxExC, x_BxTxD, dtype) -> jax.Array:

@@ -306,6 +306,40 @@ def test_shakespeare_packs_end_to_end(plays):
             assert "\ufffd" in text or any(text in d for d in plays[1])  # cut mid-character
 
 
+@pytest.mark.parametrize("tokenizer", ["bytes", "bpe"])
+def test_modality_ids_travel_with_the_tokens(tokenizer, tmp_path):
+    """data.modalities=script: training and validation batches carry modality_ids, each token the
+    modality of the first byte it encodes (checked by decoding every maximal run of one modality:
+    script runs hold speaker headings, spoken runs never do); the same batches after a restore."""
+    if tokenizer == "bpe":
+        pytest.importorskip("tokenizers")
+        from hybrax.train.tokenizer import BPETokenizer
+        tokenizer = str(tmp_path / "bpe.json")
+        BPETokenizer.train(corpus.shakespeare()[0][:200], 400).save(tokenizer)
+    config = DataConfig(seq_len=128, batch_size=4, modalities="script", tokenizer=tokenizer)
+    data = build_datasets(config, seed=0)
+    decode = data.tokenizer.decode
+    for batch in (next(data.train), next(evaluation_batches(data.val_documents, batch_size=4, seq_len=128,
+                                                            specials=data.tokenizer.specials))):
+        ids, kinds = batch["tokens"], batch["modality_ids"]
+        assert kinds.shape == ids.shape and kinds.dtype == np.int32 and set(np.unique(kinds)) <= {0, 1}
+        script = "".join(decode(ids[b][kinds[b] == 1]) for b in range(4))
+        speech = "".join(decode(ids[b][kinds[b] == 0]) for b in range(4))
+        assert re.search(r"^[A-Z][A-Z .'-]+:$", script, re.M) and not re.search(r"^[A-Z][A-Z .'-]+:$", speech, re.M)
+        assert 0.02 < np.mean(kinds[batch["tokens"] != data.tokenizer.specials.pad]) < 0.5
+    state = data.train.state()
+    after = next(data.train)
+    again = build_datasets(config, seed=0).train
+    again.restore(state)
+    np.testing.assert_array_equal(next(again)["modality_ids"], after["modality_ids"])
+
+
+def test_modalities_need_a_source_that_marks_them(tmp_path):
+    (tmp_path / "a.txt").write_text("some text", encoding="utf-8")
+    with pytest.raises(ValueError, match="data.modalities='script' splits the Shakespeare plays' markup"):
+        DataConfig(source="files", path=str(tmp_path), modalities="script")
+
+
 # --- local files and synthetic ---------------------------------------------------------------
 
 
