@@ -25,7 +25,7 @@ class MoMaConfig(MoEConfig):
     tiny: ClassVar[dict] = {"experts_per_modality": [2, 2], "expert_hidden": 16, "capacity_factor": 2.0}
 
     experts_per_modality: list[int] = [4, 4]
-    num_experts: int | None = None           # the sum of experts_per_modality
+    num_experts: int = 8                     # the sum of experts_per_modality (follows it when unset)
     routing: str = "expert_choice"
     capacity_factor: float = 2.0             # expert_choice: experts per token on average
     top_k: int = 1                           # token_choice: experts per token, within its group
@@ -37,7 +37,7 @@ class MoMaConfig(MoEConfig):
         if isinstance(data, dict):
             groups = data.get("experts_per_modality", cls.model_fields["experts_per_modality"].default)
             total = sum(groups) if isinstance(groups, list) and all(isinstance(g, int) for g in groups) else None
-            if data.get("num_experts") not in (None, total):
+            if data.get("num_experts") not in (None, total) and total is not None:
                 raise ValueError(f"num_experts={data['num_experts']} must equal the sum of experts_per_modality="
                                  f"{groups}; leave it unset")
             data = {**data, "num_experts": total}
