@@ -42,7 +42,7 @@ class CausalLM(nnx.Module):
     def init_cache(self, batch: int, max_len: int):
         if self.config.recursion is not None:
             return self.recursions.init_cache(batch, max_len)
-        return [block.mixer.init_cache(batch, max_len) for block in self.blocks]
+        return [block.init_cache(batch, max_len) for block in self.blocks]
 
     def __call__(self, tokens_BxT, *, segment_ids=None, positions=None, cache=None, modality_ids=None):
         x_BxTxD = constrain(self.embed(tokens_BxT), RESIDUAL)

@@ -239,9 +239,9 @@ class MixtureOfRecursions(nnx.Module):
         rc = self.recursion
         slots = rc.slots(max_len) if rc.routing == "token_choice" else [max_len] * rc.num_recursions
         steps = 1 if rc.kv_cache == "shared" else rc.num_recursions
-        row = {"first": [b.mixer.init_cache(1, max_len) for b in self.first],
-               "steps": [[b.mixer.init_cache(1, slots[r]) for b in self.shared] for r in range(steps)],
-               "last": [b.mixer.init_cache(1, max_len) for b in self.last],
+        row = {"first": [b.init_cache(1, max_len) for b in self.first],
+               "steps": [[b.init_cache(1, slots[r]) for b in self.shared] for r in range(steps)],
+               "last": [b.init_cache(1, max_len) for b in self.last],
                "counts": jnp.zeros((rc.num_recursions,), jnp.int32), "position": jnp.zeros((), jnp.int32),
                "slots": jnp.asarray(slots, jnp.int32)}
         return jax.tree.map(lambda a: jnp.broadcast_to(a[None], (batch,) + a.shape), row)

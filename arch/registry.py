@@ -20,6 +20,8 @@ from hybrax.layers.mlp import MLPConfig, SwiGLU
 from hybrax.layers.moe import MoE, MoEConfig
 from hybrax.layers.moe.moma import MoMa
 from hybrax.layers.moe.moma_config import MoMaConfig
+from hybrax.layers.moe.selective_attention import SelectiveAttention, SelectiveAttentionConfig
+from hybrax.layers.moe.union_mlp import UnionMLP, UnionMLPConfig
 from hybrax.layers.softmax.attention import Attention, AttentionConfig
 from hybrax.layers.sparse.bilevel_routing_attention import BilevelRoutingAttention, BilevelRoutingConfig
 from hybrax.layers.sparse.moba import MoBA, MoBAConfig
@@ -90,6 +92,8 @@ MIXERS.register("moba", MoBAConfig, MoBA)
 MIXERS.register("nsa", NSAConfig, NSA)
 MIXERS.register("bilevel_routing_attention", BilevelRoutingConfig, BilevelRoutingAttention)
 MIXERS.register("routing_attention", RoutingAttentionConfig, RoutingAttention)
+MIXERS.register("uoe_attention", SelectiveAttentionConfig, SelectiveAttention)
 FFNS.register("swiglu", MLPConfig, SwiGLU)
 FFNS.register("moe", MoEConfig, MoE)
+FFNS.register("uoe_mlp", UnionMLPConfig, UnionMLP)
 FFNS.register("moma", MoMaConfig, MoMa)
