@@ -23,9 +23,12 @@ $(VENV)/.installed-test: pyproject.toml | $(PY)
 train: $(VENV)/.installed-base
 	$(PY) -m hybrax.train --config $(CONFIG) $(ARGS)
 
-# The suite without the runs marked slow (under 10 minutes on 2 cores; tests/conftest.py lists what moved to slow); CI runs both (test-slow: about 29).
+# The suite without the runs marked slow, in two worker processes (pytest-xdist; a test compiles more
+# than it computes, so two processes keep both cores busy): under 10 minutes on 2 cores.
+# tests/conftest.py lists what moved to slow. CI runs both. GPU memory is not preallocated, so the
+# workers can share one accelerator.
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q -m "not slow" $(ARGS)
+	XLA_PYTHON_CLIENT_PREALLOCATE=false $(PY) -m pytest -q -m "not slow" -n 2 $(ARGS)
 
 test-slow: $(VENV)/.installed-test
 	$(PY) -m pytest -q -m slow $(ARGS)

@@ -92,6 +92,31 @@ SLOW_ON_CPU = (
     "tests/pallas_kernels/test_grouped_matmul.py::test_matches_reference[pallas_tpu-rows_after_last_group-bf16]",
     "tests/pallas_kernels/test_grouped_matmul.py::test_matches_reference[xla-empty_groups-",
     "tests/pallas_kernels/test_grouped_matmul.py::test_matches_reference[xla-one_group_holds_all-",
+    *(f"tests/pallas_kernels/test_grouped_matmul.py::test_matches_reference[{case}" for case in (
+        "xla-uneven-bf16", "xla-balanced-bf16", "xla-rows_after_last_group-bf16",
+        "xla-rows_after_last_group_tile_path-",
+        "xla-all_groups_empty-bf16", "xla-M_is_1-bf16", "xla-G_is_1-bf16", "pallas_tpu-one_group_holds_all",
+        "pallas_tpu-rows_after_last_group", "pallas_tpu-M_is_1", "pallas_tpu-uneven-bf16")),
+    *(f"tests/pallas_kernels/test_block_sparse_attention.py::test_xla_matches_reference[{case}" for case in (
+        "T96-", "T48-", "T1-")),
+    "tests/pallas_kernels/test_block_sparse_attention.py::test_a_block_listed_twice_counts_once[reference]",
+    *(f"tests/pallas_kernels/test_block_sparse_attention_pallas.py::test_matches_reference[{case}" for case in (
+        "T100-", "T96-", "T65-S65-bq16-bk16-full", "T48-", "T63-", "T1-")),
+    *(f"tests/pallas_kernels/test_block_sparse_attention_gpu.py::test_interpret_mode_matches_reference[{case}"
+      for case in ("T1-", "T96-", "T100-", "T65-S65-bq16-bk16-causal", "T48-", "T257-", "T63-")),
+    *(f"tests/pallas_kernels/test_flash_attention.py::test_fused_matches_reference[{case}" for case in (
+        "splash-T65-Hkv2-float32-noseg-full", "pallas_gpu-T65-Hkv2-float32-noseg-full", "pallas_gpu-T65-Hkv2-bfloat16",
+        "splash-T65-Hkv2-bfloat16")),
+    "tests/pallas_kernels/test_flash_attention.py::test_splash_aot_compiles_forward_and_backward_for_v5e[512-",
+    "tests/pallas_kernels/test_linear_attention.py::test_xla_chunk_size_invariance[channel]",
+    "tests/pallas_kernels/test_linear_attention.py::test_xla_chunk_size_invariance[scalar]",
+    "tests/pallas_kernels/test_linear_attention.py::test_matches_float64_reference[xla-T64-decay=channel",
+    "tests/pallas_kernels/test_linear_attention.py::test_matches_float64_reference[xla-T257-decay=scalar",
+    # the conformance suite's FLOP check: attention, gla, mlstm and gated_deltanet stay fast
+    *(f"tests/layers/test_conformance.py::test_mixer_conforms[{name}-flops]" for name in (
+        "linear_attention", "mamba2", "slstm", "moba", "nsa", "bilevel_routing_attention", "routing_attention",
+        "uoe_attention")),
+    "tests/layers/test_conformance.py::test_mixer_conforms[uoe_attention-jit_equals_eager]",
 )
 
 

@@ -72,8 +72,9 @@ def test_one_modality_expert_choice_matches_the_formula():
 
 
 @pytest.mark.parametrize("routing,training", [
-    ("expert_choice", True), ("token_choice", False),
-    *[pytest.param(r, t, marks=pytest.mark.slow) for r, t in (("expert_choice", False), ("token_choice", True))]])
+    ("expert_choice", True),
+    *[pytest.param(r, t, marks=pytest.mark.slow) for r, t in (("token_choice", False), ("expert_choice", False),
+                                                           ("token_choice", True))]])
 def test_tokens_never_reach_another_modalitys_experts(routing, training):
     """Changing every weight of modality 1's experts leaves each modality-0 token's output
     bit-identical, and gives those weights zero gradient from modality-0 tokens."""
@@ -101,7 +102,8 @@ def test_tokens_never_reach_another_modalitys_experts(routing, training):
 
 
 @pytest.mark.parametrize("routing,training", [
-    ("expert_choice", False), ("token_choice", True), pytest.param("token_choice", False, marks=pytest.mark.slow)])
+    ("token_choice", True), *[pytest.param(r, t, marks=pytest.mark.slow) for r, t in (
+        ("expert_choice", False), ("token_choice", False))]])
 def test_causal_by_perturbation(routing, training):
     """Changing token s (and its modality) leaves every earlier output bit-identical. Expert
     choice in training reads the whole row and does not claim this."""
