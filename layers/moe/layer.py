@@ -30,16 +30,23 @@ from hybrax.layers.parameters import logical_param, normal
 BATCH_STATISTICS_MODES = ("own", "collect", "use")
 
 
+def declare_experts(module: nnx.Module, c, rngs: nnx.Rngs) -> None:
+    """The router [D, E] and E SwiGLU experts of width F (w_gate, w_up [E, D, F], w_down [E, F, D]),
+    with their logical axes; `c` has num_experts, d_model, expert_hidden, init_std, param_dtype."""
+    E, D, F = c.num_experts, c.d_model, c.expert_hidden
+    init = normal(c.init_std)
+    module.router = logical_param(rngs, init, (D, E), c.param_dtype, ("embed", "experts"))
+    module.w_gate = logical_param(rngs, init, (E, D, F), c.param_dtype, ("experts", "embed", "mlp"))
+    module.w_up = logical_param(rngs, init, (E, D, F), c.param_dtype, ("experts", "embed", "mlp"))
+    module.w_down = logical_param(rngs, init, (E, F, D), c.param_dtype, ("experts", "mlp", "embed"))
+
+
 class MoE(nnx.Module):
     def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs):
         c = config
         self.config = c
         E, D, F = c.num_experts, c.d_model, c.expert_hidden
-        init = normal(c.init_std)
-        self.router = logical_param(rngs, init, (D, E), c.param_dtype, ("embed", "experts"))
-        self.w_gate = logical_param(rngs, init, (E, D, F), c.param_dtype, ("experts", "embed", "mlp"))
-        self.w_up = logical_param(rngs, init, (E, D, F), c.param_dtype, ("experts", "embed", "mlp"))
-        self.w_down = logical_param(rngs, init, (E, F, D), c.param_dtype, ("experts", "mlp", "embed"))
+        declare_experts(self, c, rngs)
         # S shared experts of width F = one SwiGLU of width S F
         self.shared = nnx.data(SwiGLU(MLPConfig(d_model=D, hidden=c.num_shared_experts * F, init_std=c.init_std, dtype=c.dtype,
                                                 param_dtype=c.param_dtype),

@@ -34,7 +34,7 @@ from hybrax.layers.moe import expert_parallel
 from hybrax.layers.moe import union_routing as routing
 from hybrax.layers.moe.capacity import expert_ffn_slots
 from hybrax.layers.moe.dropless import dropless
-from hybrax.layers.parameters import logical_param, normal
+from hybrax.layers.moe.layer import declare_experts
 from hybrax.layers.sequence_parallel.layout import from_zigzag, seq_size, to_zigzag
 
 
@@ -85,13 +85,8 @@ class UnionMLPConfig(routing.UnionRoutingConfig):
 
 class UnionMLP(nnx.Module):
     def __init__(self, config: UnionMLPConfig, *, rngs: nnx.Rngs):
-        c = self.config = config
-        E, D, F = c.num_experts, c.d_model, c.expert_hidden
-        init = normal(c.init_std)
-        self.router = logical_param(rngs, init, (D, E), c.param_dtype, ("embed", "experts"))
-        self.w_gate = logical_param(rngs, init, (E, D, F), c.param_dtype, ("experts", "embed", "mlp"))
-        self.w_up = logical_param(rngs, init, (E, D, F), c.param_dtype, ("experts", "embed", "mlp"))
-        self.w_down = logical_param(rngs, init, (E, F, D), c.param_dtype, ("experts", "mlp", "embed"))
+        self.config = config
+        declare_experts(self, config, rngs)   # the MoE layer's router and experts, same shapes and axes
         self.deterministic = True   # training mode (model.train()) reports the balance loss and metrics
 
     def router_logits(self, x_BxTxD):
