@@ -33,7 +33,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from hybrax.layers.embeddings import apply_rotary  # noqa: E402
 from hybrax.layers.projection import project  # noqa: E402
 from hybrax.layers.sparse.prefill import SELECTORS, blocks  # noqa: E402
-from hybrax.train.corpus import shakespeare  # noqa: E402
+from hybrax.train.plays import shakespeare  # noqa: E402
 from hybrax.train.tokenizer import ByteTokenizer  # noqa: E402
 
 

@@ -41,9 +41,11 @@ class DataConfig(StrictConfig):
     val_fraction: float = 0.05              # documents held out (files, synthetic)
     seq_len: int = 256
     batch_size: int = 32                    # global rows per optimizer step (over all devices)
-    # a modality id per token for MoMa (batch key modality_ids): none, or script (shakespeare: speech 0;
-    # scene headers, speaker headings and stage directions 1, from the plays' markup)
-    modalities: Literal["none", "script"] = "none"
+    # a modality id per token for MoMa (batch key modality_ids): none; script (shakespeare: speech 0;
+    # scene headers, speaker headings and stage directions 1, from the plays' markup); or field (files:
+    # each .jsonl record / .parquet row's modality_field, an id for the document or [start, end, id] spans)
+    modalities: Literal["none", "script", "field"] = "none"
+    modality_field: str = "modality"        # modalities=field: the record field holding the ids
 
     @model_validator(mode="after")
     def _check(self):
@@ -64,9 +66,10 @@ class DataConfig(StrictConfig):
             raise ValueError(f"data.seq_len={self.seq_len} and data.batch_size={self.batch_size} must be >= 1")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
-        if self.modalities == "script" and self.source != "shakespeare":
-            raise ValueError(f"data.modalities='script' splits the Shakespeare plays' markup; data.source is "
-                             f"{self.source!r} (other sources give no modality ids yet)")
+        needs = {"script": "shakespeare", "field": "files"}.get(self.modalities)
+        if needs is not None and self.source != needs:
+            raise ValueError(f"data.modalities={self.modalities!r} needs data.source={needs!r} (source is "
+                             f"{self.source!r}); valid: script for shakespeare, field for files")
         return self
 
 

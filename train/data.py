@@ -1,7 +1,8 @@
 """From `DataConfig` to batches: pick the source, encode with the tokenizer (data.tokenizer), pack rows.
 
-Sources (train.corpus): the embedded Shakespeare plays (whole plays held out for validation),
-local .txt/.jsonl/.parquet files, or synthetic text. Training batches come from a deterministic,
+Sources: the embedded Shakespeare plays (train/plays.py; whole plays held out for validation),
+local .txt/.jsonl/.parquet files or synthetic text (train/corpus.py). With `data.modalities`, every
+token also gets a modality id (train/modalities.py), packed beside it. Training batches come from a deterministic,
 resumable `PackedBatches`; validation walks every held-out row once.
 
 Every problem with the data files or data settings is a `corpus.DataError` (one line), raised here,
@@ -14,7 +15,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from hybrax.train import corpus
+from hybrax.train import corpus, plays
 from hybrax.train.config import DataConfig
 from hybrax.train.packing import PackedBatches, evaluation_batches
 from hybrax.train.shards import ShardDocuments
@@ -35,7 +36,7 @@ class Datasets:
 def documents(config: DataConfig, seed: int) -> tuple[list[str], list[str]]:
     """(train, validation) texts of a text source; validation is `data.val_path` when given."""
     if config.source == "shakespeare":
-        return corpus.shakespeare(config.val_plays)
+        return plays.shakespeare(config.val_plays)
     if config.source == "files" and config.val_path is not None:
         return (corpus.read_documents(config.path, text_field=config.text_field),
                 corpus.read_documents(config.val_path, text_field=config.text_field))
@@ -45,6 +46,19 @@ def documents(config: DataConfig, seed: int) -> tuple[list[str], list[str]]:
     if config.source == "prepared":
         raise corpus.DataError(f"data.path={config.path!r} is already prepared (token shards); it has no text to read")
     return corpus.synthetic(seed=seed)
+
+
+def records(config: DataConfig, seed: int) -> tuple[list, list]:
+    """`documents` as (text, modalities) pairs: int8 [characters] from `data.modalities`, or None."""
+    if config.modalities == "none":
+        return tuple([(text, None) for text in part] for part in documents(config, seed))
+    if config.modalities == "script":
+        texts, modalities = plays.shakespeare(config.val_plays), plays.shakespeare_modalities(config.val_plays)
+        return tuple(list(zip(t, m)) for t, m in zip(texts, modalities))
+    read = dict(text_field=config.text_field, modality_field=config.modality_field)   # modalities: field (files)
+    if config.val_path is not None:
+        return corpus.read_records(config.path, **read), corpus.read_records(config.val_path, **read)
+    return corpus.local_files(config.path, val_fraction=config.val_fraction, seed=seed, **read)
 
 
 def _source(config: DataConfig) -> str:
@@ -62,22 +76,25 @@ def _check_split(config: DataConfig, train_text: list[str], val_text: list[str])
                            f"one of them held out for validation (data.val_fraction={config.val_fraction})")
 
 
-def build_datasets(config: DataConfig, seed: int, row_range: tuple[int, int] | None = None) -> Datasets:
+def build_datasets(config: DataConfig, seed: int, row_range: tuple[int, int] | None = None,
+                   modality_groups: int | None = None) -> Datasets:
     """Training batches (only rows `row_range` of each global batch when given: one process's share)
-    and the validation documents."""
+    and the validation documents. `modality_groups`: the model's number of modalities (MoMa's
+    groups); a modality id outside it is a DataError."""
     tokenizer = load_tokenizer(config.tokenizer)
     if config.source == "prepared":
         return _prepared_datasets(config, seed, row_range, tokenizer)
-    train_text, val_text = documents(config, seed)
+    train_records, val_records = records(config, seed)
+    train_text, val_text = [text for text, _ in train_records], [text for text, _ in val_records]
     _check_split(config, train_text, val_text)
     train_docs, val_docs = _encode(tokenizer, train_text), _encode(tokenizer, val_text)
-    if config.modalities == "script":
-        train_chars, val_chars = corpus.shakespeare_modalities(config.val_plays)
+    if config.modalities != "none":
+        _check_modalities(config, train_records + val_records, modality_groups)
         lengths = tokenizer.byte_lengths()
-        train_docs = InMemoryDocuments(train_docs, [token_modalities(ids, lengths, text, chars) for ids, text, chars
-                                                    in zip(train_docs, train_text, train_chars)])
-        val_docs = InMemoryDocuments(val_docs, [token_modalities(ids, lengths, text, chars) for ids, text, chars
-                                                in zip(val_docs, val_text, val_chars)])
+        train_docs, val_docs = (
+            InMemoryDocuments(docs, [token_modalities(ids, lengths, text, chars) for ids, (text, chars)
+                                     in zip(docs, part)])
+            for docs, part in ((train_docs, train_records), (val_docs, val_records)))
     try:
         train = PackedBatches(train_docs, batch_size=config.batch_size, seq_len=config.seq_len, seed=seed,
                               row_range=row_range, specials=tokenizer.specials)
@@ -85,6 +102,15 @@ def build_datasets(config: DataConfig, seed: int, row_range: tuple[int, int] | N
         raise corpus.DataError(f"{_source(config)}: {error}") from None
     return Datasets(train, val_docs, sum(len(t.encode()) for t in train_text), sum(len(t.encode()) for t in val_text),
                     tokenizer)
+
+
+def _check_modalities(config: DataConfig, records: list, groups: int | None) -> None:
+    if groups is None:
+        return
+    highest = max(int(chars.max()) if len(chars) else 0 for _, chars in records)
+    if highest >= groups:
+        raise corpus.DataError(f"{_source(config)} has modality id {highest}, but the model has {groups} modality "
+                               f"groups (model.moma.experts_per_modality); ids must be in [0, {groups - 1}]")
 
 
 def _prepared_datasets(config: DataConfig, seed: int, row_range, tokenizer: Tokenizer) -> Datasets:

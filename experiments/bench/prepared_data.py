@@ -33,9 +33,9 @@ MODEL = ["model.d_model=64", "model.num_layers=2", "model.num_heads=2", "model.d
 
 def write_corpus(folder: pathlib.Path, megabytes: int) -> int:
     sys.path.insert(0, str(ROOT))
-    from hybrax.train import corpus
+    from hybrax.train import corpus, plays
 
-    train, val = corpus.shakespeare()
+    train, val = plays.shakespeare()
     scenes = train + val
     size, seed = 0, 0
     folder.mkdir(parents=True, exist_ok=True)

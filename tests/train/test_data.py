@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from hybrax.train import corpus
+from hybrax.train import corpus, plays
 from hybrax.train.config import DataConfig
 from hybrax.train.data import build_datasets
 from hybrax.train.packing import PackedBatches, evaluation_batches
@@ -43,17 +43,17 @@ def test_tokenizer_decodes_broken_utf8_with_replacement():
 
 
 @pytest.fixture(scope="module")
-def plays():
-    return corpus.shakespeare()
+def split_plays():
+    return plays.shakespeare()
 
 
-def test_shakespeare_markup_is_stripped(plays):
-    documents = plays[0] + plays[1]
+def test_shakespeare_markup_is_stripped(split_plays):
+    documents = split_plays[0] + split_plays[1]
     for document in documents:
         assert "**" not in document and "_" not in document and "*" not in document
         assert "\\" not in document and not re.search(r"^#", document, re.M)
         assert not re.search(r"[ \t]$", document, re.M)  # markdown's two-space line breaks
-    hamlet = next(d for d in plays[1] if d.startswith("Hamlet\nACT I\nSCENE I. Elsinore"))
+    hamlet = next(d for d in split_plays[1] if d.startswith("Hamlet\nACT I\nSCENE I. Elsinore"))
     assert "\nBERNARDO:\nWho's there?\n" in hamlet
     assert "\nEnter HORATIO and MARCELLUS\n" in hamlet  # was _Enter HORATIO and MARCELLUS_
     speaker_lines = sum(len(re.findall(r"^[A-Z][A-Za-z .,'-]*:$", d, re.M)) for d in documents)
@@ -63,42 +63,42 @@ def test_shakespeare_markup_is_stripped(plays):
 def test_shakespeare_modalities_mark_speech_against_the_script():
     """Every scene's text is parse_play's, and each character carries its modality: the header,
     speaker headings and stage directions (from the markup) are SCRIPT, spoken lines SPEECH."""
-    path = corpus._play_files()["hamlet"]
+    path = plays._play_files()["hamlet"]
     markdown = open(path, encoding="utf-8").read()
-    scenes = corpus.parse_play_modalities(markdown)
-    assert [text for text, _ in scenes] == corpus.parse_play(markdown)
+    scenes = plays.parse_play_modalities(markdown)
+    assert [text for text, _ in scenes] == plays.parse_play(markdown)
     text, kinds = scenes[0]
     assert len(kinds) == len(text) and kinds.dtype == np.int8
 
     def kind_of(fragment):
         start = text.index(fragment)
         return set(kinds[start: start + len(fragment)].tolist())
-    assert kind_of("Hamlet\nACT I\nSCENE I. Elsinore") == {corpus.SCRIPT}
-    assert kind_of("BERNARDO:") == {corpus.SCRIPT}
-    assert kind_of("Enter HORATIO and MARCELLUS") == {corpus.SCRIPT}    # was _Enter HORATIO and MARCELLUS_
-    assert kind_of("Who's there?") == {corpus.SPEECH}
-    share = np.mean(np.concatenate([k for _, k in scenes]) == corpus.SCRIPT)
+    assert kind_of("Hamlet\nACT I\nSCENE I. Elsinore") == {plays.SCRIPT}
+    assert kind_of("BERNARDO:") == {plays.SCRIPT}
+    assert kind_of("Enter HORATIO and MARCELLUS") == {plays.SCRIPT}    # was _Enter HORATIO and MARCELLUS_
+    assert kind_of("Who's there?") == {plays.SPEECH}
+    share = np.mean(np.concatenate([k for _, k in scenes]) == plays.SCRIPT)
     assert 0.05 < share < 0.3, share
 
 
-def test_shakespeare_documents_are_scenes_with_headings(plays):
-    for document in plays[0] + plays[1]:
+def test_shakespeare_documents_are_scenes_with_headings(split_plays):
+    for document in split_plays[0] + split_plays[1]:
         header = document.split("\n\n")[0].split("\n")
         assert len(header) >= 2, header  # title, then the act and/or scene lines
-    scenes = [d for d in plays[1] if d.startswith("Hamlet\n")]
+    scenes = [d for d in split_plays[1] if d.startswith("Hamlet\n")]
     assert len(scenes) == 20 and sum("\nSCENE " in d.split("\n\n")[0] for d in scenes) == 20
 
 
-def test_shakespeare_split_holds_out_whole_plays(plays):
-    train, val = plays
+def test_shakespeare_split_holds_out_whole_plays(split_plays):
+    train, val = split_plays
     line = "To be, or not to be: that is the question"
     assert any(line in d for d in val) and not any(line in d for d in train)
     train_titles = {d.split("\n")[0] for d in train}
     val_titles = {d.split("\n")[0] for d in val}
     assert val_titles == {"Hamlet", "The Tempest", "Twelfth Night"}
     assert not train_titles & val_titles
-    assert len(train_titles | val_titles) == len(corpus.play_names()) == 38
-    everything, none = corpus.shakespeare(val_plays=())
+    assert len(train_titles | val_titles) == len(plays.play_names()) == 38
+    everything, none = plays.shakespeare(val_plays=())
     assert none == [] and len(everything) == len(train) + len(val)
     val_bytes = sum(len(d) for d in val)
     assert 0.05 < val_bytes / (val_bytes + sum(len(d) for d in train)) < 0.12
@@ -295,15 +295,15 @@ def test_evaluation_batches_cover_the_stream_exactly_once(count):
     assert all(np.array_equal(a[k], b[k]) for a, b in zip(batches, again, strict=True) for k in a)
 
 
-def test_shakespeare_packs_end_to_end(plays):
-    documents = [TOKENIZER.encode(d) for d in plays[1]]
+def test_shakespeare_packs_end_to_end(split_plays):
+    documents = [TOKENIZER.encode(d) for d in split_plays[1]]
     batch = next(PackedBatches(documents, batch_size=2, seq_len=128, seed=0))
     check_batch_laws(batch)
     for tokens, segments in zip(batch["tokens"], batch["segment_ids"]):
         for s in np.unique(segments):
             piece = tokens[segments == s]
             text = TOKENIZER.decode(piece[(piece != BOS) & (piece != EOS)])
-            assert "\ufffd" in text or any(text in d for d in plays[1])  # cut mid-character
+            assert "\ufffd" in text or any(text in d for d in split_plays[1])  # cut mid-character
 
 
 @pytest.mark.parametrize("tokenizer", ["bytes", "bpe"])
@@ -315,7 +315,7 @@ def test_modality_ids_travel_with_the_tokens(tokenizer, tmp_path):
         pytest.importorskip("tokenizers")
         from hybrax.train.tokenizer import BPETokenizer
         tokenizer = str(tmp_path / "bpe.json")
-        BPETokenizer.train(corpus.shakespeare()[0][:200], 400).save(tokenizer)
+        BPETokenizer.train(plays.shakespeare()[0][:200], 400).save(tokenizer)
     config = DataConfig(seq_len=128, batch_size=4, modalities="script", tokenizer=tokenizer)
     data = build_datasets(config, seed=0)
     decode = data.tokenizer.decode
@@ -336,8 +336,72 @@ def test_modality_ids_travel_with_the_tokens(tokenizer, tmp_path):
 
 def test_modalities_need_a_source_that_marks_them(tmp_path):
     (tmp_path / "a.txt").write_text("some text", encoding="utf-8")
-    with pytest.raises(ValueError, match="data.modalities='script' splits the Shakespeare plays' markup"):
+    with pytest.raises(ValueError, match="data.modalities='script' needs data.source='shakespeare' .source is 'files'"):
         DataConfig(source="files", path=str(tmp_path), modalities="script")
+    with pytest.raises(ValueError, match="data.modalities='field' needs data.source='files' .source is 'shakespeare'"):
+        DataConfig(modalities="field")
+
+
+def _write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+
+
+def test_files_give_modalities_per_document_and_per_span(tmp_path):
+    """data.modalities=field: a record's field is the document's modality id, or [start, end, id]
+    character spans (0 elsewhere). Decoding the validation tokens of each modality gives back exactly
+    the characters marked with it, multi-byte characters included; training batches carry them too."""
+    text = "Plain words, then [a dïrection] and «a caption» to end."
+    spans = [[text.index("["), text.index("]") + 1, 1], [text.index("«"), text.index("»") + 1, 2]]
+    _write_jsonl(tmp_path / "val.jsonl", [{"text": text, "kind": spans}, {"text": "all of it is two", "kind": 2}])
+    _write_jsonl(tmp_path / "train.jsonl", [{"text": f"train document {i} ü", "kind": i % 3} for i in range(40)])
+    config = DataConfig(source="files", path=str(tmp_path / "train.jsonl"), val_path=str(tmp_path / "val.jsonl"),
+                        modalities="field", modality_field="kind", seq_len=32, batch_size=4)
+    data = build_datasets(config, seed=0, modality_groups=3)
+    batch = next(evaluation_batches(data.val_documents, batch_size=4, seq_len=128, specials=data.tokenizer.specials))
+    ids, kinds = batch["tokens"].reshape(-1), batch["modality_ids"].reshape(-1)
+    decoded = {m: data.tokenizer.decode(ids[kinds == m]) for m in (1, 2)}
+    assert decoded == {1: "[a dïrection]", 2: "«a caption»all of it is two"}
+    train = next(data.train)   # byte tokens: token i is byte i of the row (specials as NUL)
+    checked = 0
+    for row, row_kinds in zip(train["tokens"], train["modality_ids"]):
+        raw = bytes(int(t) if t < 256 else 0 for t in row)
+        for match in re.finditer(rb"train document (\d+) ", raw):
+            assert set(row_kinds[match.start():match.end()]) == {int(match.group(1)) % 3}
+            checked += 1
+    assert checked >= 2
+    with pytest.raises(corpus.DataError, match=r"has modality id 2, but the model has 2 modality groups .*\[0, 1\]"):
+        build_datasets(config, seed=0, modality_groups=2)
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"text": "abc"}, r"a.jsonl:1 has no field modality_field='kind'; found \['text'\]"),
+    ({"text": "abc", "kind": [[0, 4, 1]]}, r"a.jsonl:1 field modality_field='kind': span \[0, 4, 1\] must have "
+                                           r"0 <= start < end <= 3"),
+    ({"text": "abc", "kind": 200}, r"a.jsonl:1 field modality_field='kind': modality 200 must be an integer in "
+                                   r"\[0, 127\]"),
+    ({"text": "abc", "kind": True}, "modality True must be an integer"),
+    ({"text": "abc", "kind": [[0, 1]]}, r"span \[0, 1\] must be \[start, end, modality\]"),
+])
+def test_a_bad_modality_field_is_one_line_naming_the_record(tmp_path, record, message):
+    _write_jsonl(tmp_path / "a.jsonl", [record])
+    with pytest.raises(corpus.DataError, match=message):
+        corpus.read_records(tmp_path / "a.jsonl", modality_field="kind")
+
+
+def test_plain_text_files_have_no_modality_field(tmp_path):
+    (tmp_path / "a.txt").write_text("some text", encoding="utf-8")
+    with pytest.raises(corpus.DataError, match="a.txt is plain text, with no field modality_field='kind'"):
+        corpus.read_records(tmp_path, modality_field="kind")
+
+
+def test_parquet_rows_give_modalities(tmp_path):
+    pyarrow, parquet = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    table = pyarrow.table({"text": ["abcd", "éf"], "kind": [[[1, 3, 1]], [[0, 1, 2]]]})
+    parquet.write_table(table, tmp_path / "a.parquet")
+    records = corpus.read_records(tmp_path / "a.parquet", modality_field="kind")
+    assert [(t, m.tolist()) for t, m in records] == [("abcd", [0, 1, 1, 0]), ("éf", [2, 0])]
+    with pytest.raises(corpus.DataError, match="has no column modality_field='modality'"):
+        corpus.read_records(tmp_path / "a.parquet", modality_field="modality")
 
 
 # --- local files and synthetic ---------------------------------------------------------------
@@ -451,9 +515,9 @@ def test_every_bad_data_file_is_one_data_error_line(case, tmp_path, monkeypatch)
 
 def test_bad_data_settings_are_data_errors(tmp_path):
     with pytest.raises(corpus.DataError, match=r"'hamlett'.*the-tempest"):
-        corpus.shakespeare(val_plays=("hamlet", "hamlett"))
+        plays.shakespeare(val_plays=("hamlet", "hamlett"))
     with pytest.raises(corpus.DataError, match="val_plays holds out all 38 plays, leaving none to train on"):
-        corpus.shakespeare(val_plays=corpus.play_names())
+        plays.shakespeare(val_plays=plays.play_names())
     with pytest.raises(corpus.DataError, match=r"^num_documents=0 must be >= 1$"):
         corpus.synthetic(num_documents=0)
     (tmp_path / "one.txt").write_text("a single document " * 40, encoding="utf-8")

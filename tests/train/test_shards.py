@@ -11,7 +11,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from hybrax.train import corpus
+from hybrax.train import plays
 from hybrax.train.config import ConfigError, DataConfig, build_config
 from hybrax.train.corpus import DataError
 from hybrax.train.data import build_datasets, documents, validation_batches
@@ -35,7 +35,7 @@ def prepare(config: DataConfig, out: pathlib.Path, shard_tokens: int = 300_000) 
 @pytest.fixture(scope="module")
 def bpe_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("bpe") / "tokenizer.json"
-    BPETokenizer.train(corpus.shakespeare()[0], 512).save(path)
+    BPETokenizer.train(plays.shakespeare()[0], 512).save(path)
     return str(path)
 
 

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from hybrax.train import corpus
+from hybrax.train import plays
 from hybrax.train.config import ConfigError, DataConfig, build_config
 from hybrax.train.data import build_datasets, validation_batches
 from hybrax.train.optim import make_optimizer
@@ -25,14 +25,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def plays():
-    return corpus.shakespeare()
+def split_plays():
+    return plays.shakespeare()
 
 
 @pytest.fixture(scope="module")
-def bpe(plays, tmp_path_factory):
+def bpe(split_plays, tmp_path_factory):
     """Trained on the training plays only; saved, so configs can name it."""
-    tokenizer = BPETokenizer.train(plays[0], 1024)
+    tokenizer = BPETokenizer.train(split_plays[0], 1024)
     path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
     tokenizer.save(path)
     return tokenizer, path
@@ -52,10 +52,10 @@ def test_ids_use_the_smallest_type_that_holds_them(vocab, dtype):
     assert id_dtype(vocab) == dtype
 
 
-def test_bpe_round_trips_every_play_and_its_bytes_add_up(plays, bpe):
+def test_bpe_round_trips_every_play_and_its_bytes_add_up(split_plays, bpe):
     tokenizer, _ = bpe
     lengths = tokenizer.byte_lengths()
-    documents = plays[0] + plays[1]
+    documents = split_plays[0] + split_plays[1]
     for text, ids in zip(documents, tokenizer.encode_batch(documents)):
         assert ids.dtype == np.uint16 and tokenizer.decode(ids) == text
         assert int(lengths[ids].sum()) == len(text.encode("utf-8"))
@@ -67,11 +67,11 @@ def test_bpe_round_trips_every_play_and_its_bytes_add_up(plays, bpe):
     assert words > 2.0   # merges happened: more than two bytes per token on these plays
 
 
-def test_a_saved_tokenizer_loads_with_the_same_fingerprint_and_ids(plays, bpe):
+def test_a_saved_tokenizer_loads_with_the_same_fingerprint_and_ids(split_plays, bpe):
     tokenizer, path = bpe
     loaded = load_tokenizer(str(path))
     assert loaded.fingerprint == tokenizer.fingerprint and loaded.fingerprint.startswith("bpe-")
-    assert np.array_equal(loaded.encode(plays[1][0]), tokenizer.encode(plays[1][0]))
+    assert np.array_equal(loaded.encode(split_plays[1][0]), tokenizer.encode(split_plays[1][0]))
     assert load_tokenizer("bytes").fingerprint == "bytes"
 
 
@@ -116,11 +116,11 @@ def test_byte_batches_are_unchanged():
 
 
 @pytest.mark.parametrize("kind", [pytest.param("bytes", marks=pytest.mark.slow), "bpe"])
-def test_bits_per_byte_count_every_byte_of_the_evaluated_text_once(plays, bpe, kind):
+def test_bits_per_byte_count_every_byte_of_the_evaluated_text_once(split_plays, bpe, kind):
     """Over the validation batches the byte count is the UTF-8 size of the held-out text, and val_bpb
     is the text tokens' nats over those bytes, in bits."""
     tokenizer = ByteTokenizer() if kind == "bytes" else bpe[0]
-    texts = plays[1][:3]
+    texts = split_plays[1][:3]
     documents = [tokenizer.encode(t) for t in texts]
     config = build_config({"model": {"d_model": 32, "num_layers": 1, "num_heads": 2,
                                      "vocab_size": tokenizer.vocab_size}})
@@ -155,13 +155,13 @@ def test_cli_trains_a_tokenizer_on_the_training_plays_only(tmp_path):
         "error: vocab_size=10 must be >= 259 (256 bytes + 3 specials)"
 
 
-def test_the_shipped_bpe_round_trips_every_play_and_was_trained_on_the_training_plays(plays, tmp_path, monkeypatch):
+def test_the_shipped_bpe_round_trips_every_play_and_was_trained_on_the_training_plays(split_plays, tmp_path, monkeypatch):
     """configs/quickstart_bpe.yaml's tokenizer, found by name from any folder; retraining it on the
     training plays gives the same vocabulary (the tokenizers library trains deterministically)."""
     monkeypatch.chdir(tmp_path)
     shipped = load_tokenizer("shakespeare_bpe2048.json")
     lengths = shipped.byte_lengths()
-    for text, ids in zip(plays[0] + plays[1], shipped.encode_batch(plays[0] + plays[1])):
+    for text, ids in zip(split_plays[0] + split_plays[1], shipped.encode_batch(split_plays[0] + split_plays[1])):
         assert shipped.decode(ids) == text and int(lengths[ids].sum()) == len(text.encode("utf-8"))
-    assert BPETokenizer.train(plays[0], 2048).fingerprint == shipped.fingerprint
+    assert BPETokenizer.train(split_plays[0], 2048).fingerprint == shipped.fingerprint
     assert build_config({"data": {"tokenizer": "shakespeare_bpe2048.json"}}).model.vocab_size == 2048
