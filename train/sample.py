@@ -16,15 +16,29 @@ from hybrax.arch import CausalLM
 from hybrax.train.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 
+def modality_groups(model: CausalLM) -> int | None:
+    """The number of modalities the model routes by (MoMa layers' groups), or None without them."""
+    config = model.config
+    return config.layer_settings("moma").num_modalities if "moma" in config.ffns else None
+
+
 def generate(model: CausalLM, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.8,
-             top_k: int | None = 40, seed: int = 0, tokenizer: Tokenizer | None = None) -> str:
+             top_k: int | None = 40, seed: int = 0, tokenizer: Tokenizer | None = None,
+             modality: int | None = None) -> str:
     """Sample `max_new_tokens` tokens after `prompt`; stops early at EOS. Temperature 0 is greedy.
     `tokenizer`: the run's (data.tokenizer; bytes when None). Ids past its vocabulary (a model
-    vocabulary padded beyond it) are never sampled."""
+    vocabulary padded beyond it) are never sampled. `modality`: for a model with MoMa layers, the
+    modality id of the prompt's and the generated tokens (0 when None), which picks the experts
+    they are routed among; a model without them takes none."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     if top_k is not None and not 1 <= top_k <= model.config.vocab_size:
         raise ValueError(f"top_k={top_k} must be in [1, {model.config.vocab_size}]")
+    groups = modality_groups(model)
+    if modality is not None and groups is None:
+        raise ValueError(f"modality={modality}: the model has no modality-routed layers (MoMa); leave it unset")
+    if modality is not None and not 0 <= modality < groups:
+        raise ValueError(f"modality={modality} must be in [0, {groups - 1}] (the model's MoMa groups)")
     tokenizer = tokenizer or ByteTokenizer()
     prompt_ids = tokenizer.encode(prompt, bos=True).astype(np.int32)[None, :]
     vocab = tokenizer.vocab_size
@@ -33,7 +47,8 @@ def generate(model: CausalLM, prompt: str, *, max_new_tokens: int = 200, tempera
 
     @jax.jit
     def forward(params, cache, tokens_1xT):
-        logits, cache = nnx.merge(graphdef, params)(tokens_1xT, cache=cache)
+        modality_ids = None if groups is None else jnp.full(tokens_1xT.shape, modality or 0, jnp.int32)
+        logits, cache = nnx.merge(graphdef, params)(tokens_1xT, cache=cache, modality_ids=modality_ids)
         return logits[:, -1], cache
 
     @jax.jit
@@ -87,6 +102,7 @@ def main(argv=None) -> int:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--modality", type=int, default=None, help="MoMa models: the modality id to route by (0)")
     args = p.parse_args(argv)
     run_dir = pathlib.Path(args.run)
     if not (run_dir / "config.yaml").is_file():
@@ -96,7 +112,8 @@ def main(argv=None) -> int:
     try:
         model, tokenizer = load_latest(run_dir)
         print(generate(model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       top_k=args.top_k, seed=args.seed, tokenizer=tokenizer))
+                       top_k=args.top_k, seed=args.seed, tokenizer=tokenizer,
+                       modality=args.modality))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
