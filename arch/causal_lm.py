@@ -1,7 +1,9 @@
 """CausalLM = token embedding -> N pre-norm blocks (mixer, FFN, residuals) -> RMSNorm -> head.
 
 With `model.recursion` set the blocks are a Mixture-of-Recursions stack instead
-(arch/mixture_of_recursions.py): shared layers applied up to N_r times, routed per token.
+(arch/mixture_of_recursions.py): shared layers applied up to N_r times, routed per token. With
+`model.depth_routing`, every n-th block is a Mixture-of-Depths block (arch/mixture_of_depths.py)
+that only the tokens its router keeps go through.
 
 The per-layer mixer and FFN names come from `ModelConfig.mixers` / `ffns` through the registry.
 Logits are float32 `[B, T, vocab]`. With a `cache` (from `init_cache`) the call also returns the
@@ -15,6 +17,7 @@ from flax import nnx
 
 from hybrax.arch.block import Block
 from hybrax.arch.config import ModelConfig
+from hybrax.arch.mixture_of_depths import DepthRoutedBlock
 from hybrax.arch.mixture_of_recursions import MixtureOfRecursions
 from hybrax.layers.embeddings import TokenEmbedding
 from hybrax.layers.norms import RMSNorm
@@ -30,8 +33,10 @@ class CausalLM(nnx.Module):
         c = config
         self.embed = TokenEmbedding(c.vocab_size, c.d_model, init_std=c.init_std, dtype=c.dtype,
                                     param_dtype=c.param_dtype, rngs=rngs)
-        if c.recursion is None:
-            self.blocks = nnx.List([Block(c, m, f, rngs=rngs) for m, f in c.layer_pattern()])
+        if c.recursion is None:   # with model.depth_routing, every n-th block routed (arch/mixture_of_depths.py)
+            blocks = [Block(c, m, f, rngs=rngs) for m, f in c.layer_pattern()]
+            self.blocks = nnx.List([DepthRoutedBlock(c, b, rngs=rngs) if c.depth_routed(i) else b
+                                    for i, b in enumerate(blocks)])
         else:   # the blocks as a shared stack applied up to N_r times (arch/mixture_of_recursions.py)
             self.recursions = MixtureOfRecursions(c, rngs=rngs)
         self.final_norm = RMSNorm(c.d_model, eps=c.norm_eps, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)

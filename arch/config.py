@@ -150,6 +150,35 @@ class RecursionConfig(StrictConfig):
         return [max(1, math.ceil(c * seq_len - 1e-9)) for c in self.capacities()]
 
 
+class DepthRoutingConfig(StrictConfig):
+    """Mixture-of-Depths (Raposo et al., 2024), which MoMa (Lin et al., 2024) combines with its
+    modality experts: every `every`-th block (blocks every-1, 2 every-1, ... counting from 0) is
+    routed (arch/mixture_of_depths.py). Its router logit l = x w keeps the C = ceil(capacity T)
+    tokens of each row with the highest l; only they go through the block, as a shorter sequence in
+    order of position, and each adds sigmoid(l) (block(x) - x); the others skip the block
+    unchanged. Top-C reads the whole row, so training is not causal: a binary cross-entropy on the
+    same logit (`router_aux_loss_weight`) teaches l > 0 to predict the choice, and evaluation and
+    decoding keep the tokens with l > 0 (causal). At capacity 1 a routed block is the plain block."""
+
+    capacity: float = 0.125                 # share of a row's tokens a routed block processes in training
+    every: int = 2                          # route every every-th block
+    router_aux_loss_weight: float = 0.01    # BCE(router logit, kept): makes inference causal
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not 0 < self.capacity <= 1:
+            raise ValueError(f"model.depth_routing.capacity={self.capacity} must be in (0, 1]")
+        if self.every < 1:
+            raise ValueError(f"model.depth_routing.every={self.every} must be >= 1")
+        if self.router_aux_loss_weight < 0:
+            raise ValueError(f"model.depth_routing.router_aux_loss_weight={self.router_aux_loss_weight} must be >= 0")
+        return self
+
+    def slots(self, seq_len: int) -> int:
+        """Tokens per row a routed block processes in training: ceil(capacity T), at least 1."""
+        return max(1, math.ceil(self.capacity * seq_len - 1e-9))
+
+
 class ModelConfig(StrictConfig):
     vocab_size: int = 259
     d_model: int = 256
@@ -169,6 +198,7 @@ class ModelConfig(StrictConfig):
     remat: bool = False                 # recompute each block's activations in the backward pass
     kernels: KernelsConfig = KernelsConfig()
     recursion: RecursionConfig | None = None   # Mixture-of-Recursions over a shared stack (None: plain depth)
+    depth_routing: DepthRoutingConfig | None = None   # Mixture-of-Depths: tokens skip every n-th block (None: none)
     # model.<layer name>: a registered mixer's or FFN's settings (its LayerConfig), kept as extras
     model_config = ConfigDict(extra="allow", frozen=True, validate_default=True)
 
@@ -209,6 +239,13 @@ class ModelConfig(StrictConfig):
                                  f"num_layers names or a pattern whose length divides it (repeated over the layers)")
         if self.recursion is not None:
             self._check_recursion()
+        if self.depth_routing is not None:
+            if self.recursion is not None:
+                raise ValueError("model.depth_routing (Mixture-of-Depths) and model.recursion (Mixture-of-Recursions) "
+                                 "both route tokens past blocks; set one of them")
+            if self.depth_routing.every > self.num_layers:
+                raise ValueError(f"model.depth_routing.every={self.depth_routing.every} routes no block of "
+                                 f"model.num_layers={self.num_layers}; use every <= num_layers")
         for key, registry in (("mixers", MIXERS), ("ffns", FFNS)):
             for name in getattr(self, key):
                 if name not in registry.names():
@@ -273,10 +310,17 @@ class ModelConfig(StrictConfig):
         return (self._embeddings_and_norms() + sum(m.num_params() + f.num_params() for m, f in self.layer_configs())
                 + self._router_params())
 
+    def depth_routed(self, layer: int) -> bool:
+        """Whether block `layer` is routed by Mixture-of-Depths (and has a router: capacity < 1)."""
+        dr = self.depth_routing
+        return dr is not None and dr.capacity < 1 and layer % dr.every == dr.every - 1
+
     def _router_params(self) -> int:
-        """Mixture-of-Recursions: one router column [d_model] per recursion step."""
+        """Mixture-of-Recursions: one router column [d_model] per recursion step; Mixture-of-Depths:
+        one per routed block."""
         routed = self.recursion is not None and self.recursion.routing != "none"
-        return self.d_model * self.recursion.num_recursions if routed else 0
+        depth = sum(self.depth_routed(i) for i in range(self.num_layers))
+        return self.d_model * (self.recursion.num_recursions if routed else depth)
 
     def num_active_params(self) -> int:
         """Parameters one token uses (mixture-of-experts layers count their router, top_k and shared
@@ -291,11 +335,18 @@ class ModelConfig(StrictConfig):
     def flops_per_token(self, seq_len: int) -> int:
         """Forward-pass FLOPs per token (matmuls, 2 per multiply-add). Training is 3x this. With
         model.recursion: the shared layers count once per step for the share of tokens the step takes
-        (training's capacities), each at the length of its shorter sequence."""
+        (training's capacities), each at the length of its shorter sequence; model.depth_routing: a
+        routed block likewise, for its capacity."""
         if self.recursion is not None:
             return self._recursion_flops_per_token(seq_len) + 2 * self.d_model * self.vocab_size
-        layers = sum(m.flops_per_token(seq_len) + f.flops_per_token(seq_len) for m, f in self.layer_configs())
-        return layers + 2 * self.d_model * self.vocab_size
+        layers = 0
+        for i, (m, f) in enumerate(self.layer_configs()):
+            if self.depth_routed(i):   # Mixture-of-Depths: C of T tokens, at length C, and the router
+                slots = self.depth_routing.slots(seq_len)
+                layers += slots / seq_len * (m.flops_per_token(slots) + f.flops_per_token(slots)) + 2 * self.d_model
+            else:
+                layers += m.flops_per_token(seq_len) + f.flops_per_token(seq_len)
+        return round(layers) + 2 * self.d_model * self.vocab_size
 
     def recursion_layers(self) -> tuple[list, list, list]:
         """(first, shared, last) layer configs (mixer, ffn) of the Mixture-of-Recursions stack."""

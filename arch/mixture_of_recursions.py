@@ -50,6 +50,7 @@ from flax import nnx
 
 from hybrax.arch.block import Block
 from hybrax.arch.config import ModelConfig
+from hybrax.arch.token_routing import choice_loss, compact, gather_rows, scatter_add_rows, top_k_mask
 from hybrax.layers.auxiliary import report_loss, report_metric
 from hybrax.layers.embeddings import apply_rotary
 from hybrax.layers.parameters import logical_param, normal
@@ -57,27 +58,6 @@ from hybrax.layers.partitioned import dot_product_attention
 from hybrax.layers.projection import project
 from hybrax.layers.sequence_parallel.layout import seq_size
 from hybrax.layers.softmax.attention import Attention
-
-
-def compact(wanted_BxT, slots: int):
-    """(indices int32 [B, slots], kept bool [B, slots]): the row's wanted tokens first, in order of
-    position, then the others; kept marks the wanted ones among the first `slots`."""
-    T = wanted_BxT.shape[1]
-    t = jnp.arange(T, dtype=jnp.int32)
-    order_BxT = jnp.argsort(jnp.where(wanted_BxT, t, T + t), axis=1).astype(jnp.int32)
-    index_BxC = order_BxT[:, :slots]
-    return index_BxC, jnp.take_along_axis(wanted_BxT, index_BxC, axis=1)
-
-
-def gather_rows(x_BxT___, index_BxC):
-    """x's rows at index, per batch row."""
-    index = index_BxC.reshape(index_BxC.shape + (1,) * (x_BxT___.ndim - 2))
-    return jnp.take_along_axis(x_BxT___, index, axis=1)
-
-
-def scatter_add_rows(x_BxT___, index_BxC, update_BxC___):
-    """x with update added at rows index (distinct within each batch row)."""
-    return jax.vmap(lambda x, i, u: x.at[i].add(u))(x_BxT___, index_BxC, update_BxC___.astype(x_BxT___.dtype))
 
 
 class MixtureOfRecursions(nnx.Module):
@@ -176,7 +156,7 @@ class MixtureOfRecursions(nnx.Module):
             if rc.routing == "expert_choice" and self.routed(r):
                 logit_BxT = self._logit(x_BxTxD, r)
                 if training:
-                    wanted_BxT = _top_k_mask(jnp.where(active_BxT, logit_BxT, -jnp.inf), slots[r])
+                    wanted_BxT = top_k_mask(jnp.where(active_BxT, logit_BxT, -jnp.inf), slots[r])
                     self._report_choice(r, logit_BxT, wanted_BxT, active_BxT)
                 else:
                     wanted_BxT = active_BxT & (logit_BxT > 0)
@@ -209,15 +189,9 @@ class MixtureOfRecursions(nnx.Module):
 
     def _report_choice(self, r: int, logit_BxT, chosen_BxT, active_BxT) -> None:
         """expert_choice, training: the auxiliary BCE loss and the inference-time mismatch at step r."""
-        rc = self.recursion
-        weight_BxT = active_BxT.astype(jnp.float32)
-        count = jnp.maximum(jnp.sum(weight_BxT), 1.0)
-        target_BxT = chosen_BxT.astype(jnp.float32)
-        bce_BxT = jnp.maximum(logit_BxT, 0) - logit_BxT * target_BxT + jnp.log1p(jnp.exp(-jnp.abs(logit_BxT)))
-        bce = jnp.sum(jnp.where(active_BxT, bce_BxT, 0.0)) / count
-        if rc.router_aux_loss_weight:
-            report_loss(self, f"router_bce_{r}", rc.router_aux_loss_weight * bce)
-        mismatch = jnp.sum(jnp.where(active_BxT, (logit_BxT > 0) != chosen_BxT, False)) / count
+        bce, mismatch = choice_loss(logit_BxT, chosen_BxT, active_BxT)
+        if self.recursion.router_aux_loss_weight:
+            report_loss(self, f"router_bce_{r}", self.recursion.router_aux_loss_weight * bce)
         report_metric(self, f"mismatch_{r}", mismatch)
 
     def _report_depths(self, depth_BxT, probs_BxTxN) -> None:
@@ -302,12 +276,6 @@ class MixtureOfRecursions(nnx.Module):
         cache["last"], x = _blocks_cached(self.last, x, pos, cache["last"])
         cache["position"] = cache["position"] + 1
         return cache, x[0, 0]
-
-
-def _top_k_mask(score_BxT, k: int):
-    """bool [B, T]: the k highest scores of each row (ties: the earlier position)."""
-    _, index_BxK = jax.lax.top_k(score_BxT, k)
-    return jnp.zeros(score_BxT.shape, bool).at[jnp.arange(score_BxT.shape[0])[:, None], index_BxK].set(True)
 
 
 def _blocks_cached(blocks, x, positions, caches):

@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from hybrax.arch import CausalLM, ModelConfig
-from hybrax.arch.mixture_of_recursions import compact, stored_kv_bytes
+from hybrax.arch.mixture_of_recursions import stored_kv_bytes
+from hybrax.arch.token_routing import compact
 from hybrax.layers.auxiliary import forward_with_auxiliaries
 
 BASE = dict(d_model=32, num_layers=4, num_heads=4, num_kv_heads=2, vocab_size=64)
