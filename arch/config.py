@@ -261,6 +261,9 @@ class ModelConfig(StrictConfig):
 
     def _check_recursion(self) -> None:
         rc = self.recursion
+        if "moma" in self.ffns:
+            raise ValueError("model.recursion (Mixture-of-Recursions) does not pass modality ids to its shared layers: "
+                             "use moma FFNs without it, or model.depth_routing for MoMa's mixture-of-depths")
         if rc.sharing == "middle_cycle" and self.num_layers < 3:
             raise ValueError(f"model.recursion.sharing=middle_cycle keeps the first and last of model.num_layers="
                              f"{self.num_layers} unique and shares the ones between: needs num_layers >= 3")

@@ -198,9 +198,11 @@ def test_flops_per_token_counts_active_tokens(recursion):
     (dict(num_recursions=2, routing="expert"), "routing='expert' is not one of"),
     (dict(num_recursions=0), "num_recursions=0 must be >= 1"),
     (dict(num_recursions=2, kv_cache="shared", _mixers=["gla"]), "shared layers must be attention"),
+    (dict(num_recursions=2, _ffns=["moma"]), "does not pass modality ids to its shared layers"),
 ])
 def test_bad_settings_are_one_line_errors(recursion, message):
     recursion = dict(recursion)
     layers, mixers = recursion.pop("_layers", 4), recursion.pop("_mixers", ["attention"])
+    ffns = recursion.pop("_ffns", ["swiglu"])
     with pytest.raises(ValueError, match=message):
-        ModelConfig(**{**BASE, "num_layers": layers, "mixers": mixers}, recursion=recursion)
+        ModelConfig(**{**BASE, "num_layers": layers, "mixers": mixers, "ffns": ffns}, recursion=recursion)
