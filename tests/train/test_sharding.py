@@ -5,7 +5,7 @@
 - the train state is created sharded (each device's output of the init is its shard only) and a
   checkpoint saved from one mesh restores onto another with the same values;
 - for each mixer family, the loss, every gradient and the new model state of one train step on
-  the meshes data=2 x seq=4 and data=2 x seq=2 x tensor=2 (and seq=2 x expert=4 for MoE; batches
+  the meshes data=2 x seq=4 and data=2 x seq=2 x tensor=2 (and seq=2 x expert=4 for MoE and MoMa; batches
   in zigzag order) equal the single-device ones: relative error <= 1e-5 in float32.
 """
 
@@ -127,7 +127,7 @@ step = jax.jit(lambda params, model_state, batch: accumulate_gradients(graphdef,
 grads, loss, count, reported, model_state = step(state.params, state.model_state, numpy_batch)
 results = {}
 meshes = [["mesh.data=2", "mesh.seq=4"], ["mesh.data=2", "mesh.seq=2", "mesh.tensor=2"]]
-if family == "moe":   # experts split over `expert` too (expert parallelism)
+if family in ("moe", "moma"):   # experts split over `expert` too (expert parallelism)
     meshes.append(["mesh.data=1", "mesh.seq=2", "mesh.expert=4"])
 for mesh_overrides in meshes:
     config = load_config("configs/quickstart.yaml", [*overrides, *mesh_overrides])
@@ -153,6 +153,8 @@ FAMILIES = {
     "bilevel_routing_attention": ["model.mixers=[bilevel_routing_attention]"],
     "routing_attention": ["model.mixers=[routing_attention]"],
     "moe": ["model.mixers=[gla, attention]", "model.ffns=[moe]", "model.moe.num_experts=4"],
+    # modality ids from the plays' markup, sharded with the tokens (expert choice within each modality)
+    "moma": ["model.ffns=[swiglu, moma]", "model.moma.experts_per_modality=[2,2]", "data.modalities=script"],
 }
 FAST = ("gla",)   # the others run with `make test-slow` (each family also has its layer-level test)
 
