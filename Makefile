@@ -30,8 +30,9 @@ train: $(VENV)/.installed-base
 test: $(VENV)/.installed-test
 	XLA_PYTHON_CLIENT_PREALLOCATE=false $(PY) -m pytest -q -m "not slow" -n 2 $(ARGS)
 
+# The slow runs, also in two workers (CI's 90 minutes hold both suites).
 test-slow: $(VENV)/.installed-test
-	$(PY) -m pytest -q -m slow $(ARGS)
+	XLA_PYTHON_CLIENT_PREALLOCATE=false $(PY) -m pytest -q -m slow -n 2 $(ARGS)
 
 bench: $(VENV)/.installed-base
 	$(PY) experiments/bench/train_step.py $(ARGS)

@@ -25,18 +25,18 @@ def tokens(B=2, T=12, seed=0):
     return jnp.asarray(np.random.default_rng(seed).integers(0, 64, size=(B, T)), jnp.int32)
 
 
-def reference(routed, x_BxTxD, kept_BxT, segment_ids=None):
-    """The formula, one row at a time: the kept tokens alone (in order, their own positions and
+def reference(routed, x_BxTxD, kept_BxT, segment_ids=None, positions=None):
+    """The formula, one row at a time: the kept tokens alone (in order, with their own positions and
     segments) through the block; each adds sigmoid(l) (block(x) - x); the others pass unchanged."""
     out = np.array(x_BxTxD, np.float32)
     logit_BxT = np.asarray(routed._logit(x_BxTxD))
     for b in range(x_BxTxD.shape[0]):
         kept = np.flatnonzero(np.asarray(kept_BxT[b]))
-        sub = x_BxTxD[b:b + 1, kept]
-        segments = None if segment_ids is None else segment_ids[b:b + 1, kept]
-        y, _ = routed.block(sub, positions=jnp.asarray(kept[None], jnp.int32), segment_ids=segments)
+        take = lambda a: None if a is None else a[b:b + 1, kept]  # noqa: E731
+        row_positions = jnp.asarray(kept[None], jnp.int32) if positions is None else take(positions)
+        y, _ = routed.block(x_BxTxD[b:b + 1, kept], positions=row_positions, segment_ids=take(segment_ids))
         gate = 1 / (1 + np.exp(-logit_BxT[b, kept]))
-        out[b, kept] += gate[:, None] * np.asarray(y[0] - sub[0])
+        out[b, kept] += gate[:, None] * np.asarray(y[0] - x_BxTxD[b, kept])
     return out
 
 
@@ -54,22 +54,9 @@ def test_a_routed_block_is_its_formula(packed):
     for training, kept in ((True, top), (False, logit > 0)):
         routed.deterministic = not training
         got, _ = routed(x, segment_ids=segment_ids, positions=positions)
-        if packed:   # the reference's positions restart with each document, as the packed ones do
-            want = _packed_reference(routed, x, kept, segment_ids, positions)
-        else:
-            want = reference(routed, x, kept)
+        want = reference(routed, x, kept, segment_ids, positions)
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
     assert 0 < (logit > 0).mean() < 1     # the evaluation case keeps some tokens and skips others
-
-
-def _packed_reference(routed, x, kept_BxT, segment_ids, positions):
-    out = np.array(x, np.float32)
-    logit = np.asarray(routed._logit(x))
-    for b in range(x.shape[0]):
-        kept = np.flatnonzero(kept_BxT[b])
-        y, _ = routed.block(x[b:b + 1, kept], positions=positions[b:b + 1, kept], segment_ids=segment_ids[b:b + 1, kept])
-        out[b, kept] += (1 / (1 + np.exp(-logit[b, kept])))[:, None] * np.asarray(y[0] - x[b, kept])
-    return out
 
 
 def test_capacity_one_is_the_plain_model():
