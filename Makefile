@@ -30,9 +30,9 @@ train: $(VENV)/.installed-base
 test: $(VENV)/.installed-test
 	XLA_PYTHON_CLIENT_PREALLOCATE=false $(PY) -m pytest -q -m "not slow" -n 2 $(ARGS)
 
-# The slow runs, in one process: in two workers they took 54 minutes here (520 tests), no faster than
-# one process in CI; their heavy tests already keep both cores busy (XLA's own threads) and two of
-# them at once need 2 x 6 GB.
+# The slow runs, in one process. Two workers took 54 minutes here (520 tests, 2 x 6 GB), not clearly
+# faster than one process: CI's whole run, the slow suite single-process, took 76 minutes on a slower
+# machine. Their heavy tests already keep both cores busy through XLA's own threads.
 test-slow: $(VENV)/.installed-test
 	$(PY) -m pytest -q -m slow $(ARGS)
 
