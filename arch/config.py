@@ -313,6 +313,10 @@ class ModelConfig(StrictConfig):
         return (self._embeddings_and_norms() + sum(m.num_params() + f.num_params() for m, f in self.layer_configs())
                 + self._router_params())
 
+    def modality_groups(self) -> int | None:
+        """The number of modalities the model routes by (its MoMa layers' groups), None without them."""
+        return self.layer_settings("moma").num_modalities if "moma" in self.ffns else None
+
     def depth_routed(self, layer: int) -> bool:
         """Whether block `layer` is routed by Mixture-of-Depths (and has a router: capacity < 1)."""
         dr = self.depth_routing

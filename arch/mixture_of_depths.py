@@ -31,8 +31,9 @@ from flax import nnx
 
 from hybrax.arch.block import Block
 from hybrax.arch.config import ModelConfig
-from hybrax.arch.token_routing import choice_loss, compact, gather_rows, scatter_add_rows, top_k_mask
+from hybrax.arch.token_routing import compact, gather_rows, scatter_add_rows, top_k_mask
 from hybrax.layers.auxiliary import report_loss, report_metric
+from hybrax.layers.moe.balancing import expert_choice_loss
 from hybrax.layers.parameters import logical_param, normal
 from hybrax.layers.sequence_parallel.layout import seq_size
 
@@ -61,7 +62,7 @@ class DepthRoutedBlock(nnx.Module):
         logit_BxT = self._logit(x_BxTxD)
         if not self.deterministic:
             kept_BxT, slots = top_k_mask(logit_BxT, self.routing.slots(T)), self.routing.slots(T)
-            bce, mismatch = choice_loss(logit_BxT, kept_BxT, jnp.ones((B, T), bool))
+            bce, mismatch = expert_choice_loss(logit_BxT, kept_BxT, jnp.ones((B, T), bool))
             if self.routing.router_aux_loss_weight:
                 report_loss(self, "router_bce", self.routing.router_aux_loss_weight * bce)
             report_metric(self, "mismatch", mismatch)
@@ -74,7 +75,8 @@ class DepthRoutedBlock(nnx.Module):
         y_BxCxD, _ = self.block(x_BxCxD, segment_ids=take(segment_ids), positions=take(positions),
                                 modality_ids=take(modality_ids))
         gate_BxC = jax.nn.sigmoid(gather_rows(logit_BxT, index_BxC))
-        update_BxCxD = jnp.where(kept_BxC[..., None], gate_BxC[..., None] * (y_BxCxD - x_BxCxD).astype(jnp.float32), 0.0)
+        update_BxCxD = gate_BxC[..., None] * (y_BxCxD - x_BxCxD).astype(jnp.float32)
+        update_BxCxD = jnp.where(kept_BxC[..., None], update_BxCxD, 0.0)
         return scatter_add_rows(x_BxTxD, index_BxC, update_BxCxD), None
 
     # ---- decoding ---------------------------------------------------------------------------------

@@ -50,8 +50,9 @@ from flax import nnx
 
 from hybrax.arch.block import Block
 from hybrax.arch.config import ModelConfig
-from hybrax.arch.token_routing import choice_loss, compact, gather_rows, scatter_add_rows, top_k_mask
+from hybrax.arch.token_routing import compact, gather_rows, scatter_add_rows, top_k_mask
 from hybrax.layers.auxiliary import report_loss, report_metric
+from hybrax.layers.moe.balancing import expert_choice_loss
 from hybrax.layers.embeddings import apply_rotary
 from hybrax.layers.parameters import logical_param, normal
 from hybrax.layers.partitioned import dot_product_attention
@@ -189,7 +190,7 @@ class MixtureOfRecursions(nnx.Module):
 
     def _report_choice(self, r: int, logit_BxT, chosen_BxT, active_BxT) -> None:
         """expert_choice, training: the auxiliary BCE loss and the inference-time mismatch at step r."""
-        bce, mismatch = choice_loss(logit_BxT, chosen_BxT, active_BxT)
+        bce, mismatch = expert_choice_loss(logit_BxT, chosen_BxT, active_BxT)
         if self.recursion.router_aux_loss_weight:
             report_loss(self, f"router_bce_{r}", self.recursion.router_aux_loss_weight * bce)
         report_metric(self, f"mismatch_{r}", mismatch)

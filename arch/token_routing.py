@@ -4,9 +4,9 @@
 A routed layer takes a fixed number of a row's tokens: `compact` reorders the row so the chosen
 tokens come first, in order of position, `gather_rows` gives them as a shorter sequence (with their
 own positions and segment ids), and `scatter_add_rows` adds their updates back. Expert choice
-(`top_k_mask`) reads the whole row, so it is not causal; `choice_loss` is the auxiliary binary
-cross-entropy that teaches the router's logit > 0 to predict the choice (what evaluation and
-decoding use) and the share of tokens where the two differ."""
+(`top_k_mask`) reads the whole row, so it is not causal; layers/moe/balancing.expert_choice_loss is
+the auxiliary loss that teaches the router's logit > 0 to predict the choice (what evaluation and
+decoding use)."""
 
 import jax
 import jax.numpy as jnp
@@ -37,15 +37,3 @@ def top_k_mask(score_BxT, k: int):
     """bool [B, T]: the k highest scores of each row (ties: the earlier position)."""
     _, index_BxK = jax.lax.top_k(score_BxT, k)
     return jnp.zeros(score_BxT.shape, bool).at[jnp.arange(score_BxT.shape[0])[:, None], index_BxK].set(True)
-
-
-def choice_loss(logit_BxT, chosen_BxT, active_BxT):
-    """(mean BCE(logit, chosen), share of tokens where (logit > 0) != chosen), both over the active
-    tokens: the auxiliary loss that makes an expert-choice router causal at inference, and how
-    often inference would still choose differently."""
-    count = jnp.maximum(jnp.sum(active_BxT.astype(jnp.float32)), 1.0)
-    target_BxT = chosen_BxT.astype(jnp.float32)
-    bce_BxT = jnp.maximum(logit_BxT, 0) - logit_BxT * target_BxT + jnp.log1p(jnp.exp(-jnp.abs(logit_BxT)))
-    bce = jnp.sum(jnp.where(active_BxT, bce_BxT, 0.0)) / count
-    mismatch = jnp.sum(jnp.where(active_BxT, (logit_BxT > 0) != chosen_BxT, False)) / count
-    return bce, mismatch

@@ -144,7 +144,8 @@ def _read_parquet(path: str, text_field: str, modality_field: str | None) -> lis
         raise DataError(f"{path} row {bad} column {text_field!r} is {values[bad]!r}, expected a string")
     if modalities is None:
         return [(v, None) for v in values]
-    return [(v, _modalities(m, v, f"{path} row {i}", modality_field)) for i, (v, m) in enumerate(zip(values, modalities))]
+    return [(v, _modalities(m, v, f"{path} row {i}", modality_field))
+            for i, (v, m) in enumerate(zip(values, modalities))]
 
 
 def _walk_error(error: OSError) -> None:

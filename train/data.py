@@ -2,8 +2,8 @@
 
 Sources: the embedded Shakespeare plays (train/plays.py; whole plays held out for validation),
 local .txt/.jsonl/.parquet files or synthetic text (train/corpus.py). With `data.modalities`, every
-token also gets a modality id (train/modalities.py), packed beside it. Training batches come from a deterministic,
-resumable `PackedBatches`; validation walks every held-out row once.
+token also gets a modality id (train/modalities.py), packed beside it. Training batches come from a
+deterministic, resumable `PackedBatches`; validation walks every held-out row once.
 
 Every problem with the data files or data settings is a `corpus.DataError` (one line), raised here,
 before any compute.

@@ -83,7 +83,7 @@ def build_run(config: Config, run_dir: pathlib.Path, *, on_change: OnChange = On
 
         rows = process_rows(mesh, config.data.batch_size, config.data.seq_len)
         data = build_datasets(config.data, config.train.seed, row_range=rows,
-                              modality_groups=_modality_groups(config))
+                              modality_groups=config.model.modality_groups())
         checkpointer = Checkpointer(run_dir, config.checkpoint, log=log)
         closing.callback(checkpointer.close)
         shardings = state_shardings(abstract, mesh)
@@ -121,11 +121,6 @@ def build_run(config: Config, run_dir: pathlib.Path, *, on_change: OnChange = On
                   train_flops_per_token=3 * config.model.flops_per_token(config.data.seq_len))
         log(_summary_line(run, mesh_shape, compile_s, peak_source))
         yield run
-
-
-def _modality_groups(config: Config) -> int | None:
-    """MoMa's number of modality groups when the model has MoMa layers (the ids the data may carry)."""
-    return config.model.layer_settings("moma").num_modalities if "moma" in config.model.ffns else None
 
 
 def write_atomically(path: pathlib.Path, text: str) -> None:

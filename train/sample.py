@@ -16,12 +16,6 @@ from hybrax.arch import CausalLM
 from hybrax.train.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 
-def modality_groups(model: CausalLM) -> int | None:
-    """The number of modalities the model routes by (MoMa layers' groups), or None without them."""
-    config = model.config
-    return config.layer_settings("moma").num_modalities if "moma" in config.ffns else None
-
-
 def generate(model: CausalLM, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.8,
              top_k: int | None = 40, seed: int = 0, tokenizer: Tokenizer | None = None,
              modality: int | None = None) -> str:
@@ -34,7 +28,7 @@ def generate(model: CausalLM, prompt: str, *, max_new_tokens: int = 200, tempera
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     if top_k is not None and not 1 <= top_k <= model.config.vocab_size:
         raise ValueError(f"top_k={top_k} must be in [1, {model.config.vocab_size}]")
-    groups = modality_groups(model)
+    groups = model.config.modality_groups()
     if modality is not None and groups is None:
         raise ValueError(f"modality={modality}: the model has no modality-routed layers (MoMa); leave it unset")
     if modality is not None and not 0 <= modality < groups:

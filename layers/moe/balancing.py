@@ -17,6 +17,11 @@ Router z-loss (Zoph et al., 2022, ST-MoE): mean over tokens of logsumexp(logits)
 
 Auxiliary-loss-free balancing (Wang et al., 2024): a per-expert bias added to the scores for
 selection only, moved after each training forward pass by b_i += rate * sign(mean load - load_i).
+
+Expert choice made causal (MoMa's experts, Mixture-of-Recursions' and Mixture-of-Depths' routers):
+training's top-k over a row reads future tokens, so `expert_choice_loss` is a binary cross-entropy
+teaching logit > 0 to predict the choice (the rule evaluation and decoding use), with the share of
+choices where the two differ.
 """
 
 import jax
@@ -53,3 +58,13 @@ def updated_bias(bias_E: jax.Array, counts_E: jax.Array, rate: float) -> jax.Arr
 def imbalance(counts_E: jax.Array) -> jax.Array:
     """max load / mean load (1 at perfect balance, E when one expert takes everything)."""
     return jnp.max(counts_E) / jnp.maximum(jnp.mean(counts_E), 1e-9)
+
+
+def expert_choice_loss(logits: jax.Array, chosen: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(mean BCE(logits, chosen), share of entries where (logits > 0) != chosen), both over the
+    entries where `mask` is set (any shape: [B, T] tokens, [N, E] token-expert pairs)."""
+    count = jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
+    target = chosen.astype(jnp.float32)
+    bce = jnp.maximum(logits, 0) - logits * target + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+    mismatch = jnp.sum(jnp.where(mask, (logits > 0) != chosen, False)) / count
+    return jnp.sum(jnp.where(mask, bce, 0.0)) / count, mismatch

@@ -141,15 +141,12 @@ class MoMa(MoE):
 
     def _report_expert_choice(self, logits_NxE, allowed_NxE, chosen_NxE, s_BxTxE) -> None:
         c = self.config
-        pairs = jnp.maximum(jnp.sum(allowed_NxE.astype(jnp.float32)), 1.0)
-        target = chosen_NxE.astype(jnp.float32)
-        bce_NxE = jnp.maximum(logits_NxE, 0) - logits_NxE * target + jnp.log1p(jnp.exp(-jnp.abs(logits_NxE)))
+        bce, mismatch = balancing.expert_choice_loss(logits_NxE, chosen_NxE, allowed_NxE)
         if c.router_aux_loss_weight:
-            report_loss(self, "router_bce", c.router_aux_loss_weight * jnp.sum(jnp.where(allowed_NxE, bce_NxE, 0.0))
-                        / pairs)
+            report_loss(self, "router_bce", c.router_aux_loss_weight * bce)
         if c.z_loss_weight:
             report_loss(self, "router_z_loss", c.z_loss_weight * balancing.z_loss(
                 jnp.where(allowed_NxE, logits_NxE, -jnp.inf)))
-        report_metric(self, "mismatch", jnp.sum(allowed_NxE & ((logits_NxE > 0) != chosen_NxE)) / pairs)
+        report_metric(self, "mismatch", mismatch)
         counts_E = jnp.sum(chosen_NxE.astype(jnp.float32), axis=0)
         report_metric(self, "load", counts_E / jnp.maximum(jnp.sum(counts_E), 1.0))
