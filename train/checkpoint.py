@@ -58,6 +58,7 @@ class Checkpointer:
         self.unreadable = self.directory.parent / "unreadable_checkpoints"
         self.log, self.lead = log, jax.process_index() == 0
         self.pending: int | None = None   # a step whose save may still be running
+        self.failed = False   # a save failed (and was reported)
         handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"),
                                              item_handlers=handlers)
@@ -218,17 +219,22 @@ class Checkpointer:
         return sum(p.stat().st_size for p in (self.directory / str(step)).rglob("*") if p.is_file())
 
     def _failed(self, step: int | None, error: Exception) -> CheckpointSaveFailed:
-        self.pending = None
+        self.pending, self.failed = None, True
         return CheckpointSaveFailed(f"saving checkpoint step {step} failed ({_first_line(error)})")
 
     def close(self) -> None:
         """Waits for the last save and writes its manifest; a failure here is reported, not raised
-        (the run's own outcome stands)."""
+        (the run's own outcome stands). Orbax raises a failed save's error again from every later
+        wait, its own close included: once reported, that echo is dropped."""
         try:
             self.finish()
         except CheckpointSaveFailed as e:
             self.log(f"error: {e}")
-        self.manager.close()
+        try:
+            self.manager.close()
+        except Exception as e:
+            if not self.failed:
+                self.log(f"error: closing the checkpoints in {self.directory} failed ({_first_line(e)})")
 
 
 def _quiet_echoes_of_a_failure() -> None:

@@ -242,11 +242,15 @@ def _steps(metrics: pathlib.Path) -> list[int]:
     return steps
 
 
-def _wait_for(condition, what: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
+def _wait_for(condition, what: str, timeout: float, log: pathlib.Path | None = None) -> float:
+    """Seconds until `condition()` held; fails after `timeout` with the tail of `log`."""
+    start = time.monotonic()
     while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        if time.monotonic() - start > timeout:
+            tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{tail}")
         time.sleep(0.05)
+    return time.monotonic() - start
 
 
 def _alive(pid: int) -> bool:
@@ -297,7 +301,9 @@ grid:
     sweep, trainer = start_past(stopped)
     sweep.kill()
     sweep.communicate(timeout=60)
-    _wait_for(lambda: not _alive(trainer), "the orphaned trainer to exit", timeout=30)
+    exited = _wait_for(lambda: not _alive(trainer), "the orphaned trainer to exit", timeout=120,
+                       log=run_dir / "train.log")
+    print(f"the orphaned trainer saved and exited {exited:.1f} s after the sweep was killed")
     stopped_again = max(_steps(run_dir / "metrics.jsonl"))
     assert stopped_again > stopped
     assert f"SIGTERM: saved checkpoint at step {stopped_again}" in (run_dir / "train.log").read_text()
