@@ -30,11 +30,10 @@ train: $(VENV)/.installed-base
 test: $(VENV)/.installed-test
 	XLA_PYTHON_CLIENT_PREALLOCATE=false $(PY) -m pytest -q -m "not slow" -n 2 $(ARGS)
 
-# The slow runs, in one process. Two workers took 54 minutes here (520 tests, 2 x 6 GB), not clearly
-# faster than one process: CI's whole run, the slow suite single-process, took 76 minutes on a slower
-# machine. Their heavy tests already keep both cores busy through XLA's own threads.
+# The slow runs, in two worker processes: 54 minutes here (520 tests, 2 x 6 GB), where CI's single
+# process took 73 (2026-12-07: with the fast suite, 83 of CI's 90 minutes).
 test-slow: $(VENV)/.installed-test
-	$(PY) -m pytest -q -m slow $(ARGS)
+	XLA_PYTHON_CLIENT_PREALLOCATE=false $(PY) -m pytest -q -m slow -n 2 $(ARGS)
 
 bench: $(VENV)/.installed-base
 	$(PY) experiments/bench/train_step.py $(ARGS)
