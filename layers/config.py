@@ -63,6 +63,18 @@ class LayerConfig(StrictConfig):
         del shape
         return {}
 
+    def kv_cache_bytes_per_token(self) -> float:
+        """Bytes the layer's decoding cache grows by per token of a sequence (keys and values, a
+        latent); 0 where the cache does not grow with the sequence (a recurrent state). The law
+        `init_cache(B, S)` bytes = B (S kv_cache_bytes_per_token + state_bytes_per_sequence) + a few
+        counters is checked for every registered layer (tests/layers/test_cache_bytes.py)."""
+        return 0
+
+    def state_bytes_per_sequence(self) -> int:
+        """Bytes of the layer's decoding cache that do not grow with the sequence, per sequence (a
+        recurrent state, convolution tails, routing counts)."""
+        return 0
+
     def bind(self, shape: ModelShape) -> Self:
         """This config completed for a model of `shape`; the layer's own checks run again."""
         if "d_model" in self.model_fields_set and getattr(self, "d_model", shape.d_model) != shape.d_model:
