@@ -355,6 +355,42 @@ class ModelConfig(StrictConfig):
                 layers += m.flops_per_token(seq_len) + f.flops_per_token(seq_len)
         return round(layers) + 2 * self.d_model * self.vocab_size
 
+    def decoding_cache_bytes(self, max_len: int) -> int:
+        """Bytes of one sequence's decoding cache of `max_len` tokens (`CausalLM.init_cache`), its
+        counters aside: max_len kv_cache_bytes_per_token + state_bytes_per_sequence, except that a
+        token-choice recursion step caches its slots, ceil(capacity max_len), not its share."""
+        if self.recursion is None or self.recursion.routing != "token_choice":
+            return round(max_len * self.kv_cache_bytes_per_token()) + self.state_bytes_per_sequence()
+        rc = self.recursion
+        first, shared, last = self.recursion_layers()
+        steps = 1 if rc.kv_cache == "shared" else rc.num_recursions
+        per_token = lambda layers: sum(c.kv_cache_bytes_per_token() for m, f in layers for c in (m, f))  # noqa: E731
+        grown = per_token(first + last) * max_len + per_token(shared) * sum(rc.slots(max_len)[:steps])
+        return round(grown) + self.state_bytes_per_sequence()
+
+    def kv_cache_bytes_per_token(self) -> float:
+        """Bytes one sequence's decoding cache grows by per token, over every layer (with
+        model.recursion: each cached step's shared layers at the share of tokens the step takes)."""
+        return self._cached(lambda c: c.kv_cache_bytes_per_token(), token_shares=True)
+
+    def state_bytes_per_sequence(self) -> int:
+        """Bytes of one sequence's decoding cache that do not grow with it (recurrent states,
+        convolution tails), over every layer and cached recursion step."""
+        return round(self._cached(lambda c: c.state_bytes_per_sequence(), token_shares=False))
+
+    def _cached(self, bytes_of, *, token_shares: bool) -> float:
+        """bytes_of(layer config) summed over the layers of the decoding cache; with model.recursion
+        the shared layers count once per cached step, at the step's share of tokens if
+        `token_shares` (token choice)."""
+        total = lambda layers: sum(bytes_of(c) for m, f in layers for c in (m, f))  # noqa: E731
+        if self.recursion is None:
+            return total(self.layer_configs())
+        rc = self.recursion
+        first, shared, last = self.recursion_layers()
+        steps = 1 if rc.kv_cache == "shared" else rc.num_recursions
+        shares = rc.capacities() if token_shares and rc.routing == "token_choice" else [1.0] * rc.num_recursions
+        return total(first + last) + sum(shares[:steps]) * total(shared)
+
     def recursion_layers(self) -> tuple[list, list, list]:
         """(first, shared, last) layer configs (mixer, ffn) of the Mixture-of-Recursions stack."""
         layers = self.layer_configs()

@@ -48,6 +48,12 @@ class ModelShape:
         return dict(self.kernels).get(kernel)
 
 
+def itemsize(dtype: str) -> int:
+    """Bytes of one number of `dtype` ("float32", "bfloat16", "int32", ...)."""
+    import numpy as np
+    return 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
+
+
 # the conformance suite's model: small enough for token-by-token decoding in a test
 TINY_SHAPE = ModelShape(d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_hidden=64)
 

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hybrax.layers.config import DType, Implementation, LayerConfig, ModelShape
+from hybrax.layers.config import DType, Implementation, LayerConfig, ModelShape, itemsize
 from hybrax.layers.linear.delta_rule_parallel import delta_rule_sequence_parallel
 from hybrax.layers.linear.group_norm import HeadRMSNorm
 from hybrax.layers.linear.linear_recurrence import check_decoding
@@ -65,6 +65,11 @@ class GatedDeltaNetConfig(LayerConfig):
         d, H, HK, HV, W = self.d_model, self.num_heads, self.num_heads * self.key_dim, \
             self.num_heads * self.value_dim, self.conv_width
         return d * (2 * HK + 2 * HV) + 2 * d * H + 2 * H + W * (2 * HK + HV) + HV + HV * d
+
+    def state_bytes_per_sequence(self) -> int:
+        """The state [H, K, V] (float32) and the last W - 1 convolution inputs of q, k and v."""
+        H, K, V, W = self.num_heads, self.key_dim, self.value_dim, self.conv_width
+        return H * K * V * 4 + (W - 1) * H * (2 * K + V) * itemsize(self.dtype)
 
     def flops_per_token(self, seq_len: int) -> int:
         """Forward FLOPs per token: projections, convolutions and the chunked delta rule as the

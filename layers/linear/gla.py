@@ -50,6 +50,10 @@ class GLAConfig(LayerConfig):
         d, HK, HV, r = self.d_model, self.num_heads * self.key_dim, self.num_heads * self.value_dim, self.gate_rank
         return 2 * d * HK + 3 * d * HV + (d * r + r * HK + HK) + HV
 
+    def state_bytes_per_sequence(self) -> int:
+        """The state S [H, K, V], float32."""
+        return self.num_heads * self.key_dim * self.value_dim * 4
+
     def flops_per_token(self, seq_len: int) -> int:
         """Forward FLOPs per token: the projections, the low-rank gate and the chunked recurrence
         with its per-channel decay (see `chunked_flops_per_token`); elementwise work is not counted."""

@@ -47,6 +47,10 @@ class LinearAttentionConfig(LayerConfig):
         width = self.num_heads * self.head_dim
         return 5 * self.d_model * width + width
 
+    def state_bytes_per_sequence(self) -> int:
+        """The state S [H, D, D], float32."""
+        return self.num_heads * self.head_dim * self.head_dim * 4
+
     def flops_per_token(self, seq_len: int) -> int:
         """Forward FLOPs per token: the five projections plus the chunked recurrence (matmuls only)."""
         H, K = self.num_heads, self.head_dim

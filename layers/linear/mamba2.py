@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hybrax.layers.config import DType, Implementation, LayerConfig, ModelShape
+from hybrax.layers.config import DType, Implementation, LayerConfig, ModelShape, itemsize
 from hybrax.layers.linear.group_norm import HeadRMSNorm
 from hybrax.layers.linear.linear_recurrence import check_decoding, chunked_flops_per_token, initial_state, mix
 from hybrax.layers.parameters import dt_bias, log_uniform, logical_param, normal, ones, uniform
@@ -67,6 +67,11 @@ class Mamba2Config(LayerConfig):
     def num_params(self) -> int:
         d, E, N, H, W = self.d_model, self.inner, self.state_dim, self.num_heads, self.conv_width
         return d * (2 * E + 2 * N + H) + (W + 1) * (E + 2 * N) + 3 * H + E + E * d
+
+    def state_bytes_per_sequence(self) -> int:
+        """The state [H, N, P] (float32) and the last W - 1 convolution inputs of x, B and C."""
+        H, P, N, W = self.num_heads, self.head_dim, self.state_dim, self.conv_width
+        return H * N * P * 4 + (W - 1) * (H * P + 2 * N) * itemsize(self.dtype)
 
     def flops_per_token(self, seq_len: int) -> int:
         """Forward FLOPs per token: the projections, the depthwise convolution and the chunked

@@ -69,6 +69,11 @@ class MLSTMConfig(LayerConfig):
         d, H, HK, HV = self.d_model, self.num_heads, self.num_heads * self.key_dim, self.num_heads * self.value_dim
         return 2 * d * HK + 3 * d * HV + 2 * (d * H + H) + HV
 
+    def state_bytes_per_sequence(self) -> int:
+        """The matrix memory C [H, K, V], normalizer n [H, K] and stabilizer m [H], float32."""
+        H, K, V = self.num_heads, self.key_dim, self.value_dim
+        return (H * K * V + H * K + H) * 4
+
     def flops_per_token(self, seq_len: int) -> int:
         """Forward FLOPs per token: the projections and the chunked cell (per head: intra-chunk
         scores C K and their product with v and with ones, C (V + 1); the inter-chunk reads of C

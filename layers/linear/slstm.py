@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 from pydantic import model_validator
 
-from hybrax.layers.config import DType, Implementation, LayerConfig
+from hybrax.layers.config import DType, Implementation, LayerConfig, itemsize
 from hybrax.layers.linear.group_norm import HeadRMSNorm
 from hybrax.layers.linear.linear_recurrence import check_decoding
 from hybrax.layers.linear.slstm_parallel import slstm_sequence_parallel
@@ -70,6 +70,10 @@ class SLSTMConfig(LayerConfig):
     def num_params(self) -> int:
         d, H, D, W = self.d_model, self.num_heads, self.head_dim, self.conv_width
         return (W + 1) * d + 4 * d * D + 3 * H * D + 4 * H * D * D + H * D + H * D * d
+
+    def state_bytes_per_sequence(self) -> int:
+        """The cell's c, n, m, h [H, D] (float32) and the convolution's last W - 1 inputs [d]."""
+        return 4 * self.num_heads * self.head_dim * 4 + (self.conv_width - 1) * self.d_model * itemsize(self.dtype)
 
     def flops_per_token(self, seq_len: int) -> int:
         """Forward FLOPs per token: the convolution, the head-wise input projections, the

@@ -86,6 +86,10 @@ class UnionRoutingConfig(LayerConfig):
         """Tokens per routing unit: patch_size in patch_selection, 1 in expert_selection."""
         return self.patch_size if self.routing == "patch_selection" else 1
 
+    def state_bytes_per_sequence(self) -> int:
+        """Decoding's running count of each expert (int32) and whether it takes the current unit (bool)."""
+        return self.num_experts * (4 + 1)
+
     def rate(self) -> Fraction:
         """rho = min(1, capacity_factor top_k / E), as a fraction with a small denominator (exact integer
         budgets in int32)."""

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 from pydantic import model_validator
 
-from hybrax.layers.config import DType, Implementation, LayerConfig
+from hybrax.layers.config import DType, Implementation, LayerConfig, itemsize
 from hybrax.layers.embeddings import apply_rotary
 from hybrax.layers.parameters import logical_param, normal
 from hybrax.layers.projection import project
@@ -52,6 +52,10 @@ class SoftmaxConfig(LayerConfig):
 
     def num_params(self) -> int:
         return self.projection_params()
+
+    def kv_cache_bytes_per_token(self) -> float:
+        """The keys and values of every kv head (a mixer's own cache entries add to it)."""
+        return 2 * self.num_kv_heads * self.head_dim * itemsize(self.dtype)
 
 
 def declare_projections(module: nnx.Module, c, rngs: nnx.Rngs) -> None:

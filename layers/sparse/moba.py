@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from pydantic import model_validator
 
 from hybrax.layers.sparse import block_selection as bs
+from hybrax.layers.config import itemsize
 from hybrax.layers.softmax.skeleton import SoftmaxConfig, SoftmaxMixer
 from hybrax.layers.partitioned import block_sparse_attention
 from hybrax.layers.sparse.gathered_keys import attend_with_gathered_keys, offset_implementation
@@ -62,6 +63,10 @@ class MoBAConfig(SoftmaxConfig):
         future part of the current one), at most the padded sequence."""
         n_blocks = bs.num_blocks(seq_len, self.block_size)
         return min(self.top_k + 1, n_blocks) * self.block_size
+
+    def state_bytes_per_sequence(self) -> int:
+        """The routing query of the block being filled (route_q [H, D])."""
+        return self.num_heads * self.head_dim * itemsize(self.dtype)
 
     def flops_per_token(self, seq_len: int) -> int:
         """Forward FLOPs per token: projections 2 * projection_params; q.k and weights.v over the selected

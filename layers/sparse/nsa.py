@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from flax import nnx
 from pydantic import model_validator
 
-from hybrax.layers.config import ModelShape
+from hybrax.layers.config import ModelShape, itemsize
 from hybrax.layers.sparse import block_selection as bs
 from hybrax.layers.softmax.skeleton import SoftmaxConfig, SoftmaxMixer
 from hybrax.layers.parameters import logical_param, normal
@@ -78,6 +78,10 @@ class NSAConfig(SoftmaxConfig):
     def num_params(self) -> int:
         d, H, G, D = self.d_model, self.num_heads, self.num_kv_heads, self.head_dim
         return d * D * (2 * H + 2 * G) + 2 * self.compress_block * G * D + 3 * d * H
+
+    def state_bytes_per_sequence(self) -> int:
+        """The routing query of the block being filled (route_q [H, D])."""
+        return self.num_heads * self.head_dim * itemsize(self.dtype)
 
     def flops_per_token(self, seq_len: int) -> int:
         """Forward FLOPs per token: projections and gates 2 (d D (2 H + 2 Hkv) + 3 d H); compression

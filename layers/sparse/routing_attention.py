@@ -88,6 +88,14 @@ class RoutingAttentionConfig(SoftmaxConfig):
     def num_routing_heads(self) -> int:
         return self.num_heads - self.num_local_heads
 
+    def kv_cache_bytes_per_token(self) -> float:
+        """Keys and values, and the normalized routing keys k_hat (float32)."""
+        return super().kv_cache_bytes_per_token() + self.num_kv_heads * self.head_dim * 4
+
+    def state_bytes_per_sequence(self) -> int:
+        """The cluster of each routing head (int32)."""
+        return self.num_routing_heads * 4
+
     def flops_per_token(self, seq_len: int) -> int:
         """Projections, q.k and weights.v over at most (top_k + 1) blocks for routing heads and 2
         blocks for local heads (never more than seq_len keys), and the centroid scores of the

@@ -64,6 +64,8 @@ def test_layer_zoo_covers_every_registered_mixer():
     for name, row in result["summary"].items():
         assert row["output_shape"] == [1, 64, 32], name
         assert row["params"] == row["analytic_params"], name
+        formula = 128 * row["kv_cache_bytes_per_token"] + row["state_bytes_per_sequence"]   # one sequence of 128
+        assert 0 <= row["cache_bytes"] - formula <= 16, (name, row)
     assert {(r["mixer"], r["T"]) for r in result["rows"]} == {(m, T) for m in MIXERS.names() for T in (64, 128)}
     assert all(r["us_per_token"] > 0 and r["flops_per_token"] > 0 for r in result["rows"])
 

@@ -3,6 +3,7 @@ config, metrics, checkpoints and a sample; SIGTERM saves and exits 0 (SIGKILL at
 test_faults.py); a non-finite loss stops without touching the last good checkpoint."""
 
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ def test_run_writes_everything_and_sample_cli_reads_it(tmp_path):
     for key in ("loss", "tokens_per_s", "tflops", "mfu", "lr", "grad_norm"):
         assert key in records[0]
     assert "model:" in result.stdout and "parameters" in result.stdout and "MFU" in result.stdout
+    assert re.search(r"decoding cache [\d.]+ KiB/token \|", result.stdout), result.stdout[:3000]
     assert (tmp_path / "config.yaml").read_text().startswith("model:")
     assert finished_checkpoints(tmp_path)[-1] == 20
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
