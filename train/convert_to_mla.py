@@ -1,0 +1,255 @@
+"""TransMLA (Meng et al., 2025, "TransMLA: Multi-head Latent Attention Is All You Need"): a trained
+run's grouped-query `attention` layers become `mla` layers (layers/softmax/mla.py) that compute the
+same function with a decoding cache no larger, written as a new run directory that training
+continues from.
+
+    hybrax-convert-to-mla --run runs/gqa --out runs/gqa_mla [--latent-extra 64] [--more-steps 200]
+
+The construction, for H query heads of width D in groups of H / Hkv over Hkv key/value heads:
+
+    rope keys     R = Hkv rope heads of Dr = D, W_kr = W_k: the GQA keys, rotary and all
+    latent        d_c = Hkv D (+ latent_extra): W_dkv = [W_v | new columns], the GQA values
+    values        W_uv[g D + j, h, j] = 1 for a head h of group g: each head reads its group's values
+    rope queries  W_q_rope[:, h, g] = s W_q[:, h] for h's group g (zero for the other rope heads),
+                  s = sqrt((Dn + R Dr) / D) undoing MLA's wider softmax scale
+    nope path     W_uk = 0 and W_q_nope random: it adds nothing now; training grows it
+    output        W_o as it was
+
+Head h's score is then s^2 D / (Dn + R Dr) q_h . k_g = q_h . k_g at GQA's scale, exactly: GQA's
+replication of a key head to its query heads is a selection, which commutes with rotary (the same
+frequencies on every head), so the rotary keys need not be decoded per head: the paper's argument
+that MLA represents GQA at the same cache. The cache is d_c + R Dr = 2 Hkv D numbers per token,
+GQA's own; `--latent-extra` widens the latent for further training (its columns decode through zero
+rows of W_uk and W_uv, so the function is unchanged until training moves them).
+
+Not done here: the paper's later steps for DeepSeek's layout (one rope head): RoRoPE rotates the key
+heads per frequency (orthogonal, exact) to gather the positional signal into one head, then keeps
+rotary on that head only, and BKV-PCA compresses the other key channels with the values into a
+smaller latent. Both drop information (the paper fine-tunes after them), and the conversion here
+is exact.
+
+The new run holds config.yaml (the `attention` mixers replaced by `mla`, train.steps raised by
+`--more-steps`) and one checkpoint at the old step: the converted parameters, every other parameter
+and the data position as they were, and a new optimizer state (its moments start at zero). The
+converter checks its own work on held-out batches in float32: the largest logit difference and
+val_bpb before and after (one line each).
+"""
+
+import argparse
+import math
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from flax import nnx
+
+TOLERANCE = 1e-4   # largest |logit difference| (float32) the conversion accepts
+
+
+class ConversionError(ValueError):
+    """A run that cannot be converted, or a conversion that did not compute the same function."""
+
+
+def mla_settings(model, latent_extra: int, nope_head_dim: int | None) -> dict:
+    """model.mla for a ModelConfig whose `attention` layers are converted (see the module docstring)."""
+    attention = model.layer_config("attention")
+    D, Hkv = attention.head_dim, attention.num_kv_heads
+    return {"nope_head_dim": nope_head_dim or D, "value_head_dim": D, "kv_latent": Hkv * D + latent_extra,
+            "rope_heads": Hkv, "rope_head_dim": D}
+
+
+def converted_config(config, latent_extra: int = 0, nope_head_dim: int | None = None, more_steps: int = 200):
+    """The run's Config with its `attention` mixers made `mla` and train.steps raised by `more_steps`."""
+    from hybrax.train.config import build_config
+
+    model = config.model
+    if model.recursion is not None:
+        raise ConversionError("model.recursion: the shared stack's attention cannot be converted; convert a run "
+                              "without it")
+    if "attention" not in model.mixers:
+        raise ConversionError(f"model.mixers={list(model.mixers)} has no `attention` layer to convert")
+    if latent_extra < 0:
+        raise ConversionError(f"--latent-extra={latent_extra} must be >= 0")
+    tree = yaml.safe_load(config.to_yaml())
+    tree["model"]["mixers"] = ["mla" if m == "attention" else m for m in model.mixers]
+    tree["model"]["mla"] = {**tree["model"].get("mla", {}), **mla_settings(model, latent_extra, nope_head_dim)}
+    tree["train"]["steps"] = config.train.steps + more_steps
+    return build_config(tree)
+
+
+def convert_attention(attention: dict, mla, key: jax.Array) -> dict:
+    """An `mla` layer's parameters (pure dict) computing the `attention` layer whose parameters are
+    `attention` (pure dict), under MLA config `mla`."""
+    w_q, w_k, w_v, w_o = (np.asarray(attention[n], np.float64) for n in ("w_q", "w_k", "w_v", "w_o"))
+    d, H, D = w_q.shape
+    Hkv = w_k.shape[1]
+    group = H // Hkv
+    Dn, C = mla.nope_head_dim, mla.kv_latent
+    scale = math.sqrt(mla.key_width / D)
+    w_q_rope = np.zeros((d, H, Hkv, D))
+    w_uv = np.zeros((C, H, D))
+    for h in range(H):
+        g = h // group
+        w_q_rope[:, h, g] = scale * w_q[:, h]
+        w_uv[g * D:(g + 1) * D, h] = np.eye(D)
+    keys = jax.random.split(key, 2)
+    extra = mla.init_std * np.asarray(jax.random.normal(keys[0], (d, C - Hkv * D)))
+    dtype = np.asarray(attention["w_q"]).dtype
+    params = {"w_q_nope": mla.init_std * np.asarray(jax.random.normal(keys[1], (d, H, Dn))), "w_q_rope": w_q_rope,
+              "w_dkv": np.concatenate([w_v.reshape(d, Hkv * D), extra], axis=1), "w_uk": np.zeros((C, H, Dn)),
+              "w_uv": w_uv, "w_kr": w_k, "w_o": w_o}
+    return {name: jnp.asarray(value, dtype) for name, value in params.items()}
+
+
+def convert_params(old: dict, old_model, new_model, seed: int = 0) -> dict:
+    """The new model's parameters (pure dict) from the old one's: `attention` blocks converted, every
+    other parameter copied."""
+    new = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: _model(new_model)), nnx.Param))
+    mla = new_model.layer_config("mla")
+    keys = jax.random.split(jax.random.key(seed), old_model.num_layers)
+    out = jax.tree.map(lambda x: x, old)   # a copy of the containers
+    for i, (mixer, _) in enumerate(old_model.layer_pattern()):
+        if mixer == "attention":
+            out["blocks"][i]["mixer"] = convert_attention(old["blocks"][i]["mixer"], mla, keys[i])
+    shapes = jax.tree.map(lambda x: x.shape, new)
+    got = jax.tree.map(lambda x: x.shape, out)
+    if shapes != got:
+        raise ConversionError("the converted parameters do not fit the converted model (a bug): "
+                              f"{jax.tree.structure(shapes)} vs {jax.tree.structure(got)}")
+    return out
+
+
+def _model(model_config, seed: int = 0):
+    from hybrax.train.step import create_model
+    return create_model(model_config, seed)
+
+
+def _restore(run_dir: pathlib.Path):
+    """(config, step, TrainState, data state) of the run's latest checkpoint."""
+    from hybrax.train.checkpoint import Checkpointer
+    from hybrax.train.config import load_config
+    from hybrax.train.optim import make_optimizer
+    from hybrax.train.step import abstract_state
+
+    if not (run_dir / "config.yaml").is_file():
+        raise ConversionError(f"--run {str(run_dir)!r} has no config.yaml; expected a run directory of hybrax-train")
+    config = load_config(run_dir / "config.yaml")
+    checkpointer = Checkpointer(run_dir, config.checkpoint)
+    step = checkpointer.latest_step()
+    if step is None:
+        raise ConversionError(f"no checkpoint in {str(run_dir / 'checkpoints')!r}; train first (hybrax-train)")
+    _, target = abstract_state(config.model, make_optimizer(config.optim, config.train.steps))
+    state, data_state = checkpointer.restore(step, target)
+    checkpointer.close()
+    return config, step, state, data_state
+
+
+def held_out_check(old_config, old_params: dict, new_config, new_params: dict, batches: int = 4) -> dict:
+    """On `batches` held-out batches: the largest |logit difference| of the two models in float32
+    and each one's val_bpb at the run's own dtype."""
+    from hybrax.train.data import build_datasets, validation_batches
+    from hybrax.train.step import make_eval_step, summarize_eval
+    from hybrax.train.tokenizer import load_tokenizer
+
+    data = build_datasets(old_config.data, old_config.train.seed)
+    held_out = list(validation_batches(data, old_config.data, batches))
+    lengths = load_tokenizer(old_config.data.tokenizer).byte_lengths()
+    result = {"logit_max_abs_diff": 0.0}
+
+    def model_of(model_config, params, dtype=None):
+        model_config = model_config if dtype is None else _with_dtype(model_config, dtype)
+        model = nnx.eval_shape(lambda: _model(model_config))
+        graphdef, state, rest = nnx.split(model, nnx.Param, ...)
+        nnx.replace_by_pure_dict(state, params)
+        return graphdef, state, rest
+
+    for tag, (model_config, params) in {"before": (old_config.model, old_params),
+                                        "after": (new_config.model, new_params)}.items():
+        graphdef, state, rest = model_of(model_config, params)
+        eval_step = make_eval_step(graphdef, lengths)
+        sums = {"nll": 0.0, "tokens": 0.0, "byte_nll": 0.0, "bytes": 0.0}
+        for batch in held_out:
+            out = eval_step(state, rest, {k: jnp.asarray(v) for k, v in batch.items()})
+            for k in sums:
+                sums[k] += float(out[k])
+        result[f"val_bpb_{tag}"] = summarize_eval(sums)["val_bpb"]
+    logits = []
+    for model_config, params in ((old_config.model, old_params), (new_config.model, new_params)):
+        graphdef, state, rest = model_of(model_config, params, "float32")
+        forward = jax.jit(lambda state, rest, batch, graphdef=graphdef: nnx.merge(graphdef, state, rest)(
+            batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"]))
+        logits.append([np.asarray(forward(state, rest, {k: jnp.asarray(v) for k, v in b.items()})) for b in held_out])
+    result["logit_max_abs_diff"] = max(float(np.max(np.abs(a - b))) for a, b in zip(*logits))
+    return result
+
+
+def _with_dtype(model_config, dtype: str):
+    return type(model_config).model_validate({**model_config.model_dump(), "dtype": dtype})
+
+
+def convert_run(run_dir: pathlib.Path, out_dir: pathlib.Path, *, latent_extra: int = 0,
+                nope_head_dim: int | None = None, more_steps: int = 200, seed: int = 0, log=print) -> dict:
+    """Converts the latest checkpoint of `run_dir` into a new run in `out_dir` (see the module
+    docstring); returns the held-out check's numbers. ConversionError when the logits differ by
+    more than TOLERANCE before `latent_extra` widens anything."""
+    from hybrax.train.checkpoint import Checkpointer
+    from hybrax.train.optim import make_optimizer
+    from hybrax.train.run import write_atomically
+    from hybrax.train.step import TrainState
+
+    run_dir, out_dir = pathlib.Path(run_dir), pathlib.Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ConversionError(f"--out {str(out_dir)!r} is not empty; name a new run directory")
+    config, step, state, data_state = _restore(run_dir)
+    new_config = converted_config(config, latent_extra, nope_head_dim, more_steps)
+    old_params = nnx.to_pure_dict(state.params)
+    new_params = convert_params(old_params, config.model, new_config.model, seed)
+    check = held_out_check(config, old_params, new_config, new_params)
+    check.update(step=step, cache_bytes_per_token_before=config.model.kv_cache_bytes_per_token(),
+                 cache_bytes_per_token_after=new_config.model.kv_cache_bytes_per_token())
+    if check["logit_max_abs_diff"] > TOLERANCE:
+        raise ConversionError(f"the converted model's logits differ by {check['logit_max_abs_diff']:.2e} > "
+                              f"{TOLERANCE:g} from the run's on held-out text; nothing was written")
+    model = nnx.eval_shape(lambda: _model(new_config.model))
+    _, params, model_state = nnx.split(model, nnx.Param, ...)
+    nnx.replace_by_pure_dict(params, new_params)
+    optimizer = make_optimizer(new_config.optim, new_config.train.steps)
+    new_state = TrainState(step=jnp.asarray(step, jnp.int32), params=params, model_state=state.model_state,
+                           opt_state=optimizer.init(params))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomically(out_dir / "config.yaml", new_config.to_yaml())
+    checkpointer = Checkpointer(out_dir, new_config.checkpoint, log=log)
+    checkpointer.save(step, new_state, data_state, wait=True)
+    checkpointer.close()
+    log(f"converted {run_dir} (step {step}) to MLA in {out_dir}: max |logit difference| "
+        f"{check['logit_max_abs_diff']:.2e} (float32, held-out text), val_bpb {check['val_bpb_before']:.4f} -> "
+        f"{check['val_bpb_after']:.4f}, decoding cache {check['cache_bytes_per_token_before']:,.0f} -> "
+        f"{check['cache_bytes_per_token_after']:,.0f} bytes/token; continue with: hybrax-train --config "
+        f"{out_dir / 'config.yaml'} --run-dir {out_dir}")
+    return check
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="hybrax-convert-to-mla", description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True, type=pathlib.Path, help="the grouped-query run directory")
+    p.add_argument("--out", required=True, type=pathlib.Path, help="the new run directory (empty or absent)")
+    p.add_argument("--latent-extra", type=int, default=0, help="latent columns beyond Hkv D, for further training")
+    p.add_argument("--nope-head-dim", type=int, default=None, help="per-head width of the nope path (head_dim)")
+    p.add_argument("--more-steps", type=int, default=200, help="train.steps of the new run: the old ones plus this")
+    p.add_argument("--seed", type=int, default=0, help="the seed of the new (inert) parameters")
+    args = p.parse_args(argv)
+    from hybrax.train.config import ConfigError
+    try:
+        convert_run(args.run, args.out, latent_extra=args.latent_extra, nope_head_dim=args.nope_head_dim,
+                    more_steps=args.more_steps, seed=args.seed)
+    except (ConversionError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
