@@ -23,6 +23,7 @@ from hybrax.layers.moe.moma_config import MoMaConfig
 from hybrax.layers.moe.selective_attention import SelectiveAttention, SelectiveAttentionConfig
 from hybrax.layers.moe.union_mlp import UnionMLP, UnionMLPConfig
 from hybrax.layers.softmax.attention import Attention, AttentionConfig
+from hybrax.layers.softmax.cca import CCA, CCAConfig
 from hybrax.layers.softmax.mla import MLA, MLAConfig
 from hybrax.layers.sparse.bilevel_routing_attention import BilevelRoutingAttention, BilevelRoutingConfig
 from hybrax.layers.sparse.moba import MoBA, MoBAConfig
@@ -94,6 +95,7 @@ MIXERS.register("nsa", NSAConfig, NSA)
 MIXERS.register("bilevel_routing_attention", BilevelRoutingConfig, BilevelRoutingAttention)
 MIXERS.register("routing_attention", RoutingAttentionConfig, RoutingAttention)
 MIXERS.register("uoe_attention", SelectiveAttentionConfig, SelectiveAttention)
+MIXERS.register("cca", CCAConfig, CCA)
 MIXERS.register("mla", MLAConfig, MLA)
 FFNS.register("swiglu", MLPConfig, SwiGLU)
 FFNS.register("moe", MoEConfig, MoE)

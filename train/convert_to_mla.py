@@ -129,21 +129,14 @@ def _model(model_config, seed: int = 0):
 
 def _restore(run_dir: pathlib.Path):
     """(config, step, TrainState, data state) of the run's latest checkpoint."""
-    from hybrax.train.checkpoint import Checkpointer
-    from hybrax.train.config import load_config
-    from hybrax.train.optim import make_optimizer
-    from hybrax.train.step import abstract_state
+    from hybrax.train.sample import restore_latest
 
     if not (run_dir / "config.yaml").is_file():
         raise ConversionError(f"--run {str(run_dir)!r} has no config.yaml; expected a run directory of hybrax-train")
-    config = load_config(run_dir / "config.yaml")
-    checkpointer = Checkpointer(run_dir, config.checkpoint)
-    step = checkpointer.latest_step()
-    if step is None:
-        raise ConversionError(f"no checkpoint in {str(run_dir / 'checkpoints')!r}; train first (hybrax-train)")
-    _, target = abstract_state(config.model, make_optimizer(config.optim, config.train.steps))
-    state, data_state = checkpointer.restore(step, target)
-    checkpointer.close()
+    try:
+        config, step, _, state, data_state = restore_latest(run_dir)
+    except FileNotFoundError as e:
+        raise ConversionError(str(e)) from None
     return config, step, state, data_state
 
 

@@ -69,13 +69,13 @@ def generate(model: CausalLM, prompt: str, *, max_new_tokens: int = 200, tempera
     return prompt + tokenizer.decode(np.array(out))
 
 
-def load_latest(run_dir: pathlib.Path) -> tuple[CausalLM, Tokenizer]:
-    """The model of the latest checkpoint in `run_dir`, built from its saved config.yaml, and the
-    run's tokenizer."""
+def restore_latest(run_dir: pathlib.Path):
+    """(config, step, graphdef, TrainState, data iterator state) of the latest checkpoint in
+    `run_dir`, restored onto the config saved beside it (config.yaml). FileNotFoundError without one."""
     from hybrax.train.checkpoint import Checkpointer
     from hybrax.train.config import load_config
     from hybrax.train.optim import make_optimizer
-    from hybrax.train.step import abstract_state, merge_model
+    from hybrax.train.step import abstract_state
 
     config = load_config(run_dir / "config.yaml")
     checkpointer = Checkpointer(run_dir, config.checkpoint)
@@ -83,8 +83,17 @@ def load_latest(run_dir: pathlib.Path) -> tuple[CausalLM, Tokenizer]:
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {str(run_dir / 'checkpoints')!r}; train first (hybrax-train)")
     graphdef, target = abstract_state(config.model, make_optimizer(config.optim, config.train.steps))
-    state, _ = checkpointer.restore(step, target)
+    state, data_state = checkpointer.restore(step, target)
     checkpointer.close()
+    return config, step, graphdef, state, data_state
+
+
+def load_latest(run_dir: pathlib.Path) -> tuple[CausalLM, Tokenizer]:
+    """The model of the latest checkpoint in `run_dir`, built from its saved config.yaml, and the
+    run's tokenizer."""
+    from hybrax.train.step import merge_model
+
+    config, _, graphdef, state, _ = restore_latest(run_dir)
     return merge_model(graphdef, state), load_tokenizer(config.data.tokenizer)
 
 

@@ -51,7 +51,7 @@ from hybrax.layers.partitioned import dot_product_attention
 from hybrax.layers.projection import project
 from hybrax.layers.sequence_parallel.layout import default_positions, seq_size
 from hybrax.layers.softmax.ring_attention import ring_attention
-from hybrax.layers.softmax.skeleton import append_to_cache
+from hybrax.layers.softmax.skeleton import append_to_cache, call_positions
 
 
 class MLAConfig(LayerConfig):
@@ -240,13 +240,9 @@ class MLA(nnx.Module):
         c = self.config
         if cache is None:
             return self.forward(x_BxTxD, segment_ids=segment_ids, positions=positions, absorbed=seq_size() > 1)
-        if segment_ids is not None:
-            raise ValueError("segment_ids are not supported while decoding with a KV cache; decode one sequence "
-                             "per row")
         B, T, _ = x_BxTxD.shape
         end = cache["end"]
-        if positions is None:
-            positions = default_positions(B, T, 1, end)
+        positions = call_positions(B, T, segment_ids, positions, cache)
         q_nope_BxTxHxN, q_rope_BxTxHxP = self.queries(x_BxTxD, positions)
         latent_BxTxC, k_rope_BxTxP = self.latents(x_BxTxD, positions)
         latent_BxSxC = append_to_cache(cache["latent"], latent_BxTxC, end)

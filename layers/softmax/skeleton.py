@@ -77,6 +77,17 @@ def append_to_cache(cache_BxSx___, new_BxTx___, end) -> jax.Array:
     return jax.lax.dynamic_update_slice_in_dim(cache_BxSx___, new_BxTx___.astype(cache_BxSx___.dtype), end, axis=1)
 
 
+def call_positions(batch: int, length: int, segment_ids, positions, cache) -> jax.Array:
+    """The positions of a call's rows: `positions`, else the natural ones (in zigzag order under
+    seq > 1, cache["end"] + t while decoding). Refuses segment_ids with a cache."""
+    if cache is not None and segment_ids is not None:
+        raise ValueError("segment_ids are not supported while decoding with a KV cache; decode one sequence per row")
+    if positions is not None:
+        return positions
+    shards, start = (seq_size(), 0) if cache is None else (1, cache["end"])
+    return default_positions(batch, length, shards, start)
+
+
 class SoftmaxMixer(nnx.Module):
     """A subclass defines how it attends on each path (`attend`, `attend_sequence_parallel`,
     `attend_cached`) and, if it needs them, `token_inputs` (more per-token inputs, passed to the
@@ -124,12 +135,7 @@ class SoftmaxMixer(nnx.Module):
     def __call__(self, x_BxTxD, *, segment_ids=None, positions=None, cache=None):
         c = self.config
         B, T, _ = x_BxTxD.shape
-        if cache is not None and segment_ids is not None:
-            raise ValueError("segment_ids are not supported while decoding with a KV cache; decode one sequence "
-                             "per row")
-        if positions is None:   # natural positions of the rows, in zigzag order under seq > 1
-            shards, start = (seq_size(), 0) if cache is None else (1, cache["end"])
-            positions = default_positions(B, T, shards, start)
+        positions = call_positions(B, T, segment_ids, positions, cache)
         q_BxTxHxD = project("btd,dhk->bthk", x_BxTxD, self.w_q, c.dtype)
         k_BxTxGxD = project("btd,dhk->bthk", x_BxTxD, self.w_k, c.dtype)
         v_BxTxGxD = project("btd,dhk->bthk", x_BxTxD, self.w_v, c.dtype)
