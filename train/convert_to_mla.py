@@ -31,8 +31,8 @@ is exact.
 The new run holds config.yaml (the `attention` mixers replaced by `mla`, train.steps raised by
 `--more-steps`) and one checkpoint at the old step: the converted parameters, every other parameter
 and the data position as they were, and a new optimizer state (its moments start at zero). The
-converter checks its own work on held-out batches in float32: the largest logit difference and
-val_bpb before and after (one line each).
+converter checks its own work on held-out batches (`--check-batches`, 4; 0: all): the largest logit
+difference in float32 (above TOLERANCE nothing is written) and val_bpb before and after, in one line.
 """
 
 import argparse
@@ -140,9 +140,9 @@ def _restore(run_dir: pathlib.Path):
     return config, step, state, data_state
 
 
-def held_out_check(old_config, old_params: dict, new_config, new_params: dict, batches: int = 4) -> dict:
-    """On `batches` held-out batches: the largest |logit difference| of the two models in float32
-    and each one's val_bpb at the run's own dtype."""
+def held_out_check(old_config, old_params: dict, new_config, new_params: dict, batches: int | None = 4) -> dict:
+    """On `batches` held-out batches (None: all of them): the largest |logit difference| of the two
+    models in float32 and each one's val_bpb at the run's own dtype."""
     from hybrax.train.data import build_datasets, validation_batches
     from hybrax.train.step import make_eval_step, summarize_eval
     from hybrax.train.tokenizer import load_tokenizer
@@ -150,7 +150,7 @@ def held_out_check(old_config, old_params: dict, new_config, new_params: dict, b
     data = build_datasets(old_config.data, old_config.train.seed)
     held_out = list(validation_batches(data, old_config.data, batches))
     lengths = load_tokenizer(old_config.data.tokenizer).byte_lengths()
-    result = {"logit_max_abs_diff": 0.0}
+    result = {"logit_max_abs_diff": 0.0, "batches": len(held_out)}
 
     def model_of(model_config, params, dtype=None):
         model_config = model_config if dtype is None else _with_dtype(model_config, dtype)
@@ -184,7 +184,8 @@ def _with_dtype(model_config, dtype: str):
 
 
 def convert_run(run_dir: pathlib.Path, out_dir: pathlib.Path, *, latent_extra: int = 0,
-                nope_head_dim: int | None = None, more_steps: int = 200, seed: int = 0, log=print) -> dict:
+                nope_head_dim: int | None = None, more_steps: int = 200, seed: int = 0, check_batches: int | None = 4,
+                log=print) -> dict:
     """Converts the latest checkpoint of `run_dir` into a new run in `out_dir` (see the module
     docstring); returns the held-out check's numbers. ConversionError when the logits differ by
     more than TOLERANCE before `latent_extra` widens anything."""
@@ -200,7 +201,7 @@ def convert_run(run_dir: pathlib.Path, out_dir: pathlib.Path, *, latent_extra: i
     new_config = converted_config(config, latent_extra, nope_head_dim, more_steps)
     old_params = nnx.to_pure_dict(state.params)
     new_params = convert_params(old_params, config.model, new_config.model, seed)
-    check = held_out_check(config, old_params, new_config, new_params)
+    check = held_out_check(config, old_params, new_config, new_params, check_batches)
     check.update(step=step, cache_bytes_per_token_before=config.model.kv_cache_bytes_per_token(),
                  cache_bytes_per_token_after=new_config.model.kv_cache_bytes_per_token())
     if check["logit_max_abs_diff"] > TOLERANCE:
@@ -218,9 +219,10 @@ def convert_run(run_dir: pathlib.Path, out_dir: pathlib.Path, *, latent_extra: i
     checkpointer.save(step, new_state, data_state, wait=True)
     checkpointer.close()
     log(f"converted {run_dir} (step {step}) to MLA in {out_dir}: max |logit difference| "
-        f"{check['logit_max_abs_diff']:.2e} (float32, held-out text), val_bpb {check['val_bpb_before']:.4f} -> "
-        f"{check['val_bpb_after']:.4f}, decoding cache {check['cache_bytes_per_token_before']:,.0f} -> "
-        f"{check['cache_bytes_per_token_after']:,.0f} bytes/token; continue with: hybrax-train --config "
+        f"{check['logit_max_abs_diff']:.2e} (float32, {check['batches']} held-out batches), val_bpb "
+        f"{check['val_bpb_before']:.4f} -> {check['val_bpb_after']:.4f}, decoding cache "
+        f"{check['cache_bytes_per_token_before']:,.0f} -> {check['cache_bytes_per_token_after']:,.0f} bytes/token; "
+        "continue with: hybrax-train --config "
         f"{out_dir / 'config.yaml'} --run-dir {out_dir}")
     return check
 
@@ -233,11 +235,12 @@ def main(argv=None) -> int:
     p.add_argument("--nope-head-dim", type=int, default=None, help="per-head width of the nope path (head_dim)")
     p.add_argument("--more-steps", type=int, default=200, help="train.steps of the new run: the old ones plus this")
     p.add_argument("--seed", type=int, default=0, help="the seed of the new (inert) parameters")
+    p.add_argument("--check-batches", type=int, default=4, help="held-out batches of the check (0: all)")
     args = p.parse_args(argv)
     from hybrax.train.config import ConfigError
     try:
         convert_run(args.run, args.out, latent_extra=args.latent_extra, nope_head_dim=args.nope_head_dim,
-                    more_steps=args.more_steps, seed=args.seed)
+                    more_steps=args.more_steps, seed=args.seed, check_batches=args.check_batches or None)
     except (ConversionError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
