@@ -30,7 +30,8 @@ is exact.
 
 The new run holds config.yaml (the `attention` mixers replaced by `mla`, train.steps raised by
 `--more-steps`) and one checkpoint at the old step: the converted parameters, every other parameter
-and the data position as they were, and a new optimizer state (its moments start at zero). The
+and the data position as they were, and the optimizer state carried over (Adam's step count, and its
+moments mapped as the parameters are; zero for what is new), so training goes on as it would have. The
 converter checks its own work on held-out batches (`--check-batches`, 4; 0: all): the largest logit
 difference in float32 (above TOLERANCE nothing is written) and val_bpb before and after, in one line.
 """
@@ -43,6 +44,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import yaml
 from flax import nnx
 
@@ -80,15 +82,18 @@ def converted_config(config, latent_extra: int = 0, nope_head_dim: int | None = 
     return build_config(tree)
 
 
-def convert_attention(attention: dict, mla, key: jax.Array) -> dict:
+def convert_attention(attention: dict, mla, key: jax.Array, moment: int | None = None) -> dict:
     """An `mla` layer's parameters (pure dict) computing the `attention` layer whose parameters are
-    `attention` (pure dict), under MLA config `mla`."""
+    `attention` (pure dict), under MLA config `mla`. With `moment` 1 or 2, `attention` holds Adam's
+    first or second moments of those parameters instead, and the result the MLA layer's: they follow
+    the same linear map (its scale to the power `moment`), and what is new (the nope path, the 0/1
+    up-projection of the values, the extra latent columns) starts at zero."""
     w_q, w_k, w_v, w_o = (np.asarray(attention[n], np.float64) for n in ("w_q", "w_k", "w_v", "w_o"))
     d, H, D = w_q.shape
     Hkv = w_k.shape[1]
     group = H // Hkv
     Dn, C = mla.nope_head_dim, mla.kv_latent
-    scale = math.sqrt(mla.key_width / D)
+    scale = math.sqrt(mla.key_width / D) ** (moment or 1)
     w_q_rope = np.zeros((d, H, Hkv, D))
     w_uv = np.zeros((C, H, D))
     for h in range(H):
@@ -97,29 +102,50 @@ def convert_attention(attention: dict, mla, key: jax.Array) -> dict:
         w_uv[g * D:(g + 1) * D, h] = np.eye(D)
     keys = jax.random.split(key, 2)
     extra = mla.init_std * np.asarray(jax.random.normal(keys[0], (d, C - Hkv * D)))
+    w_q_nope = mla.init_std * np.asarray(jax.random.normal(keys[1], (d, H, Dn)))
+    if moment is not None:
+        extra, w_q_nope, w_uv = np.zeros_like(extra), np.zeros_like(w_q_nope), np.zeros_like(w_uv)
     dtype = np.asarray(attention["w_q"]).dtype
-    params = {"w_q_nope": mla.init_std * np.asarray(jax.random.normal(keys[1], (d, H, Dn))), "w_q_rope": w_q_rope,
-              "w_dkv": np.concatenate([w_v.reshape(d, Hkv * D), extra], axis=1), "w_uk": np.zeros((C, H, Dn)),
-              "w_uv": w_uv, "w_kr": w_k, "w_o": w_o}
+    params = {"w_q_nope": w_q_nope, "w_q_rope": w_q_rope, "w_dkv": np.concatenate([w_v.reshape(d, Hkv * D), extra], 1),
+              "w_uk": np.zeros((C, H, Dn)), "w_uv": w_uv, "w_kr": w_k, "w_o": w_o}
     return {name: jnp.asarray(value, dtype) for name, value in params.items()}
 
 
-def convert_params(old: dict, old_model, new_model, seed: int = 0) -> dict:
+def convert_params(old: dict, old_model, new_model, seed: int = 0, moment: int | None = None) -> dict:
     """The new model's parameters (pure dict) from the old one's: `attention` blocks converted, every
-    other parameter copied."""
+    other parameter copied. With `moment` 1 or 2: Adam's moments of them (see convert_attention)."""
     new = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: _model(new_model)), nnx.Param))
     mla = new_model.layer_config("mla")
     keys = jax.random.split(jax.random.key(seed), old_model.num_layers)
     out = jax.tree.map(lambda x: x, old)   # a copy of the containers
     for i, (mixer, _) in enumerate(old_model.layer_pattern()):
         if mixer == "attention":
-            out["blocks"][i]["mixer"] = convert_attention(old["blocks"][i]["mixer"], mla, keys[i])
+            out["blocks"][i]["mixer"] = convert_attention(old["blocks"][i]["mixer"], mla, keys[i], moment)
     shapes = jax.tree.map(lambda x: x.shape, new)
     got = jax.tree.map(lambda x: x.shape, out)
     if shapes != got:
         raise ConversionError("the converted parameters do not fit the converted model (a bug): "
                               f"{jax.tree.structure(shapes)} vs {jax.tree.structure(got)}")
     return out
+
+
+def convert_optimizer_state(old_state, new_state, old_model, new_model):
+    """`new_state` (the converted model's fresh optimizer state) with every Adam state of `old_state`
+    carried over: its step count, and its first and second moments mapped as the parameters are."""
+    is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)  # noqa: E731
+    old_adams = [x for x in jax.tree.leaves(old_state, is_leaf=is_adam) if is_adam(x)]
+    leaves, treedef = jax.tree.flatten(new_state, is_leaf=is_adam)
+    carried = iter(old_adams)
+    for i, leaf in enumerate(leaves):
+        if is_adam(leaf):
+            old = next(carried)
+            moments = []
+            for power, (old_tree, new_tree) in enumerate(((old.mu, leaf.mu), (old.nu, leaf.nu)), start=1):
+                converted = convert_params(nnx.to_pure_dict(old_tree), old_model, new_model, moment=power)
+                nnx.replace_by_pure_dict(new_tree, converted)
+                moments.append(new_tree)
+            leaves[i] = optax.ScaleByAdamState(count=old.count, mu=moments[0], nu=moments[1])
+    return jax.tree.unflatten(treedef, leaves)
 
 
 def _model(model_config, seed: int = 0):
@@ -211,8 +237,9 @@ def convert_run(run_dir: pathlib.Path, out_dir: pathlib.Path, *, latent_extra: i
     _, params, model_state = nnx.split(model, nnx.Param, ...)
     nnx.replace_by_pure_dict(params, new_params)
     optimizer = make_optimizer(new_config.optim, new_config.train.steps)
+    opt_state = convert_optimizer_state(state.opt_state, optimizer.init(params), config.model, new_config.model)
     new_state = TrainState(step=jnp.asarray(step, jnp.int32), params=params, model_state=state.model_state,
-                           opt_state=optimizer.init(params))
+                           opt_state=opt_state)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomically(out_dir / "config.yaml", new_config.to_yaml())
     checkpointer = Checkpointer(out_dir, new_config.checkpoint, log=log)

@@ -10,12 +10,14 @@ import subprocess
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from trainer_cli import ROOT, command, metrics, run
 
 from hybrax.train.config import load_config
-from hybrax.train.convert_to_mla import ConversionError, convert_params, converted_config
+from hybrax.train.convert_to_mla import ConversionError, convert_optimizer_state, convert_params, converted_config
+from hybrax.train.optim import make_optimizer
 from hybrax.train.step import create_model
 
 SMALL = ["model.d_model=64", "model.num_layers=2", "model.num_heads=4", "model.dtype=float32",
@@ -62,6 +64,38 @@ def test_the_converted_model_computes_the_same_logits(kv_heads, latent_extra, no
     assert float(jnp.max(jnp.abs(jnp.concatenate(decoded, axis=1) - want[1:]))) <= 1e-5 * scale
     old_cache, new_cache = config.model.kv_cache_bytes_per_token(), new_config.model.kv_cache_bytes_per_token()
     assert new_cache == old_cache + 4 * latent_extra * sum(m == "attention" for m, _ in config.model.layer_pattern())
+
+
+def test_adam_moments_follow_the_parameters():
+    """The converted optimizer state carries Adam's count and maps each moment as its parameter:
+    W_kr's are W_k's, W_q_rope's are s^p times W_q's in its group's slot (p = 1, 2), the new
+    parameters' are zero, and every other parameter's are copied."""
+    config = load_config("quickstart.yaml", SMALL + ["model.num_kv_heads=2"])
+    new_config = converted_config(config, latent_extra=8)
+    optimizer = make_optimizer(config.optim, config.train.steps)
+    params = nnx.state(create_model(config.model, seed=3), nnx.Param)
+    opt_state = optimizer.init(params)
+    for i in range(3):   # three updates with random gradients: moments away from zero
+        grads = jax.tree.map(lambda p, i=i: jax.random.normal(jax.random.key(i), p.shape, p.dtype), params)
+        _, opt_state = optimizer.update(grads, opt_state, params)
+    new_params = nnx.state(create_model(new_config.model, seed=0), nnx.Param)
+    converted = convert_optimizer_state(opt_state, optimizer.init(new_params), config.model, new_config.model)
+    is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)  # noqa: E731
+    (old,), (new,) = ([x for x in jax.tree.leaves(s, is_leaf=is_adam) if is_adam(x)] for s in (opt_state, converted))
+    assert int(new.count) == int(old.count) == 3
+    mla = new_config.model.layer_config("mla")
+    for power, (old_tree, new_tree) in enumerate(((old.mu, new.mu), (old.nu, new.nu)), start=1):
+        a, b = nnx.to_pure_dict(old_tree), nnx.to_pure_dict(new_tree)
+        D = a["blocks"][0]["mixer"]["w_q"].shape[-1]
+        scale = (mla.key_width / D) ** (0.5 * power)
+        gqa, got = a["blocks"][0]["mixer"], b["blocks"][0]["mixer"]
+        np.testing.assert_array_equal(got["w_kr"], gqa["w_k"])
+        np.testing.assert_allclose(got["w_q_rope"][:, 3, 1], scale * gqa["w_q"][:, 3], rtol=1e-6)
+        assert not np.any(got["w_q_rope"][:, 3, 0]) and not np.any(got["w_uv"]) and not np.any(got["w_q_nope"])
+        np.testing.assert_array_equal(got["w_dkv"][:, :2 * D], gqa["w_v"].reshape(-1, 2 * D))
+        assert not np.any(got["w_dkv"][:, 2 * D:])
+        np.testing.assert_array_equal(b["blocks"][1]["mixer"]["w_q"], a["blocks"][1]["mixer"]["w_q"])   # not attention
+        np.testing.assert_array_equal(b["embed"]["embedding"], a["embed"]["embedding"])
 
 
 def test_what_cannot_be_converted_is_refused_in_one_line():
