@@ -86,8 +86,11 @@ def convert_attention(attention: dict, mla, key: jax.Array, moment: int | None =
     """An `mla` layer's parameters (pure dict) computing the `attention` layer whose parameters are
     `attention` (pure dict), under MLA config `mla`. With `moment` 1 or 2, `attention` holds Adam's
     first or second moments of those parameters instead, and the result the MLA layer's: they follow
-    the same linear map (its scale to the power `moment`), and what is new (the nope path, the 0/1
-    up-projection of the values, the extra latent columns) starts at zero."""
+    the same linear map (its scale to the power `moment`). What is new (the nope path, the 0/1
+    up-projection of the values, the extra latent columns) gets no first moment and, as its second,
+    the mean of the layer's: with none, Adam's first steps would move each of its entries by about
+    the learning rate whatever its gradient, and the 0/1 up-projection would mix every value channel
+    into every other."""
     w_q, w_k, w_v, w_o = (np.asarray(attention[n], np.float64) for n in ("w_q", "w_k", "w_v", "w_o"))
     d, H, D = w_q.shape
     Hkv = w_k.shape[1]
@@ -103,11 +106,13 @@ def convert_attention(attention: dict, mla, key: jax.Array, moment: int | None =
     keys = jax.random.split(key, 2)
     extra = mla.init_std * np.asarray(jax.random.normal(keys[0], (d, C - Hkv * D)))
     w_q_nope = mla.init_std * np.asarray(jax.random.normal(keys[1], (d, H, Dn)))
-    if moment is not None:
-        extra, w_q_nope, w_uv = np.zeros_like(extra), np.zeros_like(w_q_nope), np.zeros_like(w_uv)
+    w_uk = np.zeros((C, H, Dn))
+    if moment is not None:   # what is new: no first moment; a second moment at the layer's mean (below)
+        fill = 0.0 if moment == 1 else float(np.mean([np.mean(a) for a in (w_q, w_k, w_v, w_o)]))
+        extra, w_q_nope, w_uv, w_uk = (np.full_like(a, fill) for a in (extra, w_q_nope, w_uv, w_uk))
     dtype = np.asarray(attention["w_q"]).dtype
     params = {"w_q_nope": w_q_nope, "w_q_rope": w_q_rope, "w_dkv": np.concatenate([w_v.reshape(d, Hkv * D), extra], 1),
-              "w_uk": np.zeros((C, H, Dn)), "w_uv": w_uv, "w_kr": w_k, "w_o": w_o}
+              "w_uk": w_uk, "w_uv": w_uv, "w_kr": w_k, "w_o": w_o}
     return {name: jnp.asarray(value, dtype) for name, value in params.items()}
 
 
