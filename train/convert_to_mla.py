@@ -34,9 +34,9 @@ and the data position as they were, and the optimizer state carried over (Adam's
 moments mapped as the parameters are; see convert_attention for what is new). Training on from it
 works, but not as well as training the GQA run on (experiments/bench/RESULTS.md: at the run's own
 learning rate 200 more steps lose 0.11 bpb where GQA gains 0.02; a fifth of it holds the converted
-model's val_bpb); pass a lower optim.lr when continuing. The
-converter checks its own work on held-out batches (`--check-batches`, 4; 0: all): the largest logit
-difference in float32 (above TOLERANCE nothing is written) and val_bpb before and after, in one line.
+model's val_bpb); pass a lower optim.lr when continuing. The converter checks its own work on
+held-out batches (`--check-batches`, 4; 0: all): the largest logit difference in float32 (above
+TOLERANCE nothing is written) and val_bpb before and after, in one line.
 """
 
 import argparse
