@@ -153,7 +153,8 @@ def _peak_flops(config: Config) -> tuple[float, str]:
 def _decoding_cache(model) -> str:
     """The decoding cache per sequence: what grows per token and the fixed part (recurrent states)."""
     per_token, fixed = model.kv_cache_bytes_per_token(), model.state_bytes_per_sequence()
-    return (f"decoding cache {per_token / 1024:,.2f} KiB/token" + (f" + {fixed / 1024:,.1f} KiB/sequence" if fixed else ""))
+    fixed_part = f" + {fixed / 1024:,.1f} KiB/sequence" if fixed else ""
+    return f"decoding cache {per_token / 1024:,.2f} KiB/token{fixed_part}"
 
 
 def _summary_line(run: Run, mesh_shape: dict, compile_s: float, peak_source: str) -> str:
@@ -162,6 +163,6 @@ def _summary_line(run: Run, mesh_shape: dict, compile_s: float, peak_source: str
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(run.state))
     active = f" ({active_params:,} active per token)" if active_params != num_params else ""
     return (f"model: {num_params:,} parameters{active}, {run.train_flops_per_token / 1e6:.1f} MFLOP/token (train), "
-            f"state {state_bytes / 2**20:.1f} MiB, {_decoding_cache(model)} | data: {data.train_bytes:,} train bytes, {data.val_bytes:,} val "
-            f"bytes | mesh {mesh_shape} ({jax.process_count()} processes) | compile {compile_s:.1f}s"
+            f"state {state_bytes / 2**20:.1f} MiB, {_decoding_cache(model)} | data: {data.train_bytes:,} train bytes, "
+            f"{data.val_bytes:,} val bytes | mesh {mesh_shape} ({jax.process_count()} processes) | compile {compile_s:.1f}s"
             f" | peak {run.peak_flops / 1e12:.3f} TFLOP/s ({peak_source})")
