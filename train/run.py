@@ -164,5 +164,5 @@ def _summary_line(run: Run, mesh_shape: dict, compile_s: float, peak_source: str
     active = f" ({active_params:,} active per token)" if active_params != num_params else ""
     return (f"model: {num_params:,} parameters{active}, {run.train_flops_per_token / 1e6:.1f} MFLOP/token (train), "
             f"state {state_bytes / 2**20:.1f} MiB, {_decoding_cache(model)} | data: {data.train_bytes:,} train bytes, "
-            f"{data.val_bytes:,} val bytes | mesh {mesh_shape} ({jax.process_count()} processes) | compile {compile_s:.1f}s"
-            f" | peak {run.peak_flops / 1e12:.3f} TFLOP/s ({peak_source})")
+            f"{data.val_bytes:,} val bytes | mesh {mesh_shape} ({jax.process_count()} processes) | compile "
+            f"{compile_s:.1f}s | peak {run.peak_flops / 1e12:.3f} TFLOP/s ({peak_source})")
