@@ -33,6 +33,8 @@ class CausalLM(nnx.Module):
         c = config
         self.embed = TokenEmbedding(c.vocab_size, c.d_model, init_std=c.init_std, dtype=c.dtype,
                                     param_dtype=c.param_dtype, rngs=rngs)
+        if c.embedding_norm:   # the 8-bit optimizers paper's stable embedding: normalized embedding outputs
+            self.embed_norm = RMSNorm(c.d_model, eps=c.norm_eps, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
         if c.recursion is None:   # with model.depth_routing, every n-th block routed (arch/mixture_of_depths.py)
             blocks = [Block(c, m, f, rngs=rngs) for m, f in c.layer_pattern()]
             self.blocks = nnx.List([DepthRoutedBlock(c, b, rngs=rngs) if c.depth_routed(i) else b
@@ -50,7 +52,10 @@ class CausalLM(nnx.Module):
         return [block.init_cache(batch, max_len) for block in self.blocks]
 
     def __call__(self, tokens_BxT, *, segment_ids=None, positions=None, cache=None, modality_ids=None):
-        x_BxTxD = constrain(self.embed(tokens_BxT), RESIDUAL)
+        x_BxTxD = self.embed(tokens_BxT)
+        if self.config.embedding_norm:
+            x_BxTxD = self.embed_norm(x_BxTxD)
+        x_BxTxD = constrain(x_BxTxD, RESIDUAL)
         if self.config.recursion is not None:
             if modality_ids is not None:
                 raise ValueError("modality_ids (MoMa) are not supported with model.recursion")

@@ -190,6 +190,7 @@ class ModelConfig(StrictConfig):
     mixers: list[str] = ["attention"]   # repeated cyclically over the layers
     ffns: list[str] = ["swiglu"]
     tie_embeddings: bool = True
+    embedding_norm: bool = False        # an RMSNorm on the embedding's output (optim.adamw8bit.stable_embedding)
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-6
     init_std: float = 0.02
@@ -336,7 +337,7 @@ class ModelConfig(StrictConfig):
                 + self._router_params())
 
     def _embeddings_and_norms(self) -> int:
-        norms = (2 * self.num_layers + 1) * self.d_model
+        norms = (2 * self.num_layers + 1 + self.embedding_norm) * self.d_model
         return norms + self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
 
     def flops_per_token(self, seq_len: int) -> int:

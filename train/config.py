@@ -73,8 +73,80 @@ class DataConfig(StrictConfig):
         return self
 
 
+class AdamW8bitConfig(StrictConfig):
+    block_size: int = 2048                  # elements per quantization block (one float32 absmax each); power of 2
+    min_size: int = 4096                    # parameters with fewer elements keep 32-bit moments (norm scales)
+    stable_embedding: bool = False          # 32-bit moments for the embedding, and model.embedding_norm on
+
+    @model_validator(mode="after")
+    def _check(self):
+        b = self.block_size
+        if b < 16 or b & (b - 1):
+            raise ValueError(f"optim.adamw8bit.block_size={b} must be a power of two >= 16 (bitsandbytes: 64 to "
+                             "4096; the paper's 2048)")
+        if self.min_size < 0:
+            raise ValueError(f"optim.adamw8bit.min_size={self.min_size} must be >= 0")
+        return self
+
+
+class GaLoreConfig(StrictConfig):
+    rank: int = 0                           # the subspace's rank for every matrix; 0: rank_fraction of its smaller side
+    rank_fraction: float = 0.25             # with rank 0: this share of each matrix's smaller side, rounded up
+    update_interval: int = 200              # steps between SVD refreshes of the subspace (T)
+    scale: float = 0.25                     # alpha: the projected-back update's scale
+
+    @model_validator(mode="after")
+    def _check(self):
+        key = "optim.natural_galore" if isinstance(self, NaturalGaLoreConfig) else "optim.galore"
+        checks = {"rank": (self.rank, ">= 0 (0: rank_fraction)", self.rank >= 0),
+                  "rank_fraction": (self.rank_fraction, "in (0, 1]", 0 < self.rank_fraction <= 1),
+                  "update_interval": (self.update_interval, ">= 1", self.update_interval >= 1),
+                  "scale": (self.scale, "> 0", self.scale > 0)}
+        for name, (value, valid, ok) in checks.items():
+            if not ok:
+                raise ValueError(f"{key}.{name}={value} must be {valid}")
+        return self
+
+
+class NaturalGaLoreConfig(GaLoreConfig):
+    history: int = 4                        # s: low-rank gradients in the empirical Fisher
+    damping: float = 1.0                    # lambda, relative to the window's mean squared gradient norm
+
+    @model_validator(mode="after")
+    def _check_fisher(self):
+        if self.history < 1 or not self.damping > 0:
+            raise ValueError(f"optim.natural_galore.history={self.history} must be >= 1 and "
+                             f"optim.natural_galore.damping={self.damping} > 0")
+        return self
+
+
+class FrugalConfig(StrictConfig):
+    projection: Literal["columns", "svd"] = "columns"   # the state-full part: random columns, or GaLore's subspace
+    density: float = 0.25                   # its share of each matrix's columns (columns) or smaller side (svd)
+    update_interval: int = 200              # steps between new state-full parts (moments restart)
+    state_free: Literal["sign", "sgd"] = "sign"          # the rule for the rest of each gradient
+    state_free_lr: float | None = None      # its peak learning rate (same schedule); None: optim.lr
+    rest: Literal["adamw", "state_free"] = "adamw"      # non-matrix parameters (norms, embeddings)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not 0 <= self.density <= 1:
+            raise ValueError(f"optim.frugal.density={self.density} must be in [0, 1]")
+        if self.update_interval < 1:
+            raise ValueError(f"optim.frugal.update_interval={self.update_interval} must be >= 1")
+        if self.state_free_lr is not None and not (math.isfinite(self.state_free_lr) and self.state_free_lr > 0):
+            raise ValueError(f"optim.frugal.state_free_lr={self.state_free_lr} must be a finite number > 0, or null")
+        return self
+
+
+OPTIMIZERS = ("adamw", "adamw8bit", "galore", "natural_galore", "frugal")
+
+
 class OptimConfig(StrictConfig):
-    lr: float = 3e-3                        # peak learning rate (AdamW)
+    # adamw: optax AdamW; adamw8bit: 8-bit block-wise moments; galore / natural_galore: Adam in a
+    # low-rank gradient subspace; frugal: AdamW on part of each gradient, signSGD on the rest
+    name: Literal[OPTIMIZERS] = "adamw"
+    lr: float = 3e-3                        # peak learning rate
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1               # cosine decays to lr * min_lr_ratio
     weight_decay: float = 0.1
@@ -82,6 +154,10 @@ class OptimConfig(StrictConfig):
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0                  # global-norm clipping; 0 disables
+    adamw8bit: AdamW8bitConfig = AdamW8bitConfig()
+    galore: GaLoreConfig = GaLoreConfig()
+    natural_galore: NaturalGaLoreConfig = NaturalGaLoreConfig()
+    frugal: FrugalConfig = FrugalConfig()
 
     @model_validator(mode="after")
     def _check(self):
@@ -188,8 +264,23 @@ class Config(StrictConfig):
             return tree   # DataConfig reports it
         return {**tree, "model": {**(model or {}), "vocab_size": vocab}}
 
+    @model_validator(mode="before")
+    @classmethod
+    def _stable_embedding_normalizes(cls, tree):
+        """optim.adamw8bit.stable_embedding switches model.embedding_norm on unless it is given."""
+        if not isinstance(tree, dict) or not isinstance(tree.get("optim"), dict):
+            return tree
+        knobs, model = tree["optim"].get("adamw8bit"), tree.get("model")
+        stable = knobs.get("stable_embedding") if isinstance(knobs, dict) else getattr(knobs, "stable_embedding", False)
+        if stable and isinstance(model, (dict, type(None))) and "embedding_norm" not in (model or {}):
+            return {**tree, "model": {**(model or {}), "embedding_norm": True}}
+        return tree
+
     @model_validator(mode="after")
     def _check(self):
+        if self.optim.name == "adamw8bit" and self.optim.adamw8bit.stable_embedding and not self.model.embedding_norm:
+            raise ValueError("optim.adamw8bit.stable_embedding=true needs model.embedding_norm=true (the stable "
+                             "embedding normalizes the embedding's output); leave it unset to switch it on")
         vocab = load_tokenizer(self.data.tokenizer).vocab_size
         if self.model.vocab_size < vocab:
             raise ValueError(f"model.vocab_size={self.model.vocab_size} is smaller than data.tokenizer's "

@@ -27,7 +27,7 @@ from hybrax.train.config import Config, check_devices
 from hybrax.train.data import Datasets, build_datasets
 from hybrax.train.hardware import peak_flops_per_device
 from hybrax.train.metrics import MetricsWriter
-from hybrax.train.optim import make_optimizer
+from hybrax.train.optim import device_state_bytes, make_optimizer, state_bytes
 from hybrax.train.run_directory import OnChange, check_config, check_steps, keep_old_config, move_aside
 from hybrax.train.run_lock import run_directory_lock
 from hybrax.train.sharding import create_sharded, make_mesh, process_rows, state_shardings, with_shardings
@@ -108,6 +108,7 @@ def build_run(config: Config, run_dir: pathlib.Path, *, on_change: OnChange = On
         train_step = train_step.lower(state, batch_spec(config, mesh)).compile()
         compile_s = time.perf_counter() - t0
         log(f"train step memory per device: {_memory_line(train_step)}")
+        log(_optimizer_line(config, state))
         for line in current_choices().report():   # which kernel each op runs, and why the others did not
             log(f"kernel {line}")
 
@@ -155,6 +156,14 @@ def _decoding_cache(model) -> str:
     per_token, fixed = model.kv_cache_bytes_per_token(), model.state_bytes_per_sequence()
     fixed_part = f" + {fixed / 1024:,.1f} KiB/sequence" if fixed else ""
     return f"decoding cache {per_token / 1024:,.2f} KiB/token{fixed_part}"
+
+
+def _optimizer_line(config: Config, state: TrainState) -> str:
+    """The optimizer's state, exactly from its tree: bytes in all, per parameter, and on one device."""
+    total, params = state_bytes(state.opt_state), sum(x.size for x in jax.tree.leaves(state.params))
+    device = device_state_bytes(state.opt_state, jax.local_devices()[0])
+    return (f"optimizer {config.optim.name}: state {total / 2**20:.2f} MiB, {total / params:.2f} bytes per parameter "
+            f"(AdamW: 8), {device / 2**20:.2f} MiB on device 0")
 
 
 def _summary_line(run: Run, mesh_shape: dict, compile_s: float, peak_source: str) -> str:
