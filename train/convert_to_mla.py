@@ -232,6 +232,9 @@ def convert_run(run_dir: pathlib.Path, out_dir: pathlib.Path, *, latent_extra: i
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConversionError(f"--out {str(out_dir)!r} is not empty; name a new run directory")
     config, step, state, data_state = _restore(run_dir)
+    if config.optim.name != "adamw":
+        raise ConversionError(f"--run {str(run_dir)!r} trains with optim.name={config.optim.name}; the converter maps "
+                              "AdamW's moments only (optim.name=adamw)")
     new_config = converted_config(config, latent_extra, nope_head_dim, more_steps)
     old_params = nnx.to_pure_dict(state.params)
     new_params = convert_params(old_params, config.model, new_config.model, seed)
