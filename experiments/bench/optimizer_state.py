@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     eight_state = eight.init(state.params)
     grads_fn = jax.jit(lambda p, ms, b: accumulate_gradients(graphdef, p, ms, b, config.train.grad_accum)[0])
     update32, update8 = jax.jit(optimizer.update), jax.jit(eight.update)
-    print(f"| update | relative error of adamw8bit's update vs AdamW's (all parameters) |\n|---|---|")
+    print("| update | relative error of adamw8bit's update vs AdamW's (all parameters) |\n|---|---|")
     params, opt_state = state.params, state.opt_state
     for step in range(1, args.updates + 1):
         grads = grads_fn(params, state.model_state, next(data.train))
@@ -114,7 +114,8 @@ def main(argv=None) -> int:
                                                                                     block_size))
     print(f"\nround trip per block of <= {block_size} elements (Adam moments after {args.adam_steps} AdamW steps of "
           f"{args.config}); error = |x - Q(x)| / |x| per block\n")
-    print("| tensor | blocks | mean | p99 | max | float64 ref: mean | ref: max | codes = ref | max diff vs ref / absmax |")
+    print("| tensor | blocks | mean | p99 | max | float64 ref: mean | ref: max | codes = ref "
+          "| max diff vs ref / absmax |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, parts in groups.items():
         r = summary(parts)

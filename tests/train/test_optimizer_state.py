@@ -27,7 +27,8 @@ from hybrax.train.step import abstract_state, create_model, init_state
 results = {}
 for name in [NAME]:
     config = load_config("configs/quickstart.yaml", [f"optim.name={name}", "mesh.data=2", "mesh.fsdp=4",
-                                                     "optim.galore.update_interval=1", "optim.frugal.update_interval=1"])
+                                                     "optim.galore.update_interval=1",
+                                                     "optim.frugal.update_interval=1"])
     optimizer = make_optimizer(config.optim, 10)
     graphdef, abstract = abstract_state(config.model, optimizer)
     build = lambda: init_state(create_model(config.model, 0), optimizer)[1]
@@ -66,8 +67,8 @@ STEPS = ["train.steps=8", "checkpoint.every=100", "log.sample_tokens=0", "log.te
          "optim.galore.update_interval=3", "optim.natural_galore.update_interval=3", "optim.frugal.update_interval=3"]
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n == "adamw8bit" else pytest.mark.slow)
-                                  for n in OPTIMIZERS if n != "adamw"])
+@pytest.mark.slow   # three trainer runs each; the fast suite's resume-to-the-bit tests cover the loop with AdamW
+@pytest.mark.parametrize("name", [n for n in OPTIMIZERS if n != "adamw"])
 def test_a_stopped_run_resumes_the_compressed_state_exactly(tmp_path, name):
     overrides = [*STEPS, f"optim.name={name}"]
     straight = run(tmp_path / "straight", *overrides)

@@ -106,7 +106,8 @@ def frugal(optim, schedule):
             mu, nu = adam_moments(mu, nu, chosen, optim.beta1, optim.beta2)
             adam = adam_direction(mu, nu, since_refresh, optim.beta1, optim.beta2, optim.eps)
             direction = view.unmatrix(_scatter_columns(adam.reshape(view.lead + (view.m, size)), columns, view.n))
-            kept = _scatter_columns(jnp.ones(view.lead + (1, size), grad.dtype), columns, view.n)   # 1 on chosen columns
+            # 1 on the chosen columns, 0 elsewhere
+            kept = _scatter_columns(jnp.ones(view.lead + (1, size), grad.dtype), columns, view.n)
             residual = view.unmatrix(matrix * (1 - kept))
             new = {"columns": state["columns"].replace(columns)}
         new.update(mu=state["mu"].replace(mu), nu=state["nu"].replace(nu))
