@@ -199,3 +199,12 @@ def test_stable_embedding_normalizes_the_embedding_and_keeps_its_moments_in_32_b
     assert "mu_codes" in state.per_param["blocks"][0]["ffn"]["w_up"]
     with pytest.raises(ConfigError, match="needs model.embedding_norm=true"):
         _config("optim.name=adamw8bit", "optim.adamw8bit.stable_embedding=true", "model.embedding_norm=false")
+
+
+@pytest.mark.parametrize("name", ["adamw8bit", "galore", "natural_galore", "frugal"])
+def test_every_state_array_is_its_own_buffer(name):
+    """A train step donates its state, and XLA refuses to donate one buffer twice: an eager init
+    (train_step.py's benchmark) must not share an array between two state entries."""
+    state = make_optimizer(_config(f"optim.name={name}").optim, 10).init(_params())
+    pointers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(state) if x.size]
+    assert len(pointers) == len(set(pointers))

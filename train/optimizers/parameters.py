@@ -145,8 +145,9 @@ def adam_direction(mu, nu, count, beta1: float, beta2: float, eps: float):
 
 def full_moments(variable) -> dict:
     """32-bit Adam moments for one parameter, sharded like it."""
-    zeros = jnp.zeros(value(variable).shape, jnp.float32)
-    return {"mu": state_variable(zeros, names_of(variable)), "nu": state_variable(zeros, names_of(variable))}
+    shape, names = value(variable).shape, names_of(variable)   # two arrays: a train step donates each buffer once
+    return {"mu": state_variable(jnp.zeros(shape, jnp.float32), names),
+            "nu": state_variable(jnp.zeros(shape, jnp.float32), names)}
 
 
 def adamw_step(state: dict, grad, count, optim) -> tuple:
