@@ -51,8 +51,8 @@ print(json.dumps(results))
 """
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n == "adamw8bit" else pytest.mark.slow)
-                                  for n in OPTIMIZERS])
+@pytest.mark.slow   # 8 devices in a subprocess; tests/train/test_optimizers.py checks the names fast
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_fsdp_shards_the_optimizer_state_like_the_parameters(name):
     results = run_with_devices(f"NAME = {name!r}\n" + SHARDED)
     for name, r in results.items():

@@ -208,3 +208,27 @@ def test_every_state_array_is_its_own_buffer(name):
     state = make_optimizer(_config(f"optim.name={name}").optim, 10).init(_params())
     pointers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(state) if x.size]
     assert len(pointers) == len(set(pointers))
+
+
+@pytest.mark.parametrize("name", ["adamw8bit", "galore", "natural_galore", "frugal"])
+def test_state_arrays_shard_over_fsdp_like_their_parameters(name):
+    """On an fsdp=4 mesh every large state array is split 4 ways (the device bytes themselves are
+    measured on 8 fake devices in tests/train/test_optimizer_state.py): uint8 codes exactly as their
+    parameter, projectors and low-rank moments by their kept side or, lacking an embed axis, by the
+    rank."""
+    from jax.sharding import AbstractMesh, AxisType
+
+    from hybrax.layers.sharding import MESH_AXES, spec
+    mesh = AbstractMesh((1, 4, 1, 1, 1), MESH_AXES, axis_types=(AxisType.Auto,) * 5)
+    config = load_config("quickstart.yaml", [f"optim.name={name}"])
+    _, abstract = abstract_state(config.model, make_optimizer(config.optim, 10))
+    params = dict(parameter_leaves(abstract.params)[0])
+    for path, variable in parameter_leaves(abstract.opt_state)[0]:
+        if not isinstance(variable, nnx.Variable):
+            continue   # the step count
+        shape, names = variable.get_value().shape, variable.get_metadata()["out_sharding"]
+        split = "fsdp" in jax.tree.leaves(tuple(spec(names, shape, mesh)))
+        assert split or np.prod(shape) < 4096 or path.endswith("columns"), (path, shape, names)
+        if path.endswith("_codes"):
+            owner = params[path.split("per_param/", 1)[1].rsplit("/", 1)[0]]
+            assert names == owner.get_metadata()["out_sharding"] and shape == owner.get_value().shape

@@ -38,7 +38,12 @@ def _is_variable(x) -> bool:
 def parameter_leaves(tree):
     """([(path 'blocks/0/ffn/w_up', variable)], treedef) with variables as leaves."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_variable)
-    return [("/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path), v) for path, v in leaves], treedef
+    def name(k):
+        for attribute in ("key", "idx", "name"):   # DictKey, SequenceKey, GetAttrKey
+            if hasattr(k, attribute):
+                return str(getattr(k, attribute))
+        return str(k)
+    return [("/".join(name(k) for k in path), v) for path, v in leaves], treedef
 
 
 def value(variable):
