@@ -78,6 +78,9 @@ def converted_config(config, latent_extra: int = 0, nope_head_dim: int | None = 
         raise ConversionError(f"model.mixers={list(model.mixers)} has no `attention` layer to convert")
     if latent_extra < 0:
         raise ConversionError(f"--latent-extra={latent_extra} must be >= 0")
+    if config.optim.name != "adamw":
+        raise ConversionError(f"the run trains with optim.name={config.optim.name}; the converter maps AdamW's moments "
+                              "only (optim.name=adamw)")
     tree = yaml.safe_load(config.to_yaml())
     tree["model"]["mixers"] = ["mla" if m == "attention" else m for m in model.mixers]
     tree["model"]["mla"] = {**tree["model"].get("mla", {}), **mla_settings(model, latent_extra, nope_head_dim)}
@@ -232,9 +235,6 @@ def convert_run(run_dir: pathlib.Path, out_dir: pathlib.Path, *, latent_extra: i
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConversionError(f"--out {str(out_dir)!r} is not empty; name a new run directory")
     config, step, state, data_state = _restore(run_dir)
-    if config.optim.name != "adamw":
-        raise ConversionError(f"--run {str(run_dir)!r} trains with optim.name={config.optim.name}; the converter maps "
-                              "AdamW's moments only (optim.name=adamw)")
     new_config = converted_config(config, latent_extra, nope_head_dim, more_steps)
     old_params = nnx.to_pure_dict(state.params)
     new_params = convert_params(old_params, config.model, new_config.model, seed)

@@ -107,6 +107,8 @@ def test_what_cannot_be_converted_is_refused_in_one_line():
         converted_config(load_config("quickstart.yaml", ["model.mixers=[gla]"]))
     with pytest.raises(ConversionError, match="--latent-extra=-1 must be >= 0"):
         converted_config(load_config("quickstart.yaml"), latent_extra=-1)
+    with pytest.raises(ConversionError, match="the run trains with optim.name=galore; the converter maps AdamW's"):
+        converted_config(load_config("quickstart.yaml", ["optim.name=galore"]))
 
 
 @pytest.mark.slow
