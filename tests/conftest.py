@@ -135,6 +135,15 @@ SLOW_ON_CPU = (
     "tests/layers/test_cca.py::test_decoding_token_by_token_and_in_chunks_equals_the_parallel_form[1]",
     "tests/train/test_convert_to_mla.py::test_the_converted_model_computes_the_same_logits[4-0-4]",
     "tests/layers/test_conformance.py::test_mixer_conforms[uoe_attention-jit_equals_eager]",
+    # room for the optimizers' fast tests: another dtype or case of a test that stays fast
+    "tests/pallas_kernels/test_block_sparse_attention_pallas.py::test_matches_reference[T65-S65-bq16-bk16-random-n3-"
+    "H4/2-bfloat16-segments]",
+    "tests/pallas_kernels/test_block_sparse_attention_pallas.py::test_tpu_aot_compile_forward_and_backward"
+    "[dense-bfloat16]",
+    "tests/pallas_kernels/test_block_sparse_attention_pallas.py::test_tpu_aot_compile_forward_and_backward"
+    "[segments-bfloat16]",
+    "tests/layers/test_linear_mixer_formulas.py::test_lightning_attention_formula[False]",
+    "tests/layers/test_linear_mixer_formulas.py::test_bfloat16_compute_tracks_float32[mamba2]",
 )
 
 
