@@ -144,6 +144,7 @@ SLOW_ON_CPU = (
     "[segments-bfloat16]",
     "tests/layers/test_linear_mixer_formulas.py::test_lightning_attention_formula[False]",
     "tests/layers/test_linear_mixer_formulas.py::test_bfloat16_compute_tracks_float32[mamba2]",
+    "tests/layers/test_linear_mixer_formulas.py::test_bfloat16_compute_tracks_float32[gla]",
 )
 
 
