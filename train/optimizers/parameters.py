@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from hybrax.train.config import ConfigError
@@ -168,8 +169,6 @@ def apply_per_parameter(init_one, update_one):
         update_one(path, index, grad, state dict, param variable, count) -> (update, new state dict)
     (count: this update's number, from 1; update_one applies the learning rate, schedule(count - 1)
     as optax's, and the weight decay)."""
-    import optax
-
     def init(params):
         leaves, treedef = parameter_leaves(params)
         states = [init_one(path, i, v) for i, (path, v) in enumerate(leaves)]
